@@ -1,0 +1,1 @@
+"""Calibration statistics gathered from layer inputs (Hessians, per-channel activation stats)."""

@@ -1,0 +1,158 @@
+"""The ``leanml`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LeanmlError
+
+app = typer.Typer(
+    name="leanml", help="Make models cheaper to run, and prove it with measurements.",
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True,
+)
+out = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # leanml never downloads; models come from local paths
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def measurement_table(m, title: str | None = None) -> Table:
+    """A two-column table of the figures a person reads first."""
+    table = Table(title=title or f"{m.model} on {m.runtime} ({m.threads} threads), priced as {m.hardware}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("parameters", f"{m.params / 1e6:.2f} M" if m.params else "-"),
+        ("weights in memory", _fmt_bytes(m.weight_bytes)),
+        ("on disk", _fmt_bytes(m.disk_bytes)),
+        (f"FLOPs per {m.item}", _fmt(m.flops_per_item and m.flops_per_item / 1e9, ".3f") + " G"),
+        (f"latency p50 / p95 ({'per decoded token' if m.item == 'token' else f'batch of {m.batch_size}'})",
+         f"{m.latency_ms['p50']:.2f} / {m.latency_ms['p95']:.2f} ms"),
+        (f"throughput ({m.item}s/s)", _fmt(m.throughput_per_s, ".1f")),
+    ]
+    if m.decode_tokens_per_s is not None:
+        rows += [
+            ("prefill tokens/s", _fmt(m.prefill_tokens_per_s, ".1f")),
+            ("decode tokens/s (greedy, KV cache)", _fmt(m.decode_tokens_per_s, ".1f")),
+            ("decode roofline tokens/s (measured bandwidth)",
+             f"{_fmt(m.decode_roofline_tokens_per_s, '.1f')} ({_fmt(m.memory_bandwidth_gbs, '.1f')} GB/s); "
+             f"{_fmt(m.roofline_fraction and 100 * m.roofline_fraction, '.0f')}% reached"),
+        ]
+    rows += [
+        ("peak resident memory", _fmt_bytes(m.peak_memory_bytes)),
+        (f"energy per {m.item}", f"{m.energy_j_per_item:.4g} J ({m.energy_source})"),
+        (f"$ per million {m.item}s", f"{m.usd_per_million:.4g} (at ${m.usd_per_hour}/h)"),
+    ]
+    if m.quality and m.quality.get("metric"):
+        rows.append((m.quality["metric"], f"{m.quality['value']:.4f}"))
+    for key, value in (m.fidelity or {}).items():
+        if not key.startswith("n_"):
+            rows.append((f"fidelity: {key}", f"{value:.4f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _refuse_clobber(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise LeanmlError(f"{path} exists; pass --force to overwrite it")
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="built-in name (smollm2-135m, minilm-l6) or a model path")],
+    data: Annotated[str | None, typer.Option(help="built-in data name (lee, lee-sim, digits, enwiki) or a path")] = None,
+    hardware: Annotated[str | None, typer.Option(help="hardware profile for $ and energy (see `leanml hardware`)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's)")] = None,
+    batch: Annotated[int | None, typer.Option(help="items per timed call (not used by causal LMs: batch 1)")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="prompt tokens (causal LMs) or max tokens per text")] = None,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per decode run (causal LMs)")] = 32,
+    repeats: Annotated[int | None, typer.Option(help="timed repeats")] = None,
+    reference: Annotated[str | None, typer.Option(help="a reference model for label-free fidelity")] = None,
+    price_per_hour: Annotated[float | None, typer.Option(help="override the profile's $/hour")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the Measurement JSON here")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --json file")] = False,
+) -> None:
+    """Measure a model's cost and quality and print it (optionally as JSON)."""
+    from .measure import profile as run_profile
+    from .measure.record import write_atomic
+
+    if json_path is not None:
+        _refuse_clobber(json_path, force)
+    m = run_profile(model, data=data, hardware=hardware, threads=threads, batch=batch, seq_len=seq_len,
+                    new_tokens=new_tokens, repeats=repeats, reference=reference, price_per_hour=price_per_hour)
+    out.print(measurement_table(m))
+    for note in m.notes:
+        out.print(f"note: {note}", style="dim")
+    if json_path is not None:
+        write_atomic(json_path, m.to_json() + "\n")
+        out.print(f"wrote {json_path}")
+
+
+@app.command()
+def hardware() -> None:
+    """List the hardware profiles (price, power, bandwidth)."""
+    from .measure.hardware import DEFAULT_HARDWARE, list_profiles
+
+    table = Table(title=f"hardware profiles (default: {DEFAULT_HARDWARE})")
+    for col in ("name", "kind", "instance", "$/hour", "watts", "GB/s", "price date"):
+        table.add_column(col, no_wrap=True)
+    for p in list_profiles().values():
+        table.add_row(p.name, p.kind, p.instance, f"{p.usd_per_hour}", f"{p.power_w:g}",
+                      f"{p.memory_bandwidth_gbs:g}", p.price_date)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line on stderr and exit with code 2."""
+    _quiet_libraries()
+    err = Console(stderr=True, highlight=False)
+    try:
+        code = app(args=argv, prog_name="leanml", standalone_mode=False)
+    except LeanmlError as exc:
+        err.print(f"leanml: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("leanml: interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors from the command-line parser (a missing argument, a value of the wrong type).
+        if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
+            err.print(f"leanml: error: {' '.join(exc.format_message().split())}", markup=False, soft_wrap=True)
+            sys.exit(2)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""`profile`: measure a model's cost (and quality, when data is given) on a runtime and a hardware profile."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords, load_data
+from ..errors import LeanmlError
+from ..models import ModelHandle, load_model
+from ..models.inputs import text_batch, text_prompt
+from .cost import count_flops, count_params, decode_benchmark, disk_bytes, time_calls, weight_bytes
+from .hardware import get_profile, usd_per_million
+from .quality import evaluate, fidelity
+from .record import Measurement
+from .stats import summarize
+from .system import PeakMemory, RaplMeter, cpu_name, memory_bandwidth_gbs, torch_threads
+
+DEFAULT_PROMPT_TOKENS = 64
+DEFAULT_NEW_TOKENS = 32
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise LeanmlError(f"{name} {value!r} is not accepted; give a whole number ≥ 1")
+
+
+def bytes_read_per_token(module: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: every weight once, except embedding tables that are only
+    indexed (one row per token) - unless the table is tied to the output projection."""
+    total = weight_bytes(module)
+    linear_ptrs = {m.weight.data_ptr() for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    for m in module.modules():
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in linear_ptrs:
+            total -= m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def example_inputs(handle: ModelHandle, data, batch: int | None, seq_len: int | None):
+    """Inputs for the timed calls and how many items they hold."""
+    if handle.task == "causal-lm":
+        length = seq_len or DEFAULT_PROMPT_TOKENS
+        if isinstance(data, TextCorpus):
+            ids = data.tokens(handle.tokenizer)[:length]
+            if len(ids) >= length:
+                return {"input_ids": ids[None]}, length
+        return {"input_ids": text_prompt(handle.tokenizer, length)}, length
+    if handle.tokenizer is not None and handle.task in ("sentence-embedding", "sequence-classification") and (
+        isinstance(data, (SimilarityPairs, TextRecords, TextCorpus))
+    ):
+        docs = data.documents("eval")
+        n = batch or min(50, len(docs))
+        texts = [docs[i % len(docs)] for i in range(n)]
+        return text_batch(handle.tokenizer, texts, seq_len or handle.max_length), n
+    if isinstance(data, TensorData):
+        x, _ = data.tensors("eval")
+        n = batch or min(64, len(x))
+        x = x[torch.arange(n) % len(x)]
+        return (x,), n
+    inputs = handle.example_inputs
+    if inputs is None:
+        raise LeanmlError(f"cannot tell what inputs model {handle.name!r} takes; pass --data with example inputs")
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    if batch and handle.runtime == "torch":
+        reps = (batch + first.shape[0] - 1) // first.shape[0]
+        cut = lambda t: t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]  # noqa: E731
+        inputs = {k: cut(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(cut(v) for v in inputs)
+        return inputs, batch
+    return inputs, int(first.shape[0])
+
+
+def profile(
+    model: str | ModelHandle,
+    data=None,
+    hardware: str | None = None,
+    threads: int | None = None,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    repeats: int | None = None,
+    reference: str | ModelHandle | None = None,
+    price_per_hour: float | None = None,
+    measure_quality: bool = True,
+) -> Measurement:
+    """Measure ``model`` on its runtime: size, FLOPs, speed, memory, energy, dollars and quality."""
+    for name, value in (("threads", threads), ("batch", batch), ("seq_len", seq_len),
+                        ("new_tokens", new_tokens), ("repeats", repeats)):
+        _check_positive(name, value)
+    if new_tokens < 2:
+        raise LeanmlError(f"new_tokens {new_tokens} is too small; decode speed needs at least 2")
+    profile_hw = get_profile(hardware, price_per_hour)
+    handle = model if isinstance(model, ModelHandle) else load_model(model)
+    data = load_data(data) if data is not None else None
+    ref = reference if (reference is None or isinstance(reference, ModelHandle)) else load_model(reference)
+    if hasattr(handle.module, "set_threads") and threads:
+        handle.module.set_threads(threads)
+    notes: list[str] = []
+    if handle.meta.get("example_inputs"):
+        notes.append(handle.meta["example_inputs"])
+    with torch_threads(threads) as n_threads:
+        inputs, items = example_inputs(handle, data, batch, seq_len)
+        flops = count_flops(handle, inputs)
+        rapl, peak = RaplMeter(), PeakMemory()
+        decode = None
+        with torch.no_grad():
+            if handle.task == "causal-lm":
+                with peak, rapl:
+                    t0 = time.perf_counter()
+                    decode = decode_benchmark(handle, inputs["input_ids"], new_tokens, repeats or 5)
+                    elapsed = time.perf_counter() - t0
+                latency = {k: v * 1e3 if k != "n" else v for k, v in decode["step_s"].items()}
+                throughput = decode["decode_tokens_per_s"]
+                items_done = decode["step_s"]["n"] + (repeats or 5) * decode["prompt_tokens"]
+                item, batch_size = "token", 1
+            else:
+                with peak, rapl:
+                    t0 = time.perf_counter()
+                    samples = time_calls(lambda: handle.call(inputs), warmup=3, repeats=repeats or 20, min_seconds=1.0)
+                    elapsed = time.perf_counter() - t0
+                stats = summarize(samples)
+                latency = {k: v * 1e3 if k != "n" else v for k, v in stats.items()}
+                throughput = items / stats["p50"]
+                items_done = items * (len(samples) + 3)
+                item, batch_size = ("sequence" if handle.tokenizer is not None else "input"), items
+        seconds_per_item = 1.0 / throughput
+        if rapl.joules is not None:
+            energy, energy_source = rapl.joules / items_done, "rapl"
+            notes.append("RAPL counts the whole CPU package, including other processes")
+        else:
+            energy, energy_source = profile_hw.power_w * seconds_per_item, "power-model"
+        quality = evaluate(handle, data) if (data is not None and measure_quality) else None
+        fid = fidelity(handle, ref, data) if (ref is not None and data is not None) else None
+        bandwidth = roofline = fraction = None
+        if handle.task == "causal-lm" and handle.runtime == "torch":
+            bandwidth = memory_bandwidth_gbs()
+            roofline = bandwidth * 1e9 / bytes_read_per_token(handle.module)
+            fraction = decode["decode_tokens_per_s"] / roofline
+    is_torch = isinstance(handle.module, torch.nn.Module) and handle.runtime == "torch"
+    disk, disk_source = disk_bytes(handle)
+    seq = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
+    flops_per_item = None
+    if flops is not None:
+        flops_per_item = flops / (seq if handle.task == "causal-lm" else items)
+    if elapsed > 0 and energy_source == "power-model":
+        notes.append(f"energy = {profile_hw.power_w} W ({profile_hw.name}) × measured time per item")
+    return Measurement(
+        model=handle.name, task=handle.task, runtime=handle.runtime, hardware=profile_hw.name,
+        threads=n_threads, item=item, batch_size=batch_size, seq_len=seq,
+        params=count_params(handle.module) if is_torch else 0,
+        weight_bytes=weight_bytes(handle.module) if is_torch else disk,
+        disk_bytes=disk, disk_source=disk_source, flops_per_item=flops_per_item,
+        latency_ms=latency, throughput_per_s=throughput,
+        peak_memory_bytes=peak.peak_bytes, peak_memory_method=peak.method,
+        energy_j_per_item=energy, energy_source=energy_source,
+        usd_per_million=usd_per_million(seconds_per_item, profile_hw), usd_per_hour=profile_hw.usd_per_hour,
+        quality=quality, fidelity=fid,
+        prefill_tokens_per_s=decode["prefill_tokens_per_s"] if decode else None,
+        decode_tokens_per_s=decode["decode_tokens_per_s"] if decode else None,
+        decode_roofline_tokens_per_s=roofline, roofline_fraction=fraction, memory_bandwidth_gbs=bandwidth,
+        decode=decode, host=host_info(), notes=notes,
+    )
+
+
+def host_info() -> dict:
+    from .. import __version__
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "leanml": __version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,1 @@
+"""Quantization math (pure tensor functions): affine/non-linear primitives, observers, GPTQ, AWQ."""
