@@ -125,11 +125,10 @@ def hardware() -> None:
     from .measure.hardware import DEFAULT_HARDWARE, list_profiles
 
     table = Table(title=f"hardware profiles (default: {DEFAULT_HARDWARE})")
-    for col in ("name", "kind", "instance", "$/hour", "watts", "GB/s", "price date"):
+    for col in ("name", "kind", "$/hour", "watts", "GB/s", "price date"):
         table.add_column(col, no_wrap=True)
     for p in list_profiles().values():
-        table.add_row(p.name, p.kind, p.instance, f"{p.usd_per_hour}", f"{p.power_w:g}",
-                      f"{p.memory_bandwidth_gbs:g}", p.price_date)
+        table.add_row(p.name, p.kind, f"{p.usd_per_hour}", f"{p.power_w:g}", f"{p.memory_bandwidth_gbs:g}", p.price_date)
     out.print(table)
 
 

@@ -11,7 +11,7 @@ import torch
 from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords, load_data
 from ..errors import LeanmlError
 from ..models import ModelHandle, load_model
-from ..models.inputs import text_batch, text_prompt
+from ..models.inputs import default_example_inputs, text_batch, text_prompt
 from .cost import count_flops, count_params, decode_benchmark, disk_bytes, time_calls, weight_bytes
 from .hardware import get_profile, usd_per_million
 from .quality import evaluate, fidelity
@@ -43,11 +43,13 @@ def example_inputs(handle: ModelHandle, data, batch: int | None, seq_len: int | 
     """Inputs for the timed calls and how many items they hold."""
     if handle.task == "causal-lm":
         length = seq_len or DEFAULT_PROMPT_TOKENS
-        if isinstance(data, TextCorpus):
+        if isinstance(data, TextCorpus) and handle.tokenizer is not None:
             ids = data.tokens(handle.tokenizer)[:length]
             if len(ids) >= length:
                 return {"input_ids": ids[None]}, length
-        return {"input_ids": text_prompt(handle.tokenizer, length)}, length
+        if handle.tokenizer is not None:
+            return {"input_ids": text_prompt(handle.tokenizer, length)}, length
+        return default_example_inputs(handle, seq_len=length), length
     if handle.tokenizer is not None and handle.task in ("sentence-embedding", "sequence-classification") and (
         isinstance(data, (SimilarityPairs, TextRecords, TextCorpus))
     ):

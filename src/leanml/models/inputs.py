@@ -44,8 +44,12 @@ def infer_input_shape(module: torch.nn.Module, batch: int) -> tuple[int, ...] | 
 
 def default_example_inputs(handle: ModelHandle, batch: int | None = None, seq_len: int | None = None):
     """Example inputs for ``handle`` when no data is given."""
-    if handle.task == "causal-lm" and handle.tokenizer is not None:
-        return {"input_ids": text_prompt(handle.tokenizer, seq_len or 64)}
+    if handle.task == "causal-lm":
+        if handle.tokenizer is not None:
+            return {"input_ids": text_prompt(handle.tokenizer, seq_len or 64)}
+        vocab = int(getattr(getattr(handle.module, "config", None), "vocab_size", 100))
+        gen = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, vocab, (1, seq_len or 64), generator=gen)}
     if handle.tokenizer is not None and handle.task in ("sentence-embedding", "sequence-classification"):
         n = batch or 8
         sentences = [s.strip() + "." for s in DEFAULT_TEXT.split(".") if s.strip()]

@@ -85,10 +85,7 @@ def _package_dir(name: str) -> Path:
 def _load_builtin(name: str) -> ModelHandle:
     folder = _package_dir(name)
     _, _, inner = BUILTIN[name]
-    if inner.endswith(".gguf"):
-        handle = load_gguf(folder / inner)
-    else:
-        handle = load_hf_folder(folder / inner, name=name)
+    handle = load_gguf(folder / inner) if inner.endswith(".gguf") else load_hf_folder(folder / inner, name=name)
     handle.name = name
     return handle
 

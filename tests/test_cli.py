@@ -1,0 +1,86 @@
+"""The command line: one-line errors with exit code 2, JSON output, and the real models end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leanml.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv_of, message",
+    [
+        (lambda p: ["profile", str(p / "missing.gguf")], "does not exist"),
+        (lambda p: ["profile", "gpt-17"], "unknown model name 'gpt-17'"),
+        (lambda p: ["profile", str(p / "notes.txt")], "unrecognised format '.txt'"),
+        (lambda p: ["profile", str(p / "m.pt"), "--data", str(p / "empty.txt")], "is empty"),
+        (lambda p: ["profile", str(p / "m.pt"), "--threads", "0"], "threads 0"),
+        (lambda p: ["profile", str(p / "m.pt"), "--threads", "two"], "Invalid value for '--threads'"),
+        (lambda p: ["profile", str(p / "m.pt"), "--hardware", "cray-1"], "unknown hardware 'cray-1'"),
+        (lambda p: ["profile"], "Missing argument"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, mlp, argv_of, message):
+    (tmp_path / "notes.txt").write_text("just some notes")
+    (tmp_path / "empty.txt").write_text("")
+    torch.save(mlp, tmp_path / "m.pt")
+    code, out, err = run(argv_of(tmp_path), capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("leanml: error: ") and message in err
+    assert "Traceback" not in out + err
+
+
+def test_profile_writes_json_and_refuses_to_clobber(tmp_path, capsys, mlp):
+    torch.save(mlp, tmp_path / "m.pt")
+    torch.save({"x": torch.randn(30, 20), "y": torch.randint(0, 5, (30,))}, tmp_path / "d.pt")
+    target = tmp_path / "out.json"
+    argv = ["profile", str(tmp_path / "m.pt"), "--data", str(tmp_path / "d.pt"), "--threads", "1",
+            "--repeats", "3", "--json", str(target)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "accuracy" in out
+    record = json.loads(target.read_text())
+    assert record["model"] == "m" and record["quality"]["metric"] == "accuracy"
+    target.write_text("mine")
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--force" in err and target.read_text() == "mine"
+    code, _, _ = run(argv + ["--force"], capsys)
+    assert code == 0 and json.loads(target.read_text())["model"] == "m"
+
+
+def test_hardware_lists_profiles(capsys):
+    code, out, _ = run(["hardware"], capsys)
+    assert code == 0 and "aws-c6i.large" in out and "gcp-a2-highgpu-1g" in out
+
+
+@pytest.mark.real
+def test_smollm2_on_lee_perplexity(tmp_path, capsys):
+    target = tmp_path / "p.json"
+    code, out, _ = run(["profile", "smollm2-135m", "--data", "lee", "--threads", "2", "--repeats", "2",
+                        "--new-tokens", "8", "--json", str(target)], capsys)
+    assert code == 0
+    d = json.loads(target.read_text())
+    # first 8,192 tokens, 16 windows of 512, 511 predictions each, fp32 (observed 29.0667)
+    assert d["quality"]["metric"] == "perplexity" and abs(d["quality"]["value"] - 29.07) <= 0.2
+    assert d["quality"]["n_tokens"] == 16 * 511 and d["params"] == 134_515_008
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "decode_roofline_tokens_per_s"):
+        assert d[key] > 0
+
+
+@pytest.mark.real
+def test_minilm_on_lee_sim_spearman(capsys, tmp_path):
+    target = tmp_path / "m.json"
+    code, _, _ = run(["profile", "minilm-l6", "--data", "lee-sim", "--threads", "2", "--repeats", "2",
+                      "--json", str(target)], capsys)
+    assert code == 0
+    d = json.loads(target.read_text())
+    assert d["quality"]["metric"] == "spearman" and abs(d["quality"]["value"] - 0.50) <= 0.01  # observed 0.5045
