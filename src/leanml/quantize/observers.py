@@ -64,9 +64,7 @@ class MinMaxObserver(Observer):
 
     def _check_shape(self, lo: torch.Tensor) -> None:
         if self.min is not None and self.min.shape != lo.shape:
-            raise LeanmlError(
-                f"per-channel stats of shape {tuple(lo.shape)} do not match the earlier {tuple(self.min.shape)}"
-            )
+            raise LeanmlError(f"per-channel stats of shape {tuple(lo.shape)} do not match the earlier {tuple(self.min.shape)}")
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
@@ -169,45 +167,51 @@ class MSEObserver(_ReservoirObserver):
 
     def _range(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         _not_empty(self.values)
-        lo, hi = mse_clip_range(
-            self.values[None, :], bits, symmetric, self.ratios, self.min.reshape(1), self.max.reshape(1)
-        )
+        lo, hi = mse_clip_range(self.values[None, :], bits, symmetric, self.ratios, self.min.reshape(1), self.max.reshape(1))
         return lo[0], hi[0]
 
 
-def _merge_expand(p: np.ndarray, n_levels: int) -> np.ndarray:
-    """Quantize histogram ``p`` into ``n_levels`` merged chunks and spread each chunk's mass evenly over
-    its non-empty bins (empty bins stay empty)."""
-    starts = (np.arange(n_levels) * len(p)) // n_levels
-    nonzero = (p > 0).astype(np.float64)
-    mass = np.add.reduceat(p, starts)
-    count = np.add.reduceat(nonzero, starts)
-    per_bin = np.where(count > 0, mass / np.maximum(count, 1), 0.0)
-    return np.repeat(per_bin, np.diff(np.append(starts, len(p)))) * nonzero
+def _merge_expand(counts: np.ndarray, support: np.ndarray, n_levels: int) -> np.ndarray:
+    """Merge ``counts`` into ``n_levels`` near-equal chunks of bins and spread each chunk's total evenly
+    over the chunk's bins in ``support`` (other bins get 0)."""
+    starts = (np.arange(n_levels) * len(counts)) // n_levels
+    inside = support.astype(np.float64)
+    mass = np.add.reduceat(counts, starts)
+    width = np.add.reduceat(inside, starts)
+    per_bin = np.where(width > 0, mass / np.maximum(width, 1.0), 0.0)
+    return np.repeat(per_bin, np.diff(np.append(starts, len(counts)))) * inside
+
+
+def _kl(p: np.ndarray, q: np.ndarray, floor: float = 1e-10) -> float:
+    """KL(P || Q) of two count vectors, each normalised; Q's zeros on P's support become ``floor``."""
+    m = p > 0
+    pn = p[m] / p.sum()
+    qn = q / q.sum() if q.sum() > 0 else np.zeros_like(q)
+    qn = np.maximum(qn[m], floor)
+    return float(np.sum(pn * np.log(pn / qn)))
 
 
 def kl_threshold_index(hist: np.ndarray, n_levels: int, stride: int = 1) -> int:
-    """Number of leading bins ``i`` whose clipped distribution best survives quantization (TensorRT
-    entropy calibration, Migacz 2017).
+    """Number of leading bins ``i`` to keep, by TensorRT entropy calibration (Migacz 2017).
 
-    For each candidate ``i``: P = ``hist[:i]`` with the clipped tail ``sum(hist[i:])`` folded into its last
-    bin; Q = P merged into ``n_levels`` chunks and expanded back over P's non-empty bins. Returns the ``i``
-    minimising KL(P || Q) (the smallest ``i`` on ties). Q > 0 wherever P > 0, so KL is always finite.
+    For each candidate ``i``: the reference P is ``hist[:i]`` with the clipped tail ``sum(hist[i:])``
+    folded into its last bin; the candidate Q is ``hist[:i]`` (without the tail) merged into
+    ``n_levels`` chunks, each chunk's count spread evenly over the chunk's bins where P is non-empty.
+    Returns the ``i`` minimising KL(P || Q) (smallest ``i`` on ties), so both the clipping (tail mass
+    piled on the last bin) and the rounding (merged bins) are penalised. Where Q is 0 on P's support,
+    Q is floored at 1e-10 (after normalisation).
     """
     hist = np.asarray(hist, dtype=np.float64)
     if n_levels < 2 or n_levels > len(hist):
         raise LeanmlError(f"n_levels {n_levels} is out of range for {len(hist)} histogram bins")
-    tail = np.cumsum(hist[::-1])[::-1]
+    tail = np.append(np.cumsum(hist[::-1])[::-1], 0.0)
     best_i, best_kl = len(hist), np.inf
     for i in range(n_levels, len(hist) + 1, stride):
         p = hist[:i].copy()
-        p[-1] += tail[i] if i < len(hist) else 0.0
-        total = p.sum()
-        if total <= 0:
+        p[-1] += tail[i]
+        if p.sum() <= 0:
             continue
-        q = _merge_expand(p, n_levels)
-        m = p > 0
-        kl = float(np.sum(p[m] * np.log(p[m] / q[m])) / total)
+        kl = _kl(p, _merge_expand(hist[:i], p > 0, n_levels))
         if kl < best_kl:
             best_i, best_kl = i, kl
     return best_i
@@ -216,8 +220,9 @@ def kl_threshold_index(hist: np.ndarray, n_levels: int, stride: int = 1) -> int:
 class KLObserver(Observer):
     """Entropy (KL) calibration over a histogram of ``|x|`` with ``bins`` bins (a power of two).
 
-    The histogram spans ``[0, bins * width]``; when a batch exceeds it, the width doubles (possibly
-    several times) and old bins are merged exactly in pairs, so memory is fixed. The threshold T is the
+    The histogram spans ``[0, bins * width)`` (initially just above the first batch's max|x|); when a
+    batch reaches past it, the width doubles (possibly several times) and old bins are merged in pairs,
+    which is exact (up to rounding of values within an ulp of a bin edge), so memory is fixed. The threshold T is the
     upper edge of the best ``kl_threshold_index`` with ``2**(bits-1)`` levels; the range is ``±T``
     (symmetric) or ``[max(min, -T), min(max, T)]`` (asymmetric).
     """
@@ -233,17 +238,14 @@ class KLObserver(Observer):
 
     def _grow(self, amax: float) -> None:
         if self.width == 0.0:  # nothing but zeros seen so far: all mass is in bin 0 at any width
-            self.width = amax / self.bins
+            self.width = amax * (1.0 + 2.0**-40) / self.bins  # max|x| strictly inside the last bin
             return
         factor = 1
-        while amax > self.width * factor * self.bins:
+        while amax >= self.width * factor * self.bins:
             factor *= 2
         if factor == 1:
             return
-        if factor >= self.bins:
-            merged = self.hist.sum().reshape(1)
-        else:
-            merged = self.hist.reshape(-1, factor).sum(1)
+        merged = self.hist.reshape(-1, min(factor, self.bins)).sum(1)  # old bin b -> new bin b // factor
         self.hist = torch.cat([merged, torch.zeros(self.bins - merged.numel(), dtype=torch.float64)])
         self.width *= factor
 

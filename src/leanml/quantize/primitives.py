@@ -274,9 +274,7 @@ def log2_quantize(x: torch.Tensor, bits: int, max_exponent: int | None = None) -
     return (torch.sign(x.detach()).double() * mag).to(CODE_DTYPE), max_exponent
 
 
-def log2_dequantize(
-    codes: torch.Tensor, bits: int, max_exponent: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def log2_dequantize(codes: torch.Tensor, bits: int, max_exponent: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values ``sign(code) * 2**(max_exponent - m + |code|)`` (0 for code 0)."""
     check_bits(bits)
     m = 2 ** (bits - 1) - 1
@@ -352,21 +350,41 @@ def _assign(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def _lloyd_step(rows: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Means of the cells; an empty cell's centroid moves to the row's worst-represented value."""
     sums = torch.zeros_like(centroids).scatter_add_(1, codes, rows)
     counts = torch.zeros_like(centroids).scatter_add_(1, codes, torch.ones_like(rows))
     new = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-    return new.sort(dim=1).values
+    err = (centroids.gather(1, codes) - rows).pow(2)
+    worst = err.max(1)
+    empty = counts == 0
+    first_empty = empty & (empty.cumsum(1) == 1) & (worst.values > 0)[:, None]
+    far = rows.gather(1, worst.indices[:, None]).expand_as(new)
+    return torch.where(first_empty, far, new).sort(dim=1).values
 
 
-def kmeans_quantize(
-    x: torch.Tensor, bits: int, axis: int | None = None, iters: int = 50
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D k-means (Lloyd) codebook quantization with ``2**bits`` centroids.
+def _lloyd(rows: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+    for _ in range(iters):
+        new = _lloyd_step(rows, centroids, _assign(rows, centroids))
+        if torch.equal(new, centroids):
+            break
+        centroids = new
+    return centroids
+
+
+def _row_sse(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return (centroids.gather(1, _assign(rows, centroids)) - rows).pow(2).sum(1)
+
+
+def kmeans_quantize(x: torch.Tensor, bits: int, axis: int | None = None, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D k-means (Lloyd) codebook quantization with ``2**bits`` centroids (weight clustering).
 
     ``axis=None``: one codebook for the tensor, shape ``(k,)``; ``axis=a``: one codebook per slice along
-    ``a`` (e.g. 0 = per output channel), shape ``(x.shape[a], k)``. Centroids are initialised
-    deterministically at the quantiles ``(i + 0.5) / k`` of the data and kept sorted; empty clusters
-    keep their previous centroid. Stops when the centroids stop moving or after ``iters`` iterations.
+    ``a`` (e.g. 0 = per output channel), shape ``(x.shape[a], k)``. Lloyd runs from two deterministic
+    inits - the data quantiles ``(i + 0.5) / k`` and ``k`` evenly spaced values from min to max (the
+    "linear" init of Han et al. 2016) - and each row keeps the result with the lower squared error.
+    Centroids are kept sorted; an empty cluster is re-seeded at the value with the largest error; at most
+    ``iters`` iterations.
+    Lloyd is a local method: the result is a fixed point, not always the global optimum.
     Returns int32 codes (shape of x) and the codebook (float32 or float64).
     """
     check_bits(bits, 1, MAX_BITS)
@@ -375,12 +393,12 @@ def kmeans_quantize(
     rows = _rows(x, axis)
     k, n = 2**bits, rows.shape[1]
     idx = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
-    centroids = rows.sort(dim=1).values[:, idx]
-    for _ in range(iters):
-        new = _lloyd_step(rows, centroids, _assign(rows, centroids))
-        if torch.equal(new, centroids):
-            break
-        centroids = new
+    by_quantile = _lloyd(rows, rows.sort(dim=1).values[:, idx], iters)
+    steps = torch.linspace(0, 1, k, dtype=rows.dtype)[None, :]
+    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    by_linear = _lloyd(rows, lo + (hi - lo) * steps, iters)
+    better = (_row_sse(rows, by_linear) < _row_sse(rows, by_quantile))[:, None]
+    centroids = torch.where(better, by_linear, by_quantile)
     codes = _assign(rows, centroids).to(CODE_DTYPE)
     if axis is None:
         return codes.reshape(x.shape), centroids[0]
@@ -415,9 +433,7 @@ class FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, qp: QParams) -> torch.Tensor:  # type: ignore[override]
         t = _scaled(x, qp)
         ctx.save_for_backward((t >= qp.qmin) & (t <= qp.qmax))
-        q = torch.round(t).clamp(qp.qmin, qp.qmax)
-        scale, zero = _broadcastable(qp, x)
-        return ((q - zero) * scale).to(x.dtype)
+        return dequantize(torch.round(t).clamp(qp.qmin, qp.qmax), qp, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -428,4 +444,3 @@ class FakeQuantSTE(torch.autograd.Function):
 def fake_quantize_ste(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Differentiable :func:`fake_quantize` with a straight-through gradient."""
     return FakeQuantSTE.apply(x, qp)
-

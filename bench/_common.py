@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmark scripts: environment, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    from leanml.measure.record import write_atomic
+
+    write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    write_atomic(RESULTS / f"{name}.md", markdown)
+    print(markdown)
+    print(f"wrote {RESULTS / name}.json and .md")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
