@@ -17,7 +17,7 @@ app = typer.Typer(
     name="leanml", help="Make models cheaper to run, and prove it with measurements.",
     add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True,
 )
-out = Console()
+console = Console()
 
 
 def _quiet_libraries() -> None:
@@ -111,12 +111,46 @@ def profile(
         _refuse_clobber(json_path, force)
     m = run_profile(model, data=data, hardware=hardware, threads=threads, batch=batch, seq_len=seq_len,
                     new_tokens=new_tokens, repeats=repeats, reference=reference, price_per_hour=price_per_hour)
-    out.print(measurement_table(m))
+    console.print(measurement_table(m))
     for note in m.notes:
-        out.print(f"note: {note}", style="dim")
+        console.print(f"note: {note}", style="dim")
     if json_path is not None:
         write_atomic(json_path, m.to_json() + "\n")
-        out.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="built-in name or model path")],
+    recipe: Annotated[str, typer.Option(help="built-in recipe (w8, w4-g64, w3-g64, w8a8, int8-static, int8-dynamic) or YAML")],
+    out: Annotated[Path, typer.Option(help="output folder (refused if it exists and is not empty, unless --force)")],
+    data: Annotated[str | None, typer.Option(help="evaluation data (built-in name or path)")] = None,
+    calib: Annotated[str | None, typer.Option(help="calibration data (default: the calibration split of --data)")] = None,
+    hardware: Annotated[str | None, typer.Option(help="hardware profile for $ and energy")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
+    repeats: Annotated[int | None, typer.Option(help="timed repeats")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+) -> None:
+    """Apply a recipe, measure before and after, and write the compressed model to --out."""
+    from .compress import compress as run_compress
+
+    result = run_compress(model, recipe, data=data, calib=calib, out=out, force=force, hardware=hardware,
+                          threads=threads, repeats=repeats)
+    b, a = result.before, result.after
+    table = Table(title=f"{b.model}: recipe {result.recipe.name}")
+    for col in ("measure", "before", "after", "after / before"):
+        table.add_column(col, justify="right" if col != "measure" else "left")
+    rows = [("weights in memory", b.weight_bytes, a.weight_bytes, _fmt_bytes),
+            ("on disk", b.disk_bytes, a.disk_bytes, _fmt_bytes),
+            (f"throughput ({b.item}s/s)", b.throughput_per_s, a.throughput_per_s, lambda v: f"{v:.1f}"),
+            (f"$ per million {b.item}s", b.usd_per_million, a.usd_per_million, lambda v: f"{v:.4g}")]
+    if b.quality and b.quality.get("metric"):
+        rows.append((b.quality["metric"], b.quality["value"], a.quality["value"], lambda v: f"{v:.4f}"))
+    for name, x, y, fmt in rows:
+        table.add_row(name, fmt(x), fmt(y), f"{y / x:.3f}" if x else "-")
+    console.print(table)
+    console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); "
+                  "quantized compute is simulated in float on the torch runtime")
 
 
 @app.command()
@@ -129,7 +163,7 @@ def hardware() -> None:
         table.add_column(col, no_wrap=True)
     for p in list_profiles().values():
         table.add_row(p.name, p.kind, f"{p.usd_per_hour}", f"{p.power_w:g}", f"{p.memory_bandwidth_gbs:g}", p.price_date)
-    out.print(table)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,9 @@ def unique_tensors(module: torch.nn.Module, buffers: bool = True) -> list[torch.
     seen: set[tuple[int, int]] = set()
     out = []
     tensors = list(module.parameters())
-    if buffers:
-        tensors += [b for _, b in module.named_buffers() if b is not None]
+    if buffers:  # persistent buffers only: caches that are not saved are not the stored weights
+        params = {id(p) for p in tensors}
+        tensors += [t for t in module.state_dict(keep_vars=True).values() if id(t) not in params]
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
         if key in seen:

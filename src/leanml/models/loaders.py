@@ -52,6 +52,10 @@ def load_model(spec: str | os.PathLike, task: str | None = None) -> ModelHandle:
             hint = f"unknown model name {text!r} (and no such file or folder)"
         raise LeanmlError(f"{hint}; accepted: {ACCEPTED}")
     if path.is_dir():
+        if (path / "leanml.json").exists():
+            from ..artifact import load_artifact
+
+            return load_artifact(path)
         if (path / "config.json").exists():
             return load_hf_folder(path, name=path.name, task=task)
         ggufs = sorted(path.glob("*.gguf"))

@@ -7,6 +7,7 @@ observer keeps a fixed-size histogram of ``|x|``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,14 +17,16 @@ from leanml.errors import LeanmlError
 from leanml.quantize.primitives import QParams, check_bits, compute_qparams, mse_clip_range
 
 
-class Observer:
+class Observer(ABC):
     """Base class: subclasses implement ``observe`` and ``_range(bits, symmetric)``."""
 
+    @abstractmethod
     def observe(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Update the statistics with the values of ``x``."""
 
+    @abstractmethod
     def _range(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The (min, max) range to quantize with."""
 
     def qparams(self, bits: int = 8, symmetric: bool = False) -> QParams:
         """QParams for the observed range (see :func:`compute_qparams` for the conventions)."""

@@ -1,0 +1,157 @@
+"""Saving and reloading compressed models: a folder with ``model.safetensors`` (integer codes, scales,
+zero points and float weights), ``leanml.json`` (the layer layout and the recipe), and the model's
+config and tokenizer. ``leanml.load(folder)`` rebuilds the model and reproduces its outputs exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LeanmlError
+from .models.handle import ModelHandle
+from .targeting import set_module
+
+FORMAT_VERSION = 1
+META_FILE = "leanml.json"
+
+
+def _layer_specs(model: torch.nn.Module) -> dict[str, dict]:
+    from .quantize.modules import LAYER_TYPES
+
+    return {n: m.to_spec() for n, m in model.named_modules() if type(m).__name__ in LAYER_TYPES and n}
+
+
+def _dedup_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each storage once; ``aliases`` maps dropped names to the kept one (tied weights)."""
+    state, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel():
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().contiguous().clone() if tensor.storage_offset() else tensor.detach().contiguous()
+    return state, aliases
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty folder (or a file) unless ``force``."""
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
+        raise LeanmlError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def save_artifact(handle: ModelHandle, out: str | os.PathLike, recipe=None, extra: dict[str, str] | None = None,
+                  force: bool = False) -> Path:
+    """Write ``handle`` to the folder ``out`` atomically (a temporary folder renamed into place)."""
+    out = Path(out)
+    check_target(out, force)
+    tmp = temp_folder_for(out)
+    try:
+        write_artifact_files(handle, tmp, recipe, extra)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def temp_folder_for(out: Path) -> Path:
+    """A fresh hidden folder beside ``out`` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dict[str, str] | None = None) -> None:
+    """Write the artifact's files into the (new, empty) folder ``tmp``."""
+    model = handle.module
+    state, aliases = _dedup_state(model)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "leanml", "version": str(FORMAT_VERSION)})
+    config = getattr(model, "config", None)
+    base = "hf" if config is not None and hasattr(config, "save_pretrained") else "pickle"
+    if base == "hf":
+        config.save_pretrained(tmp)
+    else:  # the module's structure only: its tensors live in model.safetensors
+        import copy
+
+        torch.save(copy.deepcopy(model).to("meta"), tmp / "module.pt")
+    if handle.tokenizer is not None and hasattr(handle.tokenizer, "save_pretrained"):
+        handle.tokenizer.save_pretrained(tmp)
+    meta = {
+        "format": "leanml", "format_version": FORMAT_VERSION, "name": handle.name, "task": handle.task,
+        "base": base, "model_class": type(model).__name__, "max_length": handle.max_length,
+        "source": handle.source, "layers": _layer_specs(model), "tied": aliases,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+
+
+def load_artifact(folder: str | os.PathLike) -> ModelHandle:
+    """Rebuild a model saved by :func:`save_artifact`."""
+    from .quantize.modules import LAYER_TYPES
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LeanmlError(f"'{folder}' has no readable {META_FILE} ({type(exc).__name__})") from None
+    if meta.get("format") != "leanml" or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise LeanmlError(f"'{folder}/{META_FILE}' is not a leanml artifact of format ≤ {FORMAT_VERSION}")
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise LeanmlError(f"'{folder}/model.safetensors' is not readable ({str(exc).splitlines()[0]})") from None
+    if meta["base"] == "hf":
+        model = _empty_hf_model(folder, meta["task"])
+    else:
+        model = torch.load(folder / "module.pt", weights_only=False).to_empty(device="cpu")
+    for name, spec in meta["layers"].items():
+        if spec["type"] not in LAYER_TYPES:
+            raise LeanmlError(f"layer {name!r} in '{folder}' has unknown type {spec['type']!r}")
+        set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
+    for alias, kept in meta["tied"].items():
+        state.setdefault(alias, state[kept])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LeanmlError(f"'{folder}' does not match its layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if meta["tied"] and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tokenizer = None
+    if meta["task"] != "generic":
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):
+            tokenizer = None
+    handle = ModelHandle(module=model.eval(), task=meta["task"], name=meta["name"], tokenizer=tokenizer,
+                         source=str(folder), artifact=folder, max_length=meta.get("max_length", 512))
+    handle.meta["recipe"] = meta.get("recipe")
+    from .models.inputs import default_example_inputs
+
+    handle.example_inputs = default_example_inputs(handle)
+    return handle
+
+
+def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(folder)
+    auto = {"causal-lm": tf.AutoModelForCausalLM, "sequence-classification": tf.AutoModelForSequenceClassification,
+            "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    if task == "sentence-embedding":
+        config._attn_implementation = "eager"
+    return auto.from_config(config)  # weights are overwritten by the saved ones

@@ -1,0 +1,225 @@
+"""`quantize(handle, config, data)`: apply one quantization technique to a model (module surgery
+on top of the pure math in primitives/gptq/awq/observers)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibrate.batches import calibration_batches, run_batches
+from ..config import Codebook, FloatCast, Int8Dynamic, Int8Static, SmoothQuant, TechniqueConfig, WeightOnly
+from ..data import load_data
+from ..errors import LeanmlError
+from ..models.handle import ModelHandle
+from ..progress import progress
+from ..registry import register
+from ..targeting import get_module, select_layers, set_module
+from .awq import smoothquant_scales
+from .gptq import rtn_quantize_weight
+from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantLinear
+from .observers import KLObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
+from .primitives import kmeans_quantize, log2_dequantize, log2_quantize, nf4_levels
+
+LINEAR = (torch.nn.Linear,)
+
+
+def _mark(handle: ModelHandle, config: TechniqueConfig) -> None:
+    handle.meta["modified"] = True
+    handle.meta.setdefault("applied", []).append(config.model_dump())
+
+
+@register(WeightOnly)
+def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelHandle:
+    """RTN, GPTQ, AWQ or AWQ+GPTQ weight-only quantization of the targeted linear layers."""
+    model = handle.module
+    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    for name in names:
+        layer = get_module(model, name)
+        if cfg.group_size is not None and layer.in_features % cfg.group_size:
+            raise LeanmlError(f"group_size {cfg.group_size} does not divide the {layer.in_features} inputs of "
+                              f"layer {name!r}; choose a divisor or group_size: null (per channel)")
+    if cfg.method == "rtn":
+        results = {}
+        for name in progress(names, f"RTN w{cfg.bits}"):
+            layer = get_module(model, name)
+            results[name] = rtn_quantize_weight(layer.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric,
+                                                mse_clip=cfg.mse_clip)
+    else:
+        from .weight_only import quantize_weights, spec_from_config
+
+        batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+        results = quantize_weights(model, batches, spec_from_config(cfg), names)
+    for name, qw in results.items():
+        set_module(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+    _mark(handle, cfg)
+    return handle
+
+
+@register(Int8Dynamic)
+def apply_int8_dynamic(handle: ModelHandle, cfg: Int8Dynamic, data=None) -> ModelHandle:
+    """int8 weights per channel; activations quantized per token (or tensor) at run time."""
+    for name in select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task):
+        set_module(handle.module, name, Int8ActLinear(get_module(handle.module, name), "dynamic", cfg.per_token))
+    _mark(handle, cfg)
+    return handle
+
+
+def make_observer(kind: str, percentile: float = 99.99):
+    return {"minmax": MinMaxObserver, "ema": MovingAverageMinMaxObserver, "mse": MSEObserver, "kl": KLObserver,
+            "percentile": lambda: PercentileObserver(percentile=percentile)}[kind]()
+
+
+@torch.no_grad()
+def observe_inputs(handle: ModelHandle, names: list[str], batches: list, make) -> dict:
+    """Run ``batches`` and feed every named layer's input to its own observer."""
+    observers = {n: make() for n in names}
+    hooks = [get_module(handle.module, n).register_forward_pre_hook(
+        lambda mod, args, n=n: observers[n].observe(args[0].detach().float())) for n in names]
+    try:
+        run_batches(handle, list(progress(batches, "calibrating activations")))
+    finally:
+        for h in hooks:
+            h.remove()
+    return observers
+
+
+def _set_static_range(layer, observer, symmetric: bool) -> None:
+    qp = observer.qparams(8, symmetric)
+    layer.act_scale = qp.scale.reshape(()).to(torch.float32).clone()
+    layer.act_zero_point = qp.zero_point.reshape(()).to(torch.float32).clone()
+
+
+@register(Int8Static)
+def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelHandle:
+    """int8 weights per channel, int8 activations per tensor with ranges calibrated by an observer."""
+    model = handle.module
+    names = select_layers(model, (torch.nn.Linear, torch.nn.Conv2d), cfg.targets, cfg.ignore, handle.task)
+    batches = calibration_batches(handle, data, cfg.calib_batches)
+    observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer, cfg.percentile))
+    for name in names:
+        layer = get_module(model, name)
+        if isinstance(layer, torch.nn.Conv2d):
+            new = Int8ActConv2d(layer, "static", cfg.symmetric_activations)
+        else:
+            new = Int8ActLinear(layer, "static", symmetric_act=cfg.symmetric_activations)
+        _set_static_range(new, observers[name], cfg.symmetric_activations)
+        set_module(model, name, new)
+    _mark(handle, cfg)
+    return handle
+
+
+@torch.no_grad()
+def norm_producers(handle: ModelHandle, names: list[str], batch) -> dict[str, str]:
+    """For each named linear layer, the RMS-norm module whose output is exactly its input (pre-norm
+    blocks: the norm output feeds only these projections, so a per-channel scale folds into its weight)."""
+    outputs: dict[int, str] = {}
+    producer: dict[str, str] = {}
+    hooks = []
+    for n, m in handle.module.named_modules():
+        if "RMSNorm" in type(m).__name__ and hasattr(m, "weight"):
+            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: outputs.__setitem__(out.data_ptr(), n)))
+    def record(name: str, args: tuple) -> None:  # a pre-hook must return None to leave the input alone
+        producer.setdefault(name, outputs.get(args[0].data_ptr(), ""))
+
+    for n in names:
+        hooks.append(get_module(handle.module, n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args)))
+    try:
+        handle.call(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: p for n, p in producer.items() if p}
+
+
+@register(SmoothQuant)
+def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> ModelHandle:
+    """SmoothQuant W8A8: per-channel scales s = max|X|^α / max|W|^(1-α) divide the activations and
+    multiply the weights (folded into the preceding RMS norm where the architecture allows, else kept
+    as an exact per-channel input scale), then int8 weights × int8 activations."""
+    model = handle.module
+    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    batches = calibration_batches(handle, data, cfg.calib_windows)
+    observers = observe_inputs(handle, names, batches, lambda: _ChannelAbsMax())
+    producers = norm_producers(handle, names, batches[0])
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(producers.get(n) or f"self:{n}", []).append(n)
+    for key, members in groups.items():
+        act = torch.stack([observers[n].absmax for n in members]).amax(0)
+        w_max = torch.stack([get_module(model, n).weight.detach().abs().amax(0) for n in members]).amax(0)
+        s = smoothquant_scales(act, w_max, cfg.alpha)
+        if key.startswith("self:"):
+            layer = get_module(model, members[0])
+            layer.weight.data.mul_(s)
+            layer.smooth_inv = (1.0 / s).to(torch.float32)  # kept as an exact input scale
+        else:
+            norm = get_module(model, key)
+            norm.weight.data.div_(s)
+            for n in members:
+                get_module(model, n).weight.data.mul_(s)
+    static = cfg.activations == "static"
+    if static:
+        observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
+    for n in names:
+        layer = get_module(model, n)
+        new = Int8ActLinear(layer, "static" if static else "dynamic", per_token=True,
+                            smooth_inv=getattr(layer, "smooth_inv", None))
+        if static:
+            _set_static_range(new, observers[n], False)
+        set_module(model, n, new)
+    _mark(handle, cfg)
+    return handle
+
+
+class _ChannelAbsMax:
+    """Running max |x| per input channel (last axis)."""
+
+    def __init__(self) -> None:
+        self.absmax: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        m = x.abs().reshape(-1, x.shape[-1]).amax(0)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+
+
+@register(FloatCast)
+def apply_float(handle: ModelHandle, cfg: FloatCast, data=None) -> ModelHandle:
+    dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
+    for name in select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task):
+        set_module(handle.module, name, CastLinear(get_module(handle.module, name), dtype))
+    _mark(handle, cfg)
+    return handle
+
+
+@register(Codebook)
+def apply_codebook(handle: ModelHandle, cfg: Codebook, data=None) -> ModelHandle:
+    """k-means (per tensor or per output row), NF4 (blocks of ``block_size``) or power-of-two levels."""
+    for name in progress(select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task), cfg.method):
+        layer = get_module(handle.module, name)
+        w = layer.weight.detach().float()
+        if cfg.method == "kmeans":
+            codes, book = kmeans_quantize(w, cfg.bits, axis=0 if cfg.per_channel else None)
+            new = CodebookLinear(layer, codes, book, cfg.bits, "kmeans")
+        elif cfg.method == "nf4":
+            if w.shape[1] % cfg.block_size:
+                raise LeanmlError(f"block_size {cfg.block_size} does not divide the {w.shape[1]} inputs of {name!r}")
+            blocks = w.reshape(w.shape[0], -1, cfg.block_size)
+            absmax = blocks.abs().amax(-1).clamp_min(1e-12)
+            levels = nf4_levels()
+            codes = ((blocks / absmax[..., None])[..., None] - levels).abs().argmin(-1).reshape(w.shape)
+            new = CodebookLinear(layer, codes, levels, 4, "nf4", row_scale=absmax)
+        else:
+            codes, max_exp = log2_quantize(w, cfg.bits)
+            m = (1 << (cfg.bits - 1)) - 1
+            levels = log2_dequantize(torch.arange(-m, m + 1), cfg.bits, max_exp)  # table index = code + m
+            new = CodebookLinear(layer, codes.to(torch.int64) + m, levels, cfg.bits, "log2")
+        set_module(handle.module, name, new)
+    _mark(handle, cfg)
+    return handle
+
+
+def quantize(handle: ModelHandle, config: TechniqueConfig, data=None) -> ModelHandle:
+    """Apply ``config`` to ``handle`` in place and return it (calibration from ``data`` when needed)."""
+    from ..registry import handler_for
+
+    data = load_data(data) if data is not None else None
+    return handler_for(config)(handle, config, data)
