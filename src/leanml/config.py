@@ -60,7 +60,7 @@ class Int8Static(TechniqueConfig):
     """int8 weights per output channel and activations per tensor with ranges calibrated ahead of time."""
 
     kind: Literal["int8-static"] = "int8-static"
-    observer: Literal["minmax", "ema", "percentile", "mse", "kl"] = "percentile"
+    observer: Literal["minmax", "ema", "percentile", "mse", "kl"] = "minmax"
     percentile: float = Field(99.99, gt=50, le=100)
     symmetric_activations: bool = False
     calib_batches: int = Field(16, ge=1)
@@ -71,8 +71,9 @@ class SmoothQuant(TechniqueConfig):
 
     kind: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(0.5, ge=0, le=1)
+    outlier_factor: float | None = Field(None, gt=1)
     activations: Literal["dynamic", "static"] = "dynamic"
-    observer: Literal["minmax", "ema", "percentile", "mse", "kl"] = "percentile"
+    observer: Literal["minmax", "ema", "percentile", "mse", "kl"] = "minmax"
     calib_windows: int = Field(16, ge=1)
 
 

@@ -56,7 +56,7 @@ BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
     "w4-g64": [WeightOnly(bits=4, group_size=64, method="gptq", act_order=True, mse_clip=True, outlier_factor=4.0)],
     "w3-g64": [WeightOnly(bits=3, group_size=64, method="gptq", act_order=True, mse_clip=True, outlier_factor=4.0)],
     "w8a8": [SmoothQuant(alpha=0.5, activations="dynamic")],
-    "int8-static": [Int8Static(observer="percentile")],
+    "int8-static": [Int8Static(observer="minmax")],
     "int8-dynamic": [Int8Dynamic()],
 }
 

@@ -111,14 +111,18 @@ def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelH
 def norm_producers(handle: ModelHandle, names: list[str], batch) -> dict[str, str]:
     """For each named linear layer, the RMS-norm module whose output is exactly its input (pre-norm
     blocks: the norm output feeds only these projections, so a per-channel scale folds into its weight)."""
-    outputs: dict[int, str] = {}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
     producer: dict[str, str] = {}
     hooks = []
+
+    def keep(name: str, out: torch.Tensor) -> None:
+        outputs[out.data_ptr()] = (name, out)  # holding the tensor keeps its address from being reused
+
     for n, m in handle.module.named_modules():
         if "RMSNorm" in type(m).__name__ and hasattr(m, "weight"):
-            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: outputs.__setitem__(out.data_ptr(), n)))
+            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: keep(n, out)))
     def record(name: str, args: tuple) -> None:  # a pre-hook must return None to leave the input alone
-        producer.setdefault(name, outputs.get(args[0].data_ptr(), ""))
+        producer.setdefault(name, outputs.get(args[0].data_ptr(), ("", None))[0])
 
     for n in names:
         hooks.append(get_module(handle.module, n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args)))
@@ -138,7 +142,7 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
     batches = calibration_batches(handle, data, cfg.calib_windows)
-    observers = observe_inputs(handle, names, batches, lambda: _ChannelAbsMax())
+    observers = observe_inputs(handle, names, batches, lambda: _ChannelAbsMax(cfg.outlier_factor))
     producers = norm_producers(handle, names, batches[0])
     groups: dict[str, list[str]] = {}
     for n in names:
@@ -171,13 +175,20 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
 
 
 class _ChannelAbsMax:
-    """Running max |x| per input channel (last axis)."""
+    """Running max |x| per input channel (last axis), over tokens whose norm is at most
+    ``outlier_factor`` × the median token norm (attention-sink tokens are left to per-token scales)."""
 
-    def __init__(self) -> None:
+    def __init__(self, outlier_factor: float | None = None) -> None:
         self.absmax: torch.Tensor | None = None
+        self.outlier_factor = outlier_factor
 
     def observe(self, x: torch.Tensor) -> None:
-        m = x.abs().reshape(-1, x.shape[-1]).amax(0)
+        rows = x.abs().reshape(-1, x.shape[-1])
+        if self.outlier_factor:
+            norms = rows.norm(dim=1)
+            keep = norms <= self.outlier_factor * norms.median()
+            rows = rows[keep] if keep.any() else rows
+        m = rows.amax(0)
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
 
 
