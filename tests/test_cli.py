@@ -84,3 +84,36 @@ def test_minilm_on_lee_sim_spearman(capsys, tmp_path):
     assert code == 0
     d = json.loads(target.read_text())
     assert d["quality"]["metric"] == "spearman" and abs(d["quality"]["value"] - 0.50) <= 0.01  # observed 0.5045
+
+
+def test_compress_then_profile_the_folder(tmp_path, capsys, mlp):
+    torch.save(mlp, tmp_path / "m.pt")
+    torch.save({"x": torch.randn(40, 20), "y": torch.randint(0, 5, (40,))}, tmp_path / "d.pt")
+    out = tmp_path / "c"
+    argv = ["compress", str(tmp_path / "m.pt"), "--recipe", "int8-dynamic", "--data", str(tmp_path / "d.pt"),
+            "--out", str(out), "--threads", "1", "--repeats", "2"]
+    code, text, _ = run(argv, capsys)
+    assert code == 0 and "after / before" in text
+    after = json.loads((out / "after.json").read_text())
+    before = json.loads((out / "before.json").read_text())
+    assert set(after) == set(before) and after["disk_bytes"] > 0
+    code, text, _ = run(["profile", str(out), "--data", str(tmp_path / "d.pt"), "--threads", "1", "--repeats", "2"], capsys)
+    assert code == 0 and "accuracy" in text
+    code, _, err = run(argv, capsys)  # refuses to clobber
+    assert code == 2 and "--force" in err
+
+
+@pytest.mark.parametrize("recipe_text, message", [
+    ("steps:\n  - kind: weight-only\n    bits: 9\n", "field 'bits' = 9"),
+    ("steps:\n  - kind: prune-everything\n", "unknown technique 'prune-everything'"),
+    ("steps:\n  - kind: weight-only\n    method: rtn\n    group_size: 7\n", "group_size 7 does not divide"),
+    ("steps:\n  - kind: weight-only\n    method: rtn\n    targets: ['re:nothing']\n", "matches no Linear"),
+])
+def test_bad_recipes_write_nothing(tmp_path, capsys, mlp, recipe_text, message):
+    torch.save(mlp, tmp_path / "m.pt")
+    (tmp_path / "r.yaml").write_text(recipe_text)
+    out = tmp_path / "never"
+    code, _, err = run(["compress", str(tmp_path / "m.pt"), "--recipe", str(tmp_path / "r.yaml"), "--out", str(out),
+                        "--threads", "1", "--repeats", "1"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
