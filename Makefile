@@ -32,7 +32,9 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 bench: install
+	$(BIN)/python -m pip install -q --disable-pip-version-check torchao==0.18.0  # peers in bench/quantize.py only
 	$(BIN)/python bench/profile.py
+	$(BIN)/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

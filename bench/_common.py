@@ -7,6 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+# bench/profile.py shadows the standard library's `profile` module (imported by cProfile inside torch):
+# move this folder to the end of the import path so the standard module wins.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

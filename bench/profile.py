@@ -9,25 +9,20 @@ model's own ``labels=`` loss. Writes bench/results/profile.json and profile.md.
 
 from __future__ import annotations
 
-import os
-import sys
+# isort: off
+import _common  # noqa: F401  (first: fixes the import path and the environment)
+# isort: on
 
-# This file's name shadows the standard library's `profile` module (imported by cProfile inside torch):
-# move this folder to the end of the import path so the standard module wins and `_common` is still found.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+import argparse
+import math
+import time
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import _common  # noqa: E402, F401  (sets the environment and sys.path)
-from _common import md_table, write_results  # noqa: E402
-from leanml import load_data, load_model, profile  # noqa: E402
-from leanml.measure.cost import time_calls  # noqa: E402
-from leanml.measure.stats import summarize  # noqa: E402
+from _common import md_table, write_results
+from leanml import load_data, load_model, profile
+from leanml.measure.cost import time_calls
+from leanml.measure.stats import summarize
 
 
 def generate_tokens_per_s(handle, prompt, new_tokens: int, repeats: int) -> float:

@@ -9,13 +9,16 @@ a small CNN trained on `digits` in this script (accuracy). Writes bench/results/
 
 from __future__ import annotations
 
+# isort: off
+import _common  # noqa: F401  (first: fixes the import path and the environment)
+# isort: on
+
 import argparse
 import copy
 import time
 
 import torch
 
-import _common  # noqa: F401  (sets the environment and sys.path)
 import leanml
 from _common import md_table, write_results
 from leanml.compress import apply_recipe
