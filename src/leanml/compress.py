@@ -3,6 +3,7 @@ compressed model, its recipe and both measurements into one folder (atomically).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ def compress(model: str | ModelHandle, recipe, data=None, calib=None, out: str |
         return CompressResult(handle, recipe, before, after, None)
     tmp = temp_folder_for(out_path)
     try:
-        write_artifact_files(handle, tmp, recipe, {"recipe.yaml": recipe.to_yaml()})
+        reports = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}
+        write_artifact_files(handle, tmp, recipe, {"recipe.yaml": recipe.to_yaml(), **reports})
         handle.artifact, handle.meta["modified"] = tmp, False  # the saved folder is what is measured on disk
         if measure:
             after = profile(handle, data=data, **profile_kwargs)

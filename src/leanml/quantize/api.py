@@ -6,7 +6,17 @@ from __future__ import annotations
 import torch
 
 from ..calibrate.batches import calibration_batches, run_batches
-from ..config import Codebook, FloatCast, Int8Dynamic, Int8Static, SmoothQuant, TechniqueConfig, WeightOnly
+from ..config import (
+    QAT,
+    Codebook,
+    FloatCast,
+    Int8Dynamic,
+    Int8Static,
+    MixedPrecision,
+    SmoothQuant,
+    TechniqueConfig,
+    WeightOnly,
+)
 from ..data import load_data
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle
@@ -15,9 +25,11 @@ from ..registry import register
 from ..targeting import get_module, select_layers, set_module
 from .awq import smoothquant_scales
 from .gptq import rtn_quantize_weight
+from .mixed import FLOAT_BITS, allocate_bits, layer_sensitivity, storage_bits
 from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantLinear
 from .observers import KLObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .primitives import kmeans_quantize, log2_dequantize, log2_quantize, nf4_levels
+from .qat import qat_train
 
 LINEAR = (torch.nn.Linear,)
 
@@ -32,11 +44,7 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
     """RTN, GPTQ, AWQ or AWQ+GPTQ weight-only quantization of the targeted linear layers."""
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
-    for name in names:
-        layer = get_module(model, name)
-        if cfg.group_size is not None and layer.in_features % cfg.group_size:
-            raise LeanmlError(f"group_size {cfg.group_size} does not divide the {layer.in_features} inputs of "
-                              f"layer {name!r}; choose a divisor or group_size: null (per channel)")
+    _check_groups(model, names, cfg.group_size)
     if cfg.method == "rtn":
         results = {}
         for name in progress(names, f"RTN w{cfg.bits}"):
@@ -50,6 +58,63 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         results = quantize_weights(model, batches, spec_from_config(cfg), names)
     for name, qw in results.items():
         set_module(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+    _mark(handle, cfg)
+    return handle
+
+
+def _check_groups(model: torch.nn.Module, names: list[str], group_size: int | None) -> None:
+    for name in names:
+        layer = get_module(model, name)
+        if group_size is not None and layer.in_features % group_size:
+            raise LeanmlError(f"group_size {group_size} does not divide the {layer.in_features} inputs of "
+                              f"layer {name!r}; choose a divisor or group_size: null (per channel)")
+
+
+@register(MixedPrecision)
+def apply_mixed_precision(handle: ModelHandle, cfg: MixedPrecision, data=None) -> ModelHandle:
+    """Per-layer sensitivity → bit allocation under ``avg_bits`` → weight-only quantization per width."""
+    model = handle.module
+    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    _check_groups(model, names, cfg.group_size)
+    batches = calibration_batches(handle, data, cfg.sensitivity_windows, window=256)
+    table = layer_sensitivity(handle, names, batches, cfg.candidates, cfg.group_size)
+    sizes = {n: get_module(model, n).weight.numel() for n in names}
+    choice = allocate_bits(table, sizes, cfg.avg_bits)
+    for bits in sorted({b for b in choice.values() if b < FLOAT_BITS}):
+        members = [n for n in names if choice[n] == bits]
+        step = WeightOnly(bits=bits, group_size=cfg.group_size, method=cfg.method, targets=members, ignore=[],
+                          calib_windows=cfg.calib_windows)
+        apply_weight_only(handle, step, data)
+        handle.meta["applied"].pop()  # recorded once below, as the mixed-precision step
+    achieved = sum(storage_bits(choice[n]) * sizes[n] for n in names) / sum(sizes.values())
+    handle.meta.setdefault("reports", {})["mixed_precision.json"] = {
+        "avg_bits": achieved, "budget_avg_bits": cfg.avg_bits, "bits": choice, "sensitivity_mean_kl": table}
+    _mark(handle, cfg)
+    return handle
+
+
+@register(QAT)
+def apply_qat(handle: ModelHandle, cfg: QAT, data=None) -> ModelHandle:
+    """Fine-tune with fake-quantized weights (STE), then store the trained weights as integers."""
+    model = handle.module
+    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    _check_groups(model, names, cfg.group_size)
+    if cfg.init == "gptq":
+        apply_weight_only(handle, WeightOnly(bits=cfg.bits, group_size=cfg.group_size, targets=names, ignore=[]), data)
+        handle.meta["applied"].pop()
+        for n in names:  # continue training from the GPTQ-compensated float weights
+            q = get_module(model, n)
+            lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            lin.weight.data = q.dequantize()
+            if q.bias is not None:
+                lin.bias.data = q.bias.detach().clone()
+            set_module(model, n, lin)
+    batches = calibration_batches(handle, data, cfg.steps, cfg.window)
+    losses = qat_train(handle, names, batches, cfg.bits, cfg.group_size, cfg.symmetric, cfg.steps, cfg.lr, cfg.distill)
+    for n in names:
+        fq = get_module(model, n)
+        set_module(model, n, QuantLinear.from_quantized(fq, fq.quantized()))
+    handle.meta.setdefault("reports", {})["qat.json"] = {"losses": losses}
     _mark(handle, cfg)
     return handle
 
