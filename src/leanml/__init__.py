@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import quantize  # noqa: E402  (callable: leanml.quantize(handle, config, data))
 from .data import load_data  # noqa: E402
 from .errors import LeanmlError  # noqa: E402
 from .measure import Measurement, profile  # noqa: E402
@@ -9,4 +10,11 @@ from .models import ModelHandle, load_model  # noqa: E402
 
 load = load_model
 
-__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "load", "load_data", "load_model", "profile"]
+
+def compress(model, recipe, data=None, **kwargs):
+    """Apply a recipe, measure before and after, and optionally save to ``out`` (see :mod:`leanml.compress`)."""
+    from .compress import compress as _compress
+
+    return _compress(model, recipe, data=data, **kwargs)
+
+__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "load", "load_data", "load_model", "profile", "quantize"]
