@@ -21,7 +21,7 @@ import torch
 
 import leanml
 from _common import md_table, write_results
-from leanml.compress import apply_recipe
+from leanml.pipeline import apply_recipe
 from leanml.config import Int8Dynamic, Int8Static, WeightOnly
 from leanml.measure import evaluate
 from leanml.models import ModelHandle

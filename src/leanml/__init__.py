@@ -12,9 +12,11 @@ load = load_model
 
 
 def compress(model, recipe, data=None, **kwargs):
-    """Apply a recipe, measure before and after, and optionally save to ``out`` (see :mod:`leanml.compress`)."""
-    from .compress import compress as _compress
+    """Apply a recipe, measure before and after, and optionally save to ``out`` (see :mod:`leanml.pipeline`)."""
+    from .pipeline import compress as _compress
 
     return _compress(model, recipe, data=data, **kwargs)
 
-__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "load", "load_data", "load_model", "profile", "quantize"]
+
+__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "load", "load_data", "load_model",
+           "profile", "quantize"]

@@ -132,7 +132,7 @@ def compress(
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
 ) -> None:
     """Apply a recipe, measure before and after, and write the compressed model to --out."""
-    from .compress import compress as run_compress
+    from .pipeline import compress as run_compress
 
     result = run_compress(model, recipe, data=data, calib=calib, out=out, force=force, hardware=hardware,
                           threads=threads, repeats=repeats)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import leanml
-from leanml.compress import apply_recipe, compress
+from leanml.pipeline import apply_recipe, compress
 from leanml.config import Codebook, FloatCast, Int8Dynamic, Int8Static, SmoothQuant, WeightOnly
 from leanml.data import TensorData
 from leanml.errors import LeanmlError
