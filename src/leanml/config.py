@@ -33,7 +33,9 @@ class WeightOnly(TechniqueConfig):
     ``method``: ``rtn`` (round to nearest), ``gptq`` (Hessian-based error compensation), ``awq``
     (activation-aware scales + RTN) or ``awq+gptq``. ``group_size`` None means one range per output
     channel. ``outlier_factor`` down-weights tokens whose input norm exceeds that many times the median
-    in the Hessian (attention sinks); ``mse_clip`` searches each group's clipping range.
+    in the Hessian (attention sinks); ``mse_clip`` searches each group's clipping range;
+    ``refine_scales`` refits group scales by least squares for the chosen codes; ``rotate`` applies an
+    orthogonal rotation of the residual stream folded into the weights first (llama-like decoders).
     """
 
     kind: Literal["weight-only"] = "weight-only"
@@ -45,6 +47,10 @@ class WeightOnly(TechniqueConfig):
     damp: float = Field(0.01, gt=0, lt=1)
     mse_clip: bool = True
     outlier_factor: float | None = Field(None, gt=1)
+    static_groups: bool = False
+    refine_scales: bool = False
+    rotate: bool = False
+    awq_grid: int = Field(20, ge=1)
     calib_windows: int = Field(64, ge=1)
     window: int = Field(512, ge=8)
 

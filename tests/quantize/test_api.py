@@ -133,3 +133,18 @@ def test_llm_artifact_reloads_with_tied_embeddings(tmp_path, tiny_llama, tiny_te
     ids = {"input_ids": torch.randint(0, 128, (1, 20))}
     assert torch.equal(output_tensor(again.call(ids)), output_tensor(tiny_llama.call(ids)))
     assert again.module.lm_head.weight is again.module.model.embed_tokens.weight
+
+
+def test_gptq_through_the_api_saves_and_reloads(tmp_path, tiny_llama, tiny_text):
+    from leanml.artifact import save_artifact
+    from tests.conftest import CharTokenizer
+
+    cfg = WeightOnly(bits=4, group_size=16, method="awq+gptq", act_order=True, outlier_factor=8.0, window=64, calib_windows=4)
+    quantize(tiny_llama, cfg, tiny_text)
+    layer = tiny_llama.module.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLinear) and layer.g_idx is not None  # act-order layout kept
+    save_artifact(tiny_llama, tmp_path / "q")
+    again = leanml.load(tmp_path / "q")
+    again.tokenizer = CharTokenizer()
+    ids = {"input_ids": torch.randint(0, 128, (1, 20))}
+    assert torch.equal(output_tensor(again.call(ids)), output_tensor(tiny_llama.call(ids)))

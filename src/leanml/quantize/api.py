@@ -52,10 +52,14 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
             results[name] = rtn_quantize_weight(layer.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric,
                                                 mse_clip=cfg.mse_clip)
     else:
-        from .weight_only import quantize_weights, spec_from_config
+        from .weight_only import WeightQuantSpec, quantize_weights
 
+        spec = WeightQuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, method=cfg.method,
+                               act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
+                               mse_clip=cfg.mse_clip, outlier_factor=cfg.outlier_factor, awq_grid=cfg.awq_grid,
+                               refine_scales=cfg.refine_scales, rotate=cfg.rotate)
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
-        results = quantize_weights(model, batches, spec_from_config(cfg), names)
+        results = quantize_weights(model, batches, spec, names)
     for name, qw in results.items():
         set_module(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
     _mark(handle, cfg)
