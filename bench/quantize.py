@@ -15,16 +15,17 @@ import _common  # noqa: F401  (first: fixes the import path and the environment)
 
 import argparse
 import copy
+import json
 import time
 
 import torch
 
 import leanml
-from _common import md_table, write_results
-from leanml.pipeline import apply_recipe
+from _common import RESULTS, md_table, write_results
 from leanml.config import Int8Dynamic, Int8Static, WeightOnly
 from leanml.measure import evaluate
 from leanml.models import ModelHandle
+from leanml.pipeline import apply_recipe
 from leanml.recipe import load_recipe
 
 
@@ -57,14 +58,15 @@ def timed(fn):
 
 def smollm2_rows(args, lee) -> list[dict]:
     rows = []
-    base = leanml.load("smollm2-135m")
-    fp32 = evaluate(base, lee)["value"]
-    rows.append({"model": "smollm2-135m", "method": "fp32", "tool": "-", "quality": fp32, "seconds": 0.0})
-    plans = [("w8 (RTN per-channel)", "w8", "int8-weight-only"),
-             ("w4 g64 RTN", [WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False)], None),
-             ("w3 g64 RTN", [WeightOnly(bits=3, group_size=64, method="rtn", mse_clip=False)], None),
-             ("w8a8 SmoothQuant (dynamic)", "w8a8", "int8-dynamic"),
-             ("int8 dynamic (no smoothing)", [Int8Dynamic()], None)]
+    if not args.gptq_only:
+        fp32 = evaluate(leanml.load("smollm2-135m"), lee)["value"]
+        rows.append({"model": "smollm2-135m", "method": "fp32", "tool": "-", "quality": fp32, "seconds": 0.0})
+    plans = [] if args.gptq_only else [
+        ("w8 (RTN per-channel)", "w8", "int8-weight-only"),
+        ("w4 g64 RTN", [WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False)], None),
+        ("w3 g64 RTN", [WeightOnly(bits=3, group_size=64, method="rtn", mse_clip=False)], None),
+        ("w8a8 SmoothQuant (dynamic)", "w8a8", "int8-dynamic"),
+        ("int8 dynamic (no smoothing)", [Int8Dynamic()], None)]
     if not args.skip_gptq:
         plans += [("w4 g64 leanml best (recipe w4-g64)", "w4-g64", "int4-g64"),
                   ("w3 g64 leanml best (recipe w3-g64)", "w3-g64", None)]
@@ -140,11 +142,17 @@ def cnn_rows(digits) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--gptq-only", action="store_true", help="re-run only the GPTQ rows, keep the others")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = cnn_rows(leanml.load_data("digits")) + minilm_rows(leanml.load_data("lee-sim"))
-    rows += smollm2_rows(args, leanml.load_data("lee"))
+    if args.gptq_only:
+        old = json.loads((RESULTS / "quantize.json").read_text())["rows"]
+        rows = [r for r in old if "leanml best" not in r["method"] and r.get("peer_of", "").find("leanml best") < 0]
+        rows += smollm2_rows(args, leanml.load_data("lee"))
+    else:
+        rows = cnn_rows(leanml.load_data("digits")) + minilm_rows(leanml.load_data("lee-sim"))
+        rows += smollm2_rows(args, leanml.load_data("lee"))
     metric = {"smollm2-135m": "perplexity ↓", "minilm-l6": "Spearman ↑", "digits-cnn": "accuracy ↑"}
     table = [[r["model"], r["method"], f"{metric[r['model']]} {r['quality']:.4f}",
               f"{r['vs_peer']:.3f}" if "vs_peer" in r else "", f"{r['seconds']:.0f}"] for r in rows]
