@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import leanml
-from leanml.pipeline import apply_recipe, compress
 from leanml.config import Codebook, FloatCast, Int8Dynamic, Int8Static, SmoothQuant, WeightOnly
 from leanml.data import TensorData
 from leanml.errors import LeanmlError
 from leanml.models import ModelHandle, output_tensor
+from leanml.pipeline import apply_recipe, compress
 from leanml.quantize.api import quantize
 from leanml.quantize.modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantLinear
 from leanml.quantize.packing import pack_bits, unpack_bits
