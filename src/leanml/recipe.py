@@ -53,8 +53,10 @@ class Recipe(BaseModel):
 
 BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
     "w8": [WeightOnly(bits=8, group_size=None, method="rtn", mse_clip=False)],
-    "w4-g64": [WeightOnly(bits=4, group_size=64, method="gptq", act_order=True, mse_clip=True, outlier_factor=4.0)],
-    "w3-g64": [WeightOnly(bits=3, group_size=64, method="gptq", act_order=True, mse_clip=True, outlier_factor=4.0)],
+    "w4-g64": [WeightOnly(bits=4, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,
+                          refine_scales=True, calib_windows=32)],
+    "w3-g64": [WeightOnly(bits=3, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,
+                          refine_scales=True, calib_windows=32)],
     "w8a8": [SmoothQuant(alpha=0.5, activations="dynamic")],
     "int8-static": [Int8Static(observer="minmax")],
     "int8-dynamic": [Int8Dynamic()],

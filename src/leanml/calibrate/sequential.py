@@ -1,0 +1,320 @@
+"""Memory-bounded layer-by-layer calibration (the "sequential" scheme of GPTQ/AWQ).
+
+For a model built as a stack of blocks (the largest ``nn.ModuleList`` of same-type children that holds
+target linears, e.g. ``model.layers`` of a llama or ``encoder.layer`` of a BERT):
+
+1. the inputs of the first block (positional and keyword arguments: hidden states, attention mask,
+   position embeddings, ...) are captured for every calibration window by a forward pre-hook that stops
+   the forward right there;
+2. for each block in turn, a callback receives a :class:`BlockContext`; it can gather the statistics of
+   any of the block's target linears with :meth:`BlockContext.collect` (one
+   :class:`~leanml.calibrate.hessian.HessianAccumulator` per group of linears that read the same input
+   tensor, e.g. q/k/v or gate/up), and change the block (quantize its linears);
+3. the (now modified) block is run on the cached inputs and its outputs replace them, so the next block
+   is calibrated on what the QUANTIZED blocks before it produce (errors are fed forward).
+
+Only one block's inputs are held in memory (plus one forward's activations). Targets outside the stack
+(or every target, for a model without a stack) are handled afterwards in one extra "block" that is the
+whole model run on the raw windows.
+
+Windows: a 1-D integer tensor is called as ``model(input_ids=w[None])``, another tensor as ``model(w)``,
+a dict as ``model(**w)`` and a tuple/list as ``model(*w)``. ``use_cache=False`` is passed when the model
+accepts it, and any ``past_key_values`` a block receives is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanml.calibrate.hessian import HessianAccumulator
+from leanml.errors import LeanmlError
+from leanml.progress import progress
+
+Call = tuple[tuple, dict]  # (args, kwargs) of one forward call
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early."""
+
+
+def find_block_stack(model: nn.Module, targets: Sequence[str] = ()) -> tuple[str, nn.ModuleList] | None:
+    """The ``(name, ModuleList)`` of the model's stack of blocks, or None.
+
+    Candidates are ``nn.ModuleList``s whose children all have the same type; with ``targets`` only those
+    holding at least one target count. The one holding the most targets wins, then the longest.
+    """
+    best: tuple[tuple[int, int], str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(child) for child in mod}) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        held = sum(1 for t in targets if t.startswith(prefix))
+        if targets and held == 0:
+            continue
+        key = (held, len(mod))
+        if best is None or key > best[0]:
+            best = (key, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def window_call(model: nn.Module, window: Any) -> Call:
+    """The ``(args, kwargs)`` that feed one calibration window to ``model`` (see the module docstring)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def move(x: Any) -> Any:
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    if isinstance(window, dict):
+        args, kwargs = (), {k: move(v) for k, v in window.items()}
+    elif isinstance(window, (tuple, list)):
+        args, kwargs = tuple(move(v) for v in window), {}
+    elif isinstance(window, torch.Tensor):
+        if window.dim() == 1 and not window.is_floating_point():
+            args, kwargs = (), {"input_ids": move(window)[None]}
+        else:
+            args, kwargs = (move(window),), {}
+    else:
+        raise LeanmlError(f"calibration window of type {type(window).__name__} is not supported; "
+                          "use a token id tensor, a tensor, a dict of tensors or a tuple of tensors")
+    if "use_cache" not in kwargs and _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _clean_kwargs(kwargs: dict) -> dict:
+    out = dict(kwargs)
+    for key in ("past_key_values", "past_key_value"):
+        if key in out:
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    for key in ("hidden_states", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise LeanmlError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
+
+
+def _replace_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise LeanmlError("cannot find the hidden states among the block's inputs (no positional argument, no hidden_states)")
+
+
+def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        raise LeanmlError("a target linear was called without a tensor input")
+    return x
+
+
+@dataclass
+class BlockContext:
+    """One block being calibrated. ``targets`` are the full names of its target linears in call order;
+    ``stages`` groups them by shared input tensor (e.g. ``[[q, k, v], [o], [gate, up], [down]]``)."""
+
+    index: int
+    prefix: str  # full name of the block ("" for the whole model)
+    module: nn.Module
+    targets: list[str]
+    stages: list[list[str]]
+    linears: dict[str, nn.Linear]
+    calls: list[Call] = field(repr=False)
+    outlier_factor: float | None = None
+    hessian_dtype: torch.dtype = torch.float32
+
+    def stage_of(self, name: str) -> list[str]:
+        for stage in self.stages:
+            if name in stage:
+                return stage
+        raise LeanmlError(f"{name!r} is not a target linear of block {self.prefix!r}")
+
+    @torch.no_grad()
+    def collect(self, names: Sequence[str], early_stop: bool = True) -> dict[str, HessianAccumulator]:
+        """Run the block on every cached input and return a HessianAccumulator per name (shared by the
+        names that read the same input). With ``early_stop`` the forward ends as soon as every named
+        linear has been called once (each linear is assumed to be called once per forward)."""
+        accs: dict[str, HessianAccumulator] = {}
+        feeders: dict[str, HessianAccumulator] = {}
+        for stage in self.stages:
+            wanted = [n for n in stage if n in names]
+            if wanted:
+                acc = HessianAccumulator(dtype=self.hessian_dtype, outlier_factor=self.outlier_factor)
+                accs.update({n: acc for n in wanted})
+                feeders[wanted[0]] = acc
+        missing = [n for n in names if n not in accs]
+        if missing:
+            raise LeanmlError(f"{missing[0]!r} is not a target linear of block {self.prefix!r}")
+        fired: set[str] = set()
+        want = set(names)
+
+        def hook(name: str) -> Callable:
+            def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                if name in feeders:
+                    x = _linear_input(args, kwargs)
+                    feeders[name].add(x if x.device.type == "cpu" else x.cpu())
+                fired.add(name)
+                if early_stop and fired >= want:
+                    raise _Stop
+
+            return pre
+
+        handles = [self.linears[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+        try:
+            for args, kwargs in self.calls:
+                fired.clear()
+                with contextlib.suppress(_Stop):
+                    self.module(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return accs
+
+
+@torch.no_grad()
+def _probe_stages(module: nn.Module, call: Call, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """Targets in call order, grouped by identical input tensors (one forward on one cached input)."""
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str) -> Callable:
+        def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if all(n != name for n, _ in order):
+                order.append((name, _linear_input(args, kwargs)))
+
+        return pre
+
+    handles = [lin.register_forward_pre_hook(hook(n), with_kwargs=True) for n, lin in linears.items()]
+    try:
+        module(*call[0], **call[1])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    for name, x in order:
+        for k, seen in enumerate(inputs):
+            if x is seen:
+                stages[k].append(name)
+                break
+        else:
+            stages.append([name])
+            inputs.append(x)
+    never = [n for n in linears if all(n != m for m, _ in order)]
+    return stages + [[n] for n in never]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Sequence[Any]) -> list[Call]:
+    """The ``(args, kwargs)`` the first block receives for each window (the forward stops there)."""
+    calls: list[Call] = []
+
+    def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((tuple(args), _clean_kwargs(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for w in windows:
+            args, kwargs = window_call(model, w)
+            try:
+                model(*args, **kwargs)
+            except _Stop:
+                continue
+            raise LeanmlError("the model's forward never reached its first block; it cannot be calibrated layer by layer")
+    finally:
+        handle.remove()
+    return calls
+
+
+def _resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Linear] = {}
+    for name in targets:
+        mod = modules.get(name)
+        if mod is None:
+            raise LeanmlError(f"target {name!r} is not a module of the model; "
+                              "pass full names such as 'model.layers.0.mlp.up_proj'")
+        if not isinstance(mod, nn.Linear):
+            raise LeanmlError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear; only linear layers can be targets")
+        out[name] = mod
+    if not out:
+        raise LeanmlError("no target linears given; pass at least one nn.Linear name")
+    return out
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    windows: Sequence[Any],
+    targets: Sequence[str],
+    process_block: Callable[[BlockContext], None],
+    *,
+    outlier_factor: float | None = None,
+    hessian_dtype: torch.dtype = torch.float32,
+    label: str = "calibrate",
+) -> None:
+    """Calibrate ``model`` block by block: ``process_block(ctx)`` is called once per block holding
+    targets (in forward order), then once for the targets outside the stack, if any (see the module
+    docstring). ``outlier_factor`` and ``hessian_dtype`` configure the accumulators of ``ctx.collect``."""
+    if len(windows) == 0:
+        raise LeanmlError("no calibration windows given; pass at least one")
+    linears = _resolve_targets(model, targets)
+    was_training = model.training
+    model.eval()
+    try:
+        stack = find_block_stack(model, list(linears))
+        remaining = dict(linears)
+        if stack is not None:
+            stack_name, blocks = stack
+            calls = capture_block_inputs(model, blocks[0], windows)
+            for i in progress(range(len(blocks)), label):
+                block = blocks[i]
+                prefix = f"{stack_name}.{i}" if stack_name else str(i)
+                mine = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
+                if mine:
+                    for n in mine:
+                        remaining.pop(n)
+                    stages = _probe_stages(block, calls[0], mine)
+                    ctx = BlockContext(i, prefix, block, [n for s in stages for n in s], stages, mine, calls,
+                                       outlier_factor, hessian_dtype)
+                    process_block(ctx)
+                if i + 1 < len(blocks):
+                    for k, (args, kwargs) in enumerate(calls):
+                        calls[k] = _replace_hidden(calls[k], _first_tensor(block(*args, **kwargs)))
+            del calls
+        if remaining:
+            calls = [window_call(model, w) for w in windows]
+            stages = _probe_stages(model, calls[0], remaining)
+            ctx = BlockContext(-1, "", model, [n for s in stages for n in s], stages, remaining, calls,
+                               outlier_factor, hessian_dtype)
+            process_block(ctx)
+    finally:
+        model.train(was_training)
