@@ -34,8 +34,7 @@ class WeightOnly(TechniqueConfig):
     (activation-aware scales + RTN) or ``awq+gptq``. ``group_size`` None means one range per output
     channel. ``outlier_factor`` down-weights tokens whose input norm exceeds that many times the median
     in the Hessian (attention sinks); ``mse_clip`` searches each group's clipping range;
-    ``refine_scales`` refits group scales by least squares for the chosen codes; ``rotate`` applies an
-    orthogonal rotation of the residual stream folded into the weights first (llama-like decoders).
+    ``refine_scales`` refits group scales by least squares for the chosen codes.
     """
 
     kind: Literal["weight-only"] = "weight-only"
@@ -49,7 +48,6 @@ class WeightOnly(TechniqueConfig):
     outlier_factor: float | None = Field(None, gt=1)
     static_groups: bool = False
     refine_scales: bool = False
-    rotate: bool = False
     awq_grid: int = Field(20, ge=1)
     calib_windows: int = Field(64, ge=1)
     window: int = Field(512, ge=8)

@@ -57,7 +57,7 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         spec = WeightQuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, method=cfg.method,
                                act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
                                mse_clip=cfg.mse_clip, outlier_factor=cfg.outlier_factor, awq_grid=cfg.awq_grid,
-                               refine_scales=cfg.refine_scales, rotate=cfg.rotate)
+                               refine_scales=cfg.refine_scales)
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
         results = quantize_weights(model, batches, spec, names)
     for name, qw in results.items():
