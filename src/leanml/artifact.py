@@ -127,7 +127,11 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LeanmlError(f"'{folder}' does not match its layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if meta["tied"] and hasattr(model, "tie_weights"):
+    from .quantize.modules import QuantEmbedding, bind_embeddings
+
+    bind_embeddings(model)
+    quant_tied = any(isinstance(m, QuantEmbedding) for m in model.modules())
+    if meta["tied"] and hasattr(model, "tie_weights") and not quant_tied:
         model.tie_weights()
     tokenizer = None
     if meta["task"] != "generic":

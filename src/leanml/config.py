@@ -34,7 +34,9 @@ class WeightOnly(TechniqueConfig):
     (activation-aware scales + RTN) or ``awq+gptq``. ``group_size`` None means one range per output
     channel. ``outlier_factor`` down-weights tokens whose input norm exceeds that many times the median
     in the Hessian (attention sinks); ``mse_clip`` searches each group's clipping range;
-    ``refine_scales`` refits group scales by least squares for the chosen codes.
+    ``refine_scales`` refits group scales by least squares for the chosen codes. ``head_bits`` also
+    quantizes a causal LM's output head (and the input embedding tied to it) by round to nearest,
+    symmetric per output channel, at that width; it is ignored for other tasks.
     """
 
     kind: Literal["weight-only"] = "weight-only"
@@ -51,6 +53,7 @@ class WeightOnly(TechniqueConfig):
     awq_grid: int = Field(20, ge=1)
     calib_windows: int = Field(64, ge=1)
     window: int = Field(512, ge=8)
+    head_bits: int | None = Field(None, ge=2, le=8)
 
 
 class Int8Dynamic(TechniqueConfig):

@@ -26,7 +26,7 @@ from ..targeting import get_module, select_layers, set_module
 from .awq import smoothquant_scales
 from .gptq import rtn_quantize_weight
 from .mixed import FLOAT_BITS, allocate_bits, layer_sensitivity, storage_bits
-from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantLinear
+from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantEmbedding, QuantLinear
 from .observers import KLObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .primitives import kmeans_quantize, log2_dequantize, log2_quantize, nf4_levels
 from .qat import qat_train
@@ -61,9 +61,35 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
         results = quantize_weights(model, batches, spec, names)
     for name, qw in results.items():
-        set_module(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+        replace_linear(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+    if cfg.head_bits is not None and handle.task == "causal-lm":
+        for name in _output_heads(model):
+            layer = get_module(model, name)
+            qw = rtn_quantize_weight(layer.weight.detach(), cfg.head_bits, None, True, mse_clip=False)
+            replace_linear(model, name, QuantLinear.from_quantized(layer, qw))
     _mark(handle, cfg)
     return handle
+
+
+def _output_heads(model: torch.nn.Module) -> list[str]:
+    heads = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] == "lm_head"]
+    if not heads and hasattr(model, "get_output_embeddings"):
+        out = model.get_output_embeddings()
+        heads = [n for n, m in model.named_modules() if m is out and isinstance(m, torch.nn.Linear)]
+    return heads
+
+
+def replace_linear(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Put ``new`` in place of the linear layer ``name``; an input embedding tied to that layer's weight
+    (an LLM's shared embedding / output head) then reads its rows from the quantized head, so the shared
+    table stays stored once."""
+    old_weight = get_module(model, name).weight
+    set_module(model, name, new)
+    if not isinstance(new, QuantLinear):
+        return
+    for emb_name, emb in list(model.named_modules()):
+        if isinstance(emb, torch.nn.Embedding) and emb.weight is old_weight:
+            set_module(model, emb_name, QuantEmbedding(emb.num_embeddings, emb.embedding_dim, name, emb.padding_idx).bind(new))
 
 
 def _check_groups(model: torch.nn.Module, names: list[str], group_size: int | None) -> None:

@@ -6,6 +6,8 @@ come from the runtimes.
 * :class:`Int8ActLinear` / :class:`Int8ActConv2d` - int8 weights (symmetric per output channel) and
   int8 activations, either static (calibrated per-tensor range) or dynamic (per token at run time).
 * :class:`CodebookLinear` - weights as indices into a small table of levels (k-means, NF4, log2).
+* :class:`QuantEmbedding` - an input embedding tied to a quantized output head: it reads its rows from
+  the head's codes, so the table is stored once, quantized.
 """
 
 from __future__ import annotations
@@ -288,4 +290,54 @@ class CastLinear(torch.nn.Module):
         return cls(torch.nn.Linear(s["in"], s["out"], bias=s["bias"]), getattr(torch, s["dtype"]))
 
 
-LAYER_TYPES = {c.__name__: c for c in (QuantLinear, Int8ActLinear, Int8ActConv2d, CodebookLinear, CastLinear)}
+class QuantEmbedding(torch.nn.Module):
+    """An embedding whose table is the (tied) :class:`QuantLinear` output head named ``tied_to``: row ``v``
+    is the head's dequantized row ``v``. It owns no tensors; :meth:`bind` attaches the head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tied_to: str, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.tied_to = num_embeddings, embedding_dim, tied_to
+        self.padding_idx = padding_idx
+        self.__dict__["_head"] = None  # not a submodule: the head is saved once, where it lives
+
+    def bind(self, head: QuantLinear) -> QuantEmbedding:
+        if not isinstance(head, QuantLinear) or (head.out_features, head.in_features) != (self.num_embeddings,
+                                                                                         self.embedding_dim):
+            raise ValueError(f"QuantEmbedding({self.num_embeddings}, {self.embedding_dim}) cannot read its rows from {head!r}")
+        self.__dict__["_head"] = head
+        return self
+
+    @property
+    def head(self) -> QuantLinear:
+        if self._head is None:
+            raise RuntimeError(f"QuantEmbedding tied to {self.tied_to!r} is not bound to its head")
+        return self._head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.head.weight, self.padding_idx)
+
+    def to_spec(self) -> dict:
+        return {"type": "QuantEmbedding", "num": self.num_embeddings, "dim": self.embedding_dim,
+                "tied_to": self.tied_to, "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_spec(cls, s: dict) -> QuantEmbedding:
+        return cls(s["num"], s["dim"], s["tied_to"], s.get("padding_idx"))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of {self.tied_to}"
+
+
+def bind_embeddings(model: torch.nn.Module) -> None:
+    """Attach every :class:`QuantEmbedding` of ``model`` to the head it names."""
+    for module in model.modules():
+        if isinstance(module, QuantEmbedding):
+            module.bind(model.get_submodule(module.tied_to))
+
+
+LAYER_TYPES = {c.__name__: c for c in (QuantLinear, Int8ActLinear, Int8ActConv2d, CodebookLinear, CastLinear,
+                                       QuantEmbedding)}
