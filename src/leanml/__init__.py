@@ -18,5 +18,21 @@ def compress(model, recipe, data=None, **kwargs):
     return _compress(model, recipe, data=data, **kwargs)
 
 
-__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "load", "load_data", "load_model",
-           "profile", "quantize"]
+def export(model, fmt: str, path, **kwargs) -> dict:
+    """Write a model (handle or loadable path) as ``onnx``, ``safetensors`` or ``gguf`` (see :mod:`leanml.export.formats`)."""
+    from .export.formats import export as _export
+
+    handle = model if isinstance(model, ModelHandle) else load_model(model)
+    return _export(handle, fmt, path, **kwargs)
+
+
+def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
+    """The model prepared to run on ``name`` (torch, torch-compile, onnxruntime); see :mod:`leanml.accelerate.runtimes`."""
+    from .accelerate.runtimes import prepare
+
+    handle = model if isinstance(model, ModelHandle) else load_model(model)
+    return prepare(handle, name, **kwargs)
+
+
+__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "export", "load", "load_data",
+           "load_model", "profile", "quantize", "runtime"]

@@ -100,17 +100,20 @@ def profile(
     repeats: Annotated[int | None, typer.Option(help="timed repeats")] = None,
     reference: Annotated[str | None, typer.Option(help="a reference model for label-free fidelity")] = None,
     price_per_hour: Annotated[float | None, typer.Option(help="override the profile's $/hour")] = None,
+    runtime: Annotated[str | None, typer.Option(help="torch, torch-compile or onnxruntime (default: as loaded)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (ONNX Runtime providers follow it)")] = "auto",
     json_path: Annotated[Path | None, typer.Option("--json", help="write the Measurement JSON here")] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing --json file")] = False,
 ) -> None:
-    """Measure a model's cost and quality and print it (optionally as JSON)."""
+    """Measure a model's cost and quality on a runtime and print it (optionally as JSON)."""
     from .measure import profile as run_profile
     from .measure.record import write_atomic
 
     if json_path is not None:
         _refuse_clobber(json_path, force)
     m = run_profile(model, data=data, hardware=hardware, threads=threads, batch=batch, seq_len=seq_len,
-                    new_tokens=new_tokens, repeats=repeats, reference=reference, price_per_hour=price_per_hour)
+                    new_tokens=new_tokens, repeats=repeats, reference=reference, price_per_hour=price_per_hour,
+                    runtime=runtime, device=device)
     console.print(measurement_table(m))
     for note in m.notes:
         console.print(f"note: {note}", style="dim")
@@ -151,6 +154,42 @@ def compress(
     console.print(table)
     console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); "
                   "quantized compute is simulated in float on the torch runtime")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="a leanml artifact folder, built-in name or model path")],
+    format: Annotated[str, typer.Option("--format", help="onnx, safetensors or gguf")],
+    out: Annotated[Path, typer.Option(help="output file (onnx, gguf) or folder (safetensors)")],
+    dtype: Annotated[str, typer.Option(help="ONNX weights: fp32 or fp16 (int8/4-bit layers keep their integers)")] = "fp32",
+    data: Annotated[str | None, typer.Option(help="calibration data for static int8 ONNX graphs")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Write a (compressed) model as ONNX, safetensors (reloadable by leanml) or GGUF."""
+    from .export.formats import export as run_export
+    from .models import load_model
+
+    if format == "safetensors":
+        from .artifact import check_target
+
+        check_target(out, force)
+    else:
+        _refuse_clobber(out, force)
+    handle = load_model(model)
+    report = run_export(handle, format, out, force=force, dtype=dtype, data=load_data_arg(data))
+    console.print(f"wrote {report.get('path', out)} ({_fmt_bytes(report.get('bytes'))})")
+    for entry in report.get("fallback", []):
+        console.print(f"note: {entry.get('tensor')} written as {entry.get('type')}: {entry.get('reason')}", style="dim")
+    if report.get("fusions"):
+        console.print("fusions: " + "; ".join(report["fusions"]), style="dim")
+
+
+def load_data_arg(data: str | None):
+    if data is None:
+        return None
+    from .data import load_data
+
+    return load_data(data)
 
 
 @app.command()

@@ -23,7 +23,7 @@ def _llama(seed: int = 0):
     torch.manual_seed(seed)
     # head_dim 16: GroupQueryAttention needs a multiple of 16
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
 
 
@@ -106,4 +106,4 @@ def test_bad_models_give_one_line_errors(llama, tiny_llama, mlp, tmp_path):
         build_llm_onnx(_handle(llama), tmp_path / "c.onnx", accuracy_level=7)
     ort = ort_llm_handle(_handle(llama), tmp_path / "d.onnx", threads=1)
     with pytest.raises(LeanmlError, match="exceed"):
-        ort.module(input_ids=torch.zeros(1, 300, dtype=torch.long))
+        ort.module(input_ids=torch.zeros(1, 1100, dtype=torch.long))

@@ -86,8 +86,12 @@ def profile(
     reference: str | ModelHandle | None = None,
     price_per_hour: float | None = None,
     measure_quality: bool = True,
+    runtime: str | None = None,
+    device: str = "auto",
 ) -> Measurement:
-    """Measure ``model`` on its runtime: size, FLOPs, speed, memory, energy, dollars and quality."""
+    """Measure ``model`` on ``runtime`` (default: the one it is loaded on): size, FLOPs, speed, memory,
+    energy, dollars and quality. Parameters, FLOPs and the roofline are counted on the torch model a
+    runtime was prepared from; bytes on disk are the runtime's own files."""
     for name, value in (("threads", threads), ("batch", batch), ("seq_len", seq_len),
                         ("new_tokens", new_tokens), ("repeats", repeats)):
         _check_positive(name, value)
@@ -96,6 +100,13 @@ def profile(
     profile_hw = get_profile(hardware, price_per_hour)
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     data = load_data(data) if data is not None else None
+    if runtime is not None:
+        from ..accelerate.runtimes import check_runtime, prepare
+
+        check_runtime(runtime)
+        if runtime != handle.runtime:
+            handle = prepare(handle, runtime, threads=threads, device=device, data=data)
+    twin = handle.meta.get("torch_handle") or handle
     ref = reference if (reference is None or isinstance(reference, ModelHandle)) else load_model(reference)
     if hasattr(handle.module, "set_threads") and threads:
         handle.module.set_threads(threads)
@@ -104,7 +115,7 @@ def profile(
         notes.append(handle.meta["example_inputs"])
     with torch_threads(threads) as n_threads:
         inputs, items = example_inputs(handle, data, batch, seq_len)
-        flops = count_flops(handle, inputs)
+        flops = count_flops(twin, inputs)
         rapl, peak = RaplMeter(), PeakMemory()
         decode = None
         with torch.no_grad():
@@ -136,12 +147,18 @@ def profile(
         quality = evaluate(handle, data) if (data is not None and measure_quality) else None
         fid = fidelity(handle, ref, data) if (ref is not None and data is not None) else None
         bandwidth = roofline = fraction = None
-        if handle.task == "causal-lm" and handle.runtime == "torch":
+        if handle.task == "causal-lm" and twin.runtime == "torch":
             bandwidth = memory_bandwidth_gbs()
-            roofline = bandwidth * 1e9 / bytes_read_per_token(handle.module)
+            roofline = bandwidth * 1e9 / bytes_read_per_token(twin.module)
             fraction = decode["decode_tokens_per_s"] / roofline
-    is_torch = isinstance(handle.module, torch.nn.Module) and handle.runtime == "torch"
-    disk, disk_source = disk_bytes(handle)
+    is_torch = isinstance(twin.module, torch.nn.Module) and twin.runtime == "torch"
+    report = handle.meta.get("runtime_report")
+    if handle.runtime != "torch" and report and report.get("bytes"):
+        disk, disk_source = int(report["bytes"]), f"{handle.runtime} files"
+    else:
+        disk, disk_source = disk_bytes(twin)
+    if report and report.get("fusions"):
+        notes.append("fusions: " + "; ".join(report["fusions"]))
     seq = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
     flops_per_item = None
     if flops is not None:
@@ -151,8 +168,8 @@ def profile(
     return Measurement(
         model=handle.name, task=handle.task, runtime=handle.runtime, hardware=profile_hw.name,
         threads=n_threads, item=item, batch_size=batch_size, seq_len=seq,
-        params=count_params(handle.module) if is_torch else 0,
-        weight_bytes=weight_bytes(handle.module) if is_torch else disk,
+        params=count_params(twin.module) if is_torch else 0,
+        weight_bytes=weight_bytes(twin.module) if is_torch else disk,
         disk_bytes=disk, disk_source=disk_source, flops_per_item=flops_per_item,
         latency_ms=latency, throughput_per_s=throughput,
         peak_memory_bytes=peak.peak_bytes, peak_memory_method=peak.method,

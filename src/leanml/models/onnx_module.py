@@ -17,7 +17,7 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
 class OrtModule(torch.nn.Module):
     """Calls an ``onnxruntime.InferenceSession``; positional or keyword tensors in, tensors out."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -27,7 +27,7 @@ class OrtModule(torch.nn.Module):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ort.get_available_providers())
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise LeanmlError(f"ONNX file '{path}' could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
