@@ -104,7 +104,8 @@ def run(threads: int, quick: bool = False, quality: bool = True) -> dict:
     base = leanml.profile(base_handle, data=lee, **kw)
     rows.append(_row("fp32", "-", "torch", base, base))
     print(rows[-1], flush=True)
-    rows.append(_row("fp32", "leanml graph", "onnxruntime", leanml.profile(base_handle, data=lee, runtime="onnxruntime", **kw), base))
+    fp32_ort = leanml.profile(base_handle, data=lee, runtime="onnxruntime", **kw)
+    rows.append(_row("fp32", "leanml graph", "onnxruntime", fp32_ort, base))
     print(rows[-1], flush=True)
     for recipe in ("w8", "w4-g64"):
         handle = quantized(recipe)
