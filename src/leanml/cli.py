@@ -132,13 +132,17 @@ def compress(
     hardware: Annotated[str | None, typer.Option(help="hardware profile for $ and energy")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
     repeats: Annotated[int | None, typer.Option(help="timed repeats")] = None,
+    runtime: Annotated[str, typer.Option(help="runtime the before/after measurements run on: torch, torch-compile, "
+                                               "onnxruntime")] = "torch",
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
 ) -> None:
-    """Apply a recipe, measure before and after, and write the compressed model to --out."""
+    """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out."""
+    from .accelerate.runtimes import check_runtime
     from .pipeline import compress as run_compress
 
+    check_runtime(runtime)
     result = run_compress(model, recipe, data=data, calib=calib, out=out, force=force, hardware=hardware,
-                          threads=threads, repeats=repeats)
+                          threads=threads, repeats=repeats, runtime=runtime)
     b, a = result.before, result.after
     table = Table(title=f"{b.model}: recipe {result.recipe.name}")
     for col in ("measure", "before", "after", "after / before"):
@@ -152,8 +156,9 @@ def compress(
     for name, x, y, fmt in rows:
         table.add_row(name, fmt(x), fmt(y), f"{y / x:.3f}" if x else "-")
     console.print(table)
-    console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); "
-                  "quantized compute is simulated in float on the torch runtime")
+    where = ("quantized compute is simulated in float on the torch runtime" if runtime == "torch"
+             else f"measured on {runtime}")
+    console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); {where}")
 
 
 @app.command()

@@ -52,7 +52,7 @@ class Recipe(BaseModel):
 
 
 BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
-    "w8": [WeightOnly(bits=8, group_size=None, method="rtn", mse_clip=False, head_bits=8)],
+    "w8": [WeightOnly(bits=8, group_size=None, symmetric=True, method="rtn", mse_clip=False, head_bits=8)],
     "w4-g64": [WeightOnly(bits=4, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,
                           refine_scales=True, calib_windows=32, head_bits=8)],
     "w3-g64": [WeightOnly(bits=3, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,

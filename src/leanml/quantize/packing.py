@@ -23,6 +23,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``numel`` values as int64."""
     if bits == 8:
         return packed[:numel].to(torch.int64)
+    if 8 % bits == 0:  # whole values per byte: shift each byte once per slot (fast path, same layout)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        values = (packed[:, None] >> shifts) & ((1 << bits) - 1)
+        return values.reshape(-1)[:numel].to(torch.int64)
     bitstream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
     bitstream = bitstream[: numel * bits].reshape(numel, bits)
     return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1)

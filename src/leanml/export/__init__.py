@@ -1,0 +1,1 @@
+"""Exporting compressed models to other runtimes' file formats."""
