@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-from . import quantize  # noqa: E402  (callable: leanml.quantize(handle, config, data))
+from . import (
+    prune,  # noqa: E402  (callable: leanml.prune(handle, config, data))
+    quantize,  # noqa: E402  (callable: leanml.quantize(handle, config, data))
+)
 from .data import load_data  # noqa: E402
 from .errors import LeanmlError  # noqa: E402
 from .measure import Measurement, profile  # noqa: E402
@@ -35,4 +38,4 @@ def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
 
 
 __all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "export", "load", "load_data",
-           "load_model", "profile", "quantize", "runtime"]
+           "load_model", "profile", "prune", "quantize", "runtime"]

@@ -21,9 +21,16 @@ FORMAT_VERSION = 1
 META_FILE = "leanml.json"
 
 
-def _layer_specs(model: torch.nn.Module) -> dict[str, dict]:
-    from .quantize.modules import LAYER_TYPES
+def _layer_types() -> dict[str, type]:
+    """Every custom layer class an artifact may hold (quantized and sparse), by class name."""
+    from .prune.modules import LAYER_TYPES as SPARSE
+    from .quantize.modules import LAYER_TYPES as QUANT
 
+    return {**QUANT, **SPARSE}
+
+
+def _layer_specs(model: torch.nn.Module) -> dict[str, dict]:
+    LAYER_TYPES = _layer_types()
     return {n: m.to_spec() for n, m in model.named_modules() if type(m).__name__ in LAYER_TYPES and n}
 
 
@@ -101,7 +108,7 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
 
 def load_artifact(folder: str | os.PathLike) -> ModelHandle:
     """Rebuild a model saved by :func:`save_artifact`."""
-    from .quantize.modules import LAYER_TYPES
+    LAYER_TYPES = _layer_types()
 
     folder = Path(folder)
     try:

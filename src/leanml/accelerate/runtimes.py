@@ -163,7 +163,7 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
         return _twin(handle, module, "onnxruntime", report)
     from ..models.onnx_module import OrtModule
     from .onnx_export import export_onnx
-    from .ort_optimize import optimize_onnx
+    from .ort_optimize import CPU_INT8_SKIP, optimize_onnx
 
     mode = _int8_mode(handle.module)
     floaty = copy.copy(handle)
@@ -176,7 +176,9 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
         # static QDQ wants the graph before ORT's fusions; ORT fuses Q/DQ into integer kernels itself
         fused = plain
     else:
-        report["fusions"] += optimize_onnx(plain, fused)
+        # SkipLayerNorm/BiasGelu fusions are slower than the plain ops next to int8 MatMuls on CPU
+        skip = CPU_INT8_SKIP if mode == "dynamic" and "CUDAExecutionProvider" not in providers else ()
+        report["fusions"] += optimize_onnx(plain, fused, skip=skip)
     final = fused
     if mode == "dynamic":
         from .onnx_dynamic import quantize_dynamic_onnx

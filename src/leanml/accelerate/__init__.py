@@ -1,0 +1,1 @@
+"""Acceleration: operator fusion in torch and runtime back ends (ONNX Runtime static int8)."""

@@ -1,0 +1,161 @@
+"""Pruning configs (subclasses of :class:`leanml.config.TechniqueConfig`), registered into
+:data:`leanml.config.CONFIG_TYPES` at import so that recipes can name them (``kind: prune`` and
+``kind: gradual-prune``).
+
+Unlike the quantization configs, constructing one with a bad value raises a one-line
+:class:`~leanml.errors.LeanmlError` directly (it is a ``ValueError``, like pydantic's ``ValidationError``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from leanml.config import CONFIG_TYPES, TechniqueConfig
+from leanml.errors import LeanmlError
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def register_config(cls: type[TechniqueConfig]) -> type[TechniqueConfig]:
+    """Make ``cls`` known to :func:`leanml.config.config_from_dict` under its ``kind`` (idempotent)."""
+    kind = cls.model_fields["kind"].default
+    existing = CONFIG_TYPES.get(kind)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise LeanmlError(f"technique kind {kind!r} is already registered by {existing.__qualname__}")
+    CONFIG_TYPES[kind] = cls
+    return cls
+
+
+def _one_line(kind: str, exc: ValidationError) -> LeanmlError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or kind
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:
+        return LeanmlError(f"{kind}: {msg}")
+    return LeanmlError(f"{kind}: field {field!r} = {err.get('input')!r} is not accepted: {msg}")
+
+
+class _LeanmlConfig(TechniqueConfig):
+    """A config whose validation errors are one-line :class:`LeanmlError`s."""
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            kind = type(self).model_fields["kind"].default
+            raise _one_line(kind, exc) from None
+
+
+class Prune(_LeanmlConfig):
+    """One-shot pruning of the targeted linear layers (weights set to zero, stored sparse).
+
+    ``method``: ``magnitude`` (|w|), ``wanda`` (|w| · ||x_j||, Sun et al. 2023), ``sparsegpt`` (OBS
+    reconstruction, Frantar & Alistarh 2023), ``taylor`` (|w · dL/dw|) or ``gradient`` (mean |dL/dw|).
+    ``pattern``: ``unstructured`` with ``sparsity`` (default 0.5), or ``n:m`` with ``n``/``m`` (keep n of
+    every m consecutive input weights; ``"2:4"`` is shorthand for ``pattern: n:m, n: 2, m: 4``; the
+    sparsity is then 1 - n/m). ``scope`` (unstructured only) is the comparison group: ``layer`` (each
+    layer gets exactly the sparsity), ``row`` (each output row does; Wanda's default), ``global`` (one
+    threshold over every targeted layer; magnitude/taylor/gradient/wanda); None = ``row`` for Wanda,
+    ``layer`` otherwise. ``calib_windows`` windows of ``window`` tokens calibrate wanda/sparsegpt (layer by
+    layer) and give the gradients of taylor/gradient. ``damp`` and ``block_size`` are SparseGPT's.
+    """
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["magnitude", "wanda", "sparsegpt", "taylor", "gradient"] = "wanda"
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    pattern: str = "unstructured"
+    n: int | None = Field(None, ge=1)
+    m: int | None = Field(None, ge=2)
+    scope: Literal["layer", "row", "global"] | None = None
+    calib_windows: int = Field(64, ge=1)
+    window: int = Field(512, ge=8)
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("pattern"), str):
+            hit = _NM.match(data["pattern"])
+            if hit:
+                n, m = int(hit.group(1)), int(hit.group(2))
+                for key, v in (("n", n), ("m", m)):
+                    if data.get(key) is not None and data[key] != v:
+                        raise ValueError(f"pattern {data['pattern']!r} contradicts {key}={data[key]!r}")
+                data = {**data, "pattern": "n:m", "n": n, "m": m}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.pattern not in ("unstructured", "n:m"):
+            raise ValueError(f"pattern {self.pattern!r} is not accepted; use 'unstructured', 'n:m' (with n and m) "
+                             "or e.g. '2:4'")
+        if self.pattern == "n:m":
+            if self.n is None or self.m is None:
+                raise ValueError("pattern 'n:m' needs integers n and m (e.g. n: 2, m: 4)")
+            if self.n >= self.m:
+                raise ValueError(f"N:M pattern {self.n}:{self.m} needs n < m (keep n of every m, e.g. 2:4)")
+            if self.sparsity is not None and abs(self.sparsity - (1 - self.n / self.m)) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.n}:{self.m} "
+                                 f"(which removes {1 - self.n / self.m:g}); leave sparsity out")
+            if self.scope not in (None, "layer"):
+                raise ValueError(f"scope {self.scope!r} does not apply to an N:M pattern (its groups are fixed)")
+        elif self.n is not None or self.m is not None:
+            raise ValueError("n and m only apply to pattern 'n:m'")
+        if self.method == "sparsegpt" and self.scope not in (None, "layer"):
+            raise ValueError(f"sparsegpt chooses its masks per layer; scope {self.scope!r} is not supported")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of weights removed in each targeted layer (overall, for a global scope)."""
+        if self.pattern == "n:m":
+            return 1 - self.n / self.m
+        return 0.5 if self.sparsity is None else self.sparsity
+
+    @property
+    def comparison(self) -> str:
+        """The comparison group used: ``nm``, ``layer``, ``row`` or ``global``."""
+        if self.pattern == "n:m":
+            return "nm"
+        if self.scope is None:
+            return "row" if self.method == "wanda" else "layer"
+        return self.scope
+
+
+class GradualPrune(_LeanmlConfig):
+    """Gradual pruning with fine-tuning (Zhu & Gupta 2017): over ``steps`` pruning steps the sparsity
+    follows the cubic schedule from ``initial_sparsity`` to ``final_sparsity``; after each step the
+    targeted weights are fine-tuned for ``finetune_steps_per_step`` optimizer steps (AdamW, ``lr``) with
+    the masks fixed (pruned weights get no gradient and are re-zeroed after every step). The loss is the
+    KL divergence to the original model's outputs (``distill``) or the task loss (next-token for a causal
+    LM). ``method`` scores weights by magnitude, or by Taylor / gradient importance accumulated over the
+    fine-tuning batches since the previous step. ``calib_windows`` windows of ``window`` tokens from the
+    calibration split are cycled through.
+    """
+
+    kind: Literal["gradual-prune"] = "gradual-prune"
+    method: Literal["magnitude", "taylor", "gradient"] = "magnitude"
+    final_sparsity: float = Field(0.5, ge=0, lt=1)
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    steps: int = Field(4, ge=1)
+    finetune_steps_per_step: int = Field(8, ge=0)
+    lr: float = Field(1e-5, gt=0)
+    scope: Literal["layer", "global"] = "layer"
+    distill: bool = True
+    calib_windows: int = Field(16, ge=1)
+    window: int = Field(512, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity {self.initial_sparsity} is above final_sparsity {self.final_sparsity}")
+        return self
+
+
+for _cls in (Prune, GradualPrune):
+    register_config(_cls)
