@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from leanml.data import TensorData
 from leanml.errors import LeanmlError
 from leanml.measure import profile
-from leanml.measure.system import PeakMemory, RaplMeter, memory_bandwidth_gbs
+from leanml.measure.system import RaplMeter, memory_bandwidth_gbs
 from leanml.models import ModelHandle
 
 REQUIRED = ["model", "runtime", "hardware", "params", "weight_bytes", "flops_per_item", "latency_ms.p50",
@@ -60,13 +62,23 @@ def test_bad_arguments(mlp, kwargs, message):
         profile(ModelHandle(module=mlp, task="generic", name="mlp"), **kwargs)
 
 
+_PEAK_SCRIPT = """
+import torch
+from leanml.measure.system import PeakMemory
+with PeakMemory() as small:
+    torch.ones(1)
+with PeakMemory() as big:
+    t = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
+    t += 1
+print(big.peak_bytes - small.peak_bytes)
+"""
+
+
 def test_peak_memory_sees_an_allocation():
-    with PeakMemory() as small:
-        torch.ones(1)
-    with PeakMemory() as big:
-        t = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
-        t += 1
-    assert big.peak_bytes - small.peak_bytes > 48 * 1024 * 1024
+    # in a fresh process: inside a long test session, freed-but-resident heap memory from earlier tests
+    # can absorb the allocation without raising the resident set, which is what the meter reads
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) > 48 * 1024 * 1024
 
 
 def test_rapl_is_none_or_positive():
