@@ -32,9 +32,13 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 bench: install
-	$(BIN)/python -m pip install -q --disable-pip-version-check torchao==0.18.0  # peers in bench/quantize.py only
+	$(BIN)/python -m pip install -q --disable-pip-version-check torchao==0.18.0  # peers in bench/ only
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps torch-pruning==1.6.1
+	$(BIN)/python -m pip install -q --disable-pip-version-check onnx-ir==1.1.0  # ORT's 4-bit quantizer (peer)
 	$(BIN)/python bench/profile.py
 	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/runtimes.py
+	$(BIN)/python bench/prune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -103,11 +103,31 @@ def test_compress_then_profile_the_folder(tmp_path, capsys, mlp):
     assert code == 2 and "--force" in err
 
 
+def test_compress_with_a_prune_recipe_reports_sparsity(tmp_path, capsys, mlp):
+    torch.save(mlp, tmp_path / "m.pt")
+    torch.save({"x": torch.randn(64, 20), "y": torch.randint(0, 5, (64,))}, tmp_path / "d.pt")
+    (tmp_path / "r.yaml").write_text("steps:\n  - kind: prune\n    method: magnitude\n    sparsity: 0.5\n"
+                                     "  - kind: finetune\n    loss: task\n    steps: 5\n    batch_size: 16\n")
+    out = tmp_path / "c"
+    code, text, _ = run(["compress", str(tmp_path / "m.pt"), "--recipe", str(tmp_path / "r.yaml"), "--data",
+                         str(tmp_path / "d.pt"), "--out", str(out), "--threads", "1", "--repeats", "2"], capsys)
+    assert code == 0
+    after = json.loads((out / "after.json").read_text())
+    assert after["sparse"]["layers"] == 2 and abs(after["sparse"]["sparsity"] - 0.5) < 0.01
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 5
+    code, text, _ = run(["profile", str(out), "--data", str(tmp_path / "d.pt"), "--threads", "1", "--repeats", "2"],
+                        capsys)
+    assert code == 0 and "sparse layers" in text
+
+
 @pytest.mark.parametrize("recipe_text, message", [
     ("steps:\n  - kind: weight-only\n    bits: 9\n", "field 'bits' = 9"),
     ("steps:\n  - kind: prune-everything\n", "unknown technique 'prune-everything'"),
     ("steps:\n  - kind: weight-only\n    method: rtn\n    group_size: 7\n", "group_size 7 does not divide"),
     ("steps:\n  - kind: weight-only\n    method: rtn\n    targets: ['re:nothing']\n", "matches no Linear"),
+    ("steps:\n  - kind: prune\n    sparsity: 1.5\n", "field 'sparsity' = 1.5"),
+    ("steps:\n  - kind: prune\n    pattern: '4:2'\n", "needs n < m"),
+    ("steps:\n  - kind: prune\n    method: magnitude\n    targets: ['re:nothing']\n", "matches no Linear"),
 ])
 def test_bad_recipes_write_nothing(tmp_path, capsys, mlp, recipe_text, message):
     torch.save(mlp, tmp_path / "m.pt")

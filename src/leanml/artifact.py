@@ -131,6 +131,8 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
         set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
     for alias, kept in meta["tied"].items():
         state.setdefault(alias, state[kept])
+    if meta["base"] == "hf":
+        _follow_saved_linear_shapes(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LeanmlError(f"'{folder}' does not match its layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -155,6 +157,16 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
 
     handle.example_inputs = default_example_inputs(handle)
     return handle
+
+
+def _follow_saved_linear_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give plain linear layers the shapes of their saved weights: structured pruning can shrink a layer
+    in a way the saved config cannot describe (BERT heads: its config derives the head size from the
+    head count)."""
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if type(module) is torch.nn.Linear and weight is not None and tuple(weight.shape) != tuple(module.weight.shape):
+            set_module(model, name, torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None))
 
 
 def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:

@@ -55,6 +55,8 @@ def measurement_table(m, title: str | None = None) -> Table:
         ("parameters", f"{m.params / 1e6:.2f} M" if m.params else "-"),
         ("weights in memory", _fmt_bytes(m.weight_bytes)),
         ("on disk", _fmt_bytes(m.disk_bytes)),
+        *([("sparse layers (dense → stored)", f"{m.sparse['sparsity']:.1%} zero; {_fmt_bytes(m.sparse['dense_bytes'])}"
+            f" → {_fmt_bytes(m.sparse['stored_bytes'])}")] if getattr(m, "sparse", None) else []),
         (f"FLOPs per {m.item}", _fmt(m.flops_per_item and m.flops_per_item / 1e9, ".3f") + " G"),
         (f"latency p50 / p95 ({'per decoded token' if m.item == 'token' else f'batch of {m.batch_size}'})",
          f"{m.latency_ms['p50']:.2f} / {m.latency_ms['p95']:.2f} ms"),

@@ -9,6 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .artifact import check_target, replace_folder, temp_folder_for, write_artifact_files
 from .data import load_data
 from .measure import Measurement, profile
@@ -30,8 +32,18 @@ def apply_recipe(handle: ModelHandle, recipe, data=None) -> ModelHandle:
     """Apply each step of ``recipe`` to ``handle`` in order (calibrating on ``data`` where needed)."""
     recipe = load_recipe(recipe)
     data = load_data(data) if data is not None else None
-    for step in recipe.steps:
-        handler_for(step)(handle, step, data)
+    teacher_key = None
+    if any(getattr(step, "needs_teacher", False) for step in recipe.steps) and isinstance(handle.module, torch.nn.Module):
+        from .prune.finetune import TEACHER_KEY, snapshot_teacher
+
+        teacher_key = TEACHER_KEY  # distillation steps learn from the model as it was before the recipe
+        handle.meta[teacher_key] = snapshot_teacher(handle.module)
+    try:
+        for step in recipe.steps:
+            handler_for(step)(handle, step, data)
+    finally:
+        if teacher_key:
+            handle.meta.pop(teacher_key, None)
     return handle
 
 

@@ -30,4 +30,5 @@ def handler_for(config: TechniqueConfig) -> Handler:
 def _load_handlers() -> None:
     # The modules below call `register` for their configs; importing them here keeps the table explicit.
     from .prune import api as _prune  # noqa: F401
+    from .prune.finetune import apply_finetune  # noqa: F401
     from .quantize import api  # noqa: F401

@@ -128,6 +128,14 @@ def fuse_nbits(parts: list[NBits]) -> NBits | None:
                  n=sum(p.n for p in parts), k=first.k, order=first.order)
 
 
+def permute_rows(q: NBits, rows: np.ndarray) -> NBits:
+    """The same weight with its output features (rows) reordered: ``y[..., j] = old_y[..., rows[j]]``."""
+    n_blocks = q.k // q.block
+    return NBits(packed=q.packed[rows], scales=q.scales.reshape(q.n, n_blocks)[rows].reshape(-1),
+                 zeros=q.zeros.reshape(q.n, -1)[rows].reshape(-1), bits=q.bits, block=q.block, n=q.n, k=q.k,
+                 order=q.order)
+
+
 # ----------------------------------------------------------------------------------------------------
 # graph builder
 # ----------------------------------------------------------------------------------------------------
@@ -173,9 +181,13 @@ def _float_linear(g: _Graph, x: str, weights: list[torch.Tensor], biases: list[t
 
 
 def _nbits_linear(g: _Graph, x: str, q: NBits, biases: list[torch.Tensor | None], sizes: list[int], name: str,
-                  opts: _Options) -> str:
-    if q.order is not None:
-        x = g.node("Gather", [x, g.init(f"{name}.order", q.order.astype(np.int64))], 1, f"{name}/order", axis=-1)[0]
+                  opts: _Options, input_ordered: bool = False) -> str:
+    if q.order is not None and not input_ordered:
+        # gather whole rows of the transposed activations: 5x faster than a Gather on the last axis for a
+        # 128-token prefill here, about 1 us slower for one token
+        t = g.node("Transpose", [x], 1, f"{name}/order_t", perm=[2, 0, 1])[0]
+        t = g.node("Gather", [t, g.init(f"{name}.order", q.order.astype(np.int64))], 1, f"{name}/order", axis=0)[0]
+        x = g.node("Transpose", [t], 1, f"{name}/order_tt", perm=[1, 2, 0])[0]
     inputs = [x, g.init(f"{name}.qweight", q.packed), g.init(f"{name}.scales", q.scales), g.init(f"{name}.zeros", q.zeros)]
     if any(b is not None for b in biases):
         b = torch.cat([bb.detach().float() if bb is not None else torch.zeros(n) for bb, n in zip(biases, sizes, strict=True)])
@@ -184,30 +196,43 @@ def _nbits_linear(g: _Graph, x: str, q: NBits, biases: list[torch.Tensor | None]
                   accuracy_level=opts.accuracy_level)[0]
 
 
-def _linear(g: _Graph, x: str, layers: list[torch.nn.Module], name: str, opts: _Options, report: dict) -> list[str]:
-    """One product for ``layers`` (fused along N when their layouts allow), split back into one output each."""
+def _linear(g: _Graph, x: str, layers: list[torch.nn.Module], name: str, opts: _Options, report: dict,
+            out_orders: list[np.ndarray | None] | None = None, input_ordered: bool = False) -> list[str]:
+    """One product for ``layers`` (fused along N when their layouts allow), split back into one output each.
+
+    ``out_orders``: per layer, a reordering of its output features (rows) or None. ``input_ordered``: the
+    input already arrives in the act-order column order of the (single) layer, so no Gather is needed."""
     sizes = [m.out_features for m in layers]
-    biases = [m.bias for m in layers]
+    orders = out_orders or [None] * len(layers)
+    biases = [None if m.bias is None else (m.bias if o is None else m.bias[torch.from_numpy(o)])
+              for m, o in zip(layers, orders, strict=True)]
     if all(isinstance(m, QuantLinear) for m in layers):
         parts = [nbits_weight(m) for m in layers]
+        parts = [p if p is None or o is None else permute_rows(p, o) for p, o in zip(parts, orders, strict=True)]
         fused = fuse_nbits(parts) if all(p is not None for p in parts) else None
         if fused is not None:
             report["nbits"] += len(layers)
-            y = _nbits_linear(g, x, fused, biases, sizes, name, opts)
+            y = _nbits_linear(g, x, fused, biases, sizes, name, opts, input_ordered)
             return _split(g, y, sizes, name)
         if len(layers) > 1:
-            return [out for i, m in enumerate(layers) for out in _linear(g, x, [m], f"{name}.{i}", opts, report)]
+            return [out for i, (m, o) in enumerate(zip(layers, orders, strict=True))
+                    for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])]
         report["dequantized"].append(name)
-        return [_float_linear(g, x, [layers[0].weight], biases, name)]
+        return [_float_linear(g, x, [_rows(layers[0].weight, orders[0])], biases, name)]
     if any(isinstance(m, QuantLinear) for m in layers):
-        return [out for i, m in enumerate(layers) for out in _linear(g, x, [m], f"{name}.{i}", opts, report)]
+        return [out for i, (m, o) in enumerate(zip(layers, orders, strict=True))
+                for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])]
     for m in layers:
         if type(m) is not torch.nn.Linear:
             raise LeanmlError(f"layer {name} is a {type(m).__name__}; the ONNX Runtime LLM graph takes Linear and "
                               "QuantLinear layers (weight-only recipes)")
     report["float"] += len(layers)
-    y = _float_linear(g, x, [m.weight for m in layers], biases, name)
+    y = _float_linear(g, x, [_rows(m.weight, o) for m, o in zip(layers, orders, strict=True)], biases, name)
     return _split(g, y, sizes, name)
+
+
+def _rows(w: torch.Tensor, order: np.ndarray | None) -> torch.Tensor:
+    return w if order is None else w[torch.from_numpy(order)]
 
 
 def _split(g: _Graph, y: str, sizes: list[int], name: str) -> list[str]:
@@ -312,11 +337,16 @@ def build_llm_onnx(handle: ModelHandle, path: str | os.PathLike, *, accuracy_lev
         normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, g.init(f"l{i}.ln_post", post)],
                                         4, f"l{i}/ln_post", MS, epsilon=eps)
         mlp = layer.mlp
-        gate, up = _linear(g, normed, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", opts, report)
+        # an act-order down projection reads its inputs in group order: emit the gate/up features in that
+        # order (a row permutation of their weights, exact) instead of gathering the activations every call
+        down_q = nbits_weight(mlp.down_proj) if isinstance(mlp.down_proj, QuantLinear) else None
+        order = None if down_q is None else down_q.order
+        gate, up = _linear(g, normed, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", opts, report,
+                           out_orders=None if order is None else [order, order])
         sig = g.node("Sigmoid", [gate], 1, f"l{i}/sigmoid")[0]
         act = g.node("Mul", [gate, sig], 1, f"l{i}/silu")[0]
         prod = g.node("Mul", [act, up], 1, f"l{i}/gated")[0]
-        down = _linear(g, prod, [mlp.down_proj], f"l{i}.down", opts, report)[0]
+        down = _linear(g, prod, [mlp.down_proj], f"l{i}.down", opts, report, input_ordered=order is not None)[0]
         nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight
         name = f"l{i + 1}.ln_in" if i + 1 < len(layers) else "final_norm"
         normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization",

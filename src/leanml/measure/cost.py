@@ -14,15 +14,27 @@ from ..models.handle import ModelHandle
 from .stats import summarize
 
 
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: ``t`` itself, or the inner tensors of a wrapper subclass
+    (e.g. torchao's packed weights, which have no storage of their own)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _leaves(getattr(t, name))]
+
+
 def unique_tensors(module: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
-    """Parameters (and persistent buffers) of ``module``, each storage counted once (tied weights)."""
+    """Parameters (and persistent buffers) of ``module``, each storage counted once (tied weights);
+    wrapper tensor subclasses are counted by the tensors inside them."""
     seen: set[tuple[int, int]] = set()
     out = []
     tensors = list(module.parameters())
     if buffers:  # persistent buffers only: caches that are not saved are not the stored weights
-        params = {id(p) for p in tensors}
-        tensors += [t for t in module.state_dict(keep_vars=True).values() if id(t) not in params]
-    for t in tensors:
+        tensors += [b for m in module.modules() for name, b in m._buffers.items()
+                    if b is not None and name not in m._non_persistent_buffers_set]
+    for t in (leaf for tensor in tensors for leaf in _leaves(tensor)):
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
         if key in seen:
             continue
@@ -39,6 +51,22 @@ def count_params(module: torch.nn.Module) -> int:
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the weights as the module stores them (parameters and buffers, tied ones once)."""
     return sum(t.numel() * t.element_size() for t in unique_tensors(module))
+
+
+def sparse_accounting(module: torch.nn.Module) -> dict | None:
+    """For a model with pruned (masked) layers: how sparse they are, their dense bytes, and the bytes of
+    their stored form (bitmask + kept values). None when nothing is stored sparse. Compute stays dense, so
+    no speed-up follows from these figures; only measured latency says whether it got faster."""
+    layers = [m for m in module.modules() if hasattr(m, "weight_mask") and hasattr(m, "stored_nbytes")]
+    if not layers:
+        return None
+    total = sum(m.weight_mask.numel() for m in layers)
+    kept = sum(int(m.weight_mask.sum()) for m in layers)
+    dense = sum(m.weight.numel() * m.weight.element_size()
+                + (0 if m.bias is None else m.bias.numel() * m.bias.element_size()) for m in layers)
+    stored = sum(m.stored_nbytes() for m in layers)
+    return {"layers": len(layers), "sparsity": round(1 - kept / max(1, total), 6), "dense_bytes": dense,
+            "stored_bytes": stored, "stored_vs_dense": round(stored / max(1, dense), 4)}
 
 
 def path_bytes(path: Path) -> int:
@@ -60,9 +88,14 @@ def disk_bytes(handle: ModelHandle) -> tuple[int, str]:
     if not isinstance(handle.module, torch.nn.Module) or handle.runtime != "torch":
         return 0, "unknown"
     from safetensors.torch import save_file
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     state = {}
     for name, tensor in handle.module.state_dict(keep_vars=False).items():
+        if is_traceable_wrapper_subclass(tensor):  # packed weights of other libraries: store their parts
+            for i, leaf in enumerate(_leaves(tensor)):
+                state.setdefault(f"{name}.{i}", leaf.contiguous())
+            continue
         state.setdefault(name, tensor.contiguous())
     ptrs: set[int] = set()
     dedup = {}

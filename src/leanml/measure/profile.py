@@ -12,7 +12,7 @@ from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords, load_da
 from ..errors import LeanmlError
 from ..models import ModelHandle, load_model
 from ..models.inputs import default_example_inputs, text_batch, text_prompt
-from .cost import count_flops, count_params, decode_benchmark, disk_bytes, time_calls, weight_bytes
+from .cost import count_flops, count_params, decode_benchmark, disk_bytes, sparse_accounting, time_calls, weight_bytes
 from .hardware import get_profile, usd_per_million
 from .quality import evaluate, fidelity
 from .record import Measurement
@@ -159,6 +159,11 @@ def profile(
         disk, disk_source = disk_bytes(twin)
     if report and report.get("fusions"):
         notes.append("fusions: " + "; ".join(report["fusions"]))
+    sparse = sparse_accounting(twin.module) if isinstance(twin.module, torch.nn.Module) else None
+    if sparse:
+        notes.append(f"{sparse['layers']} layers {sparse['sparsity']:.1%} sparse: stored as bitmask + values "
+                     f"({sparse['stored_vs_dense']:.2f}x their dense bytes); compute is dense, so the latency "
+                     "above is what the sparsity buys on this runtime")
     seq = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
     flops_per_item = None
     if flops is not None:
@@ -179,7 +184,7 @@ def profile(
         prefill_tokens_per_s=decode["prefill_tokens_per_s"] if decode else None,
         decode_tokens_per_s=decode["decode_tokens_per_s"] if decode else None,
         decode_roofline_tokens_per_s=roofline, roofline_fraction=fraction, memory_bandwidth_gbs=bandwidth,
-        decode=decode, host=host_info(), notes=notes,
+        decode=decode, sparse=sparse, host=host_info(), notes=notes,
     )
 
 

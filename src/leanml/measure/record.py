@@ -48,6 +48,7 @@ class Measurement:
     roofline_fraction: float | None = None
     memory_bandwidth_gbs: float | None = None
     decode: dict | None = None
+    sparse: dict | None = None
     host: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION

@@ -17,7 +17,8 @@ layer by a :class:`~leanml.prune.modules.SparseLinear` that shares its parameter
 * taylor / gradient: gradients of the task loss (next-token cross-entropy for a causal LM, cross-entropy
   to the model's own predictions otherwise) over the calibration batches.
 
-Structured removal (channels, heads, layers) will plug in as further handlers over the same scores.
+Structured removal (filters, neurons, heads, layers) is the ``prune-structured`` handler in
+:mod:`leanml.prune.structured`, over the same gradients.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..models.handle import ModelHandle, output_tensor
 from ..progress import progress
 from ..registry import register
 from ..targeting import get_module, select_layers, set_module
-from .config import GradualPrune, Prune
+from .config import GradualPrune, Prune, StructuredPrune
 from .criteria import gradient_importance, magnitude, taylor, wanda
 from .masks import cubic_schedule, select_masks
 from .modules import SparseLinear
@@ -375,7 +376,8 @@ def prune(handle: ModelHandle, config: TechniqueConfig, data=None) -> ModelHandl
     """Apply the pruning ``config`` to ``handle`` in place and return it (calibration from ``data``)."""
     from ..registry import handler_for
 
-    if not isinstance(config, (Prune, GradualPrune)):
-        raise LeanmlError(f"leanml.prune takes a prune or gradual-prune config, got {getattr(config, 'kind', config)!r}")
+    if not isinstance(config, (Prune, GradualPrune, StructuredPrune)):
+        raise LeanmlError(f"leanml.prune takes a prune, gradual-prune or prune-structured config, got "
+                          f"{getattr(config, 'kind', config)!r}")
     data = load_data(data) if data is not None else None
     return handler_for(config)(handle, config, data)

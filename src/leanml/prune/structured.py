@@ -1,0 +1,423 @@
+"""Structured pruning (``kind: prune-structured``): whole filters, neurons, heads or layers are
+physically removed, so the model gets smaller and faster on every runtime.
+
+Two paths, chosen by the model and ``unit``:
+
+* **plain ``nn.Module`` networks** (``filters``; ``neurons`` of a model that is not a recognised
+  transformer): :func:`leanml.prune.dependency.channel_groups` finds the channel groups (layers whose
+  channels must be removed together; residual sums couple them), each prunable group loses
+  ``round(ratio * channels)`` channels with the same indices in every member (producer rows, BatchNorm
+  and depthwise parameters, consumer columns), via :mod:`leanml.prune.surgery`;
+* **Hugging Face transformers** (llama-style and BERT-style, :mod:`leanml.prune.transformer`): FFN
+  neurons, attention heads or whole layers, the same count in every layer so the config describes the
+  result.
+
+Units are ranked by :mod:`leanml.prune.units` on the weights removed with each unit (``l1``/``l2``), on
+first-order Taylor scores of those weights (gradients of :func:`leanml.prune.api.task_loss` over the
+calibration batches, :func:`leanml.prune.api.gradient_scores`), or on the mean ``|activation|`` the
+unit feeds into the next layers (forward hooks over the calibration batches; for whole layers the block
+influence ``1 - cos(input, output)`` of Men et al. 2024, "ShortGPT"). The lowest-ranked units go.
+
+The report ``prune.json`` (``handle.meta["reports"]``) lists the units removed per layer (with their
+indices), the groups that were left whole and why, and the parameter counts before and after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibrate.batches import calibration_batches
+from ..errors import LeanmlError
+from ..models.handle import ModelHandle
+from ..registry import register
+from ..targeting import get_module, select_layers
+from .api import _mark, gradient_scores
+from .config import StructuredPrune
+from .dependency import IN, OUT, THROUGH, ChannelGroup, channel_groups
+from .surgery import CONV, check_resizable, count_params, keep_channels, keep_columns, keep_rows
+from .transformer import Block, Layout, detect_layout, drop_layers, ffn_slices, head_slices, prune_ffn, prune_heads
+from .units import lowest_units, unit_activation, unit_magnitude, unit_taylor, units_to_remove
+
+
+@register(StructuredPrune)
+def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None) -> ModelHandle:
+    """Remove the lowest-ranked ``cfg.unit`` units of ``handle``'s model in place (see the module
+    docstring) and write the ``prune.json`` report."""
+    model = handle.module
+    if not handle.is_torch or not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise LeanmlError(f"structured pruning needs an eager PyTorch model; {handle.name!r} runs on {handle.runtime}")
+    layout = detect_layout(model)
+    if cfg.unit in ("heads", "layers") and layout is None:
+        raise LeanmlError(f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
+                          "llama-style or BERT-style transformers; use unit 'filters' or 'neurons'")
+    if cfg.unit == "filters" and layout is not None:
+        raise LeanmlError(f"unit 'filters' does not apply to transformer {handle.name!r}; use neurons, heads or layers")
+    before = count_params(model)
+    if cfg.unit in ("filters", "neurons") and layout is None:
+        details = prune_channels(handle, cfg, data)
+    elif cfg.unit == "neurons":
+        details = prune_ffn_neurons(handle, layout, cfg, data)
+    elif cfg.unit == "heads":
+        details = prune_attention_heads(handle, layout, cfg, data)
+    else:
+        details = prune_layers(handle, layout, cfg, data)
+    after = count_params(model)
+    handle.meta.setdefault("reports", {})["prune.json"] = {
+        "method": "structured", "unit": cfg.unit, "criterion": cfg.criterion, "ratio": cfg.ratio,
+        "params_before": before, "params_after": after, "params_removed": before - after,
+        "params_fraction_removed": (before - after) / max(1, before), **details}
+    _mark(handle, cfg)
+    return handle
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring helpers
+# ----------------------------------------------------------------------------------------------------
+
+NEEDS_DATA = ("taylor", "activation")
+
+
+def _calibration(handle: ModelHandle, cfg: StructuredPrune, data) -> list | None:
+    """The calibration batches the criterion needs (None for l1/l2): drawn from a dataset, or ``data``
+    itself when it is already a list of forward-call inputs. Called after every check that needs no
+    data, so a bad config fails before any data is read."""
+    if cfg.criterion not in NEEDS_DATA:
+        return None
+    if isinstance(data, list):
+        if not data:
+            raise LeanmlError("the list of calibration batches is empty")
+        return data
+    return calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+
+
+class _MeanAbs:
+    """Running per-feature mean of ``|x|`` along axis ``dim`` over every other axis and every call (the
+    streaming form of :func:`leanml.prune.criteria.activation_importance` with ``reduce="mean"``)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.total, self.rows = dim, None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().movedim(self.dim, -1)
+        flat = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
+        part = flat.sum(0).cpu()
+        self.total = part if self.total is None else self.total + part
+        self.rows += flat.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.total is None or self.rows == 0:
+            raise LeanmlError("a layer was never called on the calibration inputs, so its units cannot be scored")
+        return self.total / self.rows
+
+
+@torch.no_grad()
+def _run(handle: ModelHandle, batches: list, hooks: list) -> None:
+    """Forward every calibration batch in eval mode; the hooks are removed afterwards."""
+    model = handle.module
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            handle.call(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+def _input_means(handle: ModelHandle, batches: list, readers: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Mean ``|x|`` per input feature of each named layer (``readers``: layer -> feature axis)."""
+    acc = {n: _MeanAbs(d) for n, d in readers.items()}
+
+    def pre(name: str) -> Callable:
+        def hook(_mod, args, kwargs):
+            acc[name].update(args[0] if args else next(iter(kwargs.values())))
+        return hook
+
+    hooks = [get_module(handle.module, n).register_forward_pre_hook(pre(n), with_kwargs=True) for n in readers]
+    _run(handle, batches, hooks)
+    return {n: a.value() for n, a in acc.items()}
+
+
+def _output_means(handle: ModelHandle, batches: list, producers: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Mean ``|y|`` per output feature of each named layer (``producers``: layer -> feature axis)."""
+    acc = {n: _MeanAbs(d) for n, d in producers.items()}
+
+    def post(name: str) -> Callable:
+        def hook(_mod, _args, out):
+            acc[name].update(out)
+        return hook
+
+    hooks = [get_module(handle.module, n).register_forward_hook(post(n)) for n in producers]
+    _run(handle, batches, hooks)
+    return {n: a.value() for n, a in acc.items()}
+
+
+def _weight_unit_scores(handle: ModelHandle, criterion: str, slices: dict[str, list[tuple[str, int]]],
+                        n_units: dict[str, int], batches: list | None) -> dict[str, torch.Tensor]:
+    """Unit scores of each key of ``slices`` (a list of ``(layer, axis)`` weight slices) by l1, l2 or
+    Taylor; the Taylor gradients of every layer come from one backward pass per batch."""
+    model = handle.module
+    if criterion == "taylor":
+        layers = list(dict.fromkeys(n for pairs in slices.values() for n, _ in pairs))
+        per_weight = gradient_scores(handle, layers, batches, "taylor")
+        return {k: unit_taylor([(per_weight[n], ax) for n, ax in pairs], n_units[k]) for k, pairs in slices.items()}
+    p = 1 if criterion == "l1" else 2
+    return {k: unit_magnitude([(get_module(model, n).weight, ax) for n, ax in pairs], n_units[k], p)
+            for k, pairs in slices.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain networks: channel groups from the dependency analysis
+# ----------------------------------------------------------------------------------------------------
+
+
+def _group_slices(model: nn.Module, g: ChannelGroup) -> list[tuple[str, int]]:
+    """The weight slices of a group's units: producer rows, consumer columns, depthwise filters."""
+    out = []
+    for m in g.members:
+        if m.role == OUT:
+            out.append((m.layer, 0))
+        elif m.role == IN:
+            out.append((m.layer, 1))
+        elif isinstance(get_module(model, m.layer), CONV):
+            out.append((m.layer, 0))
+    return out
+
+
+def _plan_groups(handle: ModelHandle, cfg: StructuredPrune, groups: list[ChannelGroup], producer_types: tuple
+                 ) -> tuple[list[ChannelGroup], list[dict]]:
+    """The groups to prune, and the targeted ones left whole with the reason.
+
+    A group is this unit's when one of its producers is a layer of ``producer_types`` chosen by
+    targets/ignore; it is pruned when all such producers are chosen. Producers of the other kind in
+    the same group (the Linear of a squeeze-and-excitation gate multiplied into conv channels) follow.
+    """
+    model = handle.module
+    chosen = set(select_layers(model, producer_types, cfg.targets, cfg.ignore, handle.task))
+    plan, skipped = [], []
+    for g in groups:
+        prods = g.producers
+        if not any(p in chosen for p in prods):
+            continue
+        left_out = [p for p in prods if p not in chosen and isinstance(get_module(model, p), producer_types)]
+        if left_out:
+            reason = f"coupled with layer {left_out[0]!r}, which targets/ignore leave out"
+        elif g.frozen:
+            reason = "; ".join(g.frozen)
+        elif g.coupled and cfg.coupled == "skip":
+            reason = "coupled by a residual connection (coupled: skip)"
+        else:
+            plan.append(g)
+            continue
+        skipped.append({"layers": prods, "reason": reason})
+    if not plan:
+        why = f": {skipped[0]['layers'][0]!r} is {skipped[0]['reason']}" if skipped else ""
+        raise LeanmlError(f"no {cfg.unit} of model {handle.name!r} can be removed{why}")
+    return plan, skipped
+
+
+def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict:
+    """Filters (Conv producers) or neurons (Linear producers) of a plain network, group by group.
+    ``data``: a dataset or a list of forward-call inputs (for taylor/activation, and to trace shapes
+    when the handle has no example inputs)."""
+    model = handle.module
+    producer_types = CONV if cfg.unit == "filters" else (nn.Linear,)
+    if not any(isinstance(m, producer_types) for m in model.modules()):
+        kind = "Conv" if cfg.unit == "filters" else "Linear"
+        raise LeanmlError(f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it has no {kind} layers")
+    select_layers(model, producer_types, cfg.targets, cfg.ignore, handle.task)  # bad patterns fail first
+    batches = _calibration(handle, cfg, data)
+    traced_on = batches
+    if traced_on is None and data is not None:  # real inputs trace the shapes better than inferred ones
+        traced_on = data if isinstance(data, list) else calibration_batches(handle, data, 1, cfg.window)
+    groups = channel_groups(model, traced_on[0] if traced_on else handle.example_inputs)
+    plan, skipped = _plan_groups(handle, cfg, groups, producer_types)
+    counts = []
+    for g in plan:  # every error comes before any surgery
+        others = f" (coupled with {', '.join(repr(p) for p in g.producers[1:])})" if g.coupled else ""
+        counts.append(units_to_remove(cfg.ratio, g.channels, f"layer {g.producers[0]!r}{others}"))
+    keys = [str(i) for i in range(len(plan))]
+    if cfg.criterion == "activation":
+        readers = {m.layer: (1 if isinstance(get_module(model, m.layer), CONV) else -1)
+                   for g in plan for m in g.consumers}
+        producers = {p: (1 if isinstance(get_module(model, p), CONV) else -1)
+                     for g in plan if not g.consumers for p in g.producers}
+        read = _input_means(handle, batches, readers)
+        made = _output_means(handle, batches, producers) if producers else {}
+        scores = {k: unit_activation([read[m.layer] for m in g.consumers] or [made[p] for p in g.producers],
+                                     g.channels) for k, g in zip(keys, plan, strict=True)}
+    else:
+        slices = {k: _group_slices(model, g) for k, g in zip(keys, plan, strict=True)}
+        sizes = {k: g.channels for k, g in zip(keys, plan, strict=True)}
+        scores = _weight_unit_scores(handle, cfg.criterion, slices, sizes, batches)
+    layers, report_groups = {}, []
+    with torch.no_grad():
+        for k, g, n_rm in zip(keys, plan, counts, strict=True):
+            removed, kept = lowest_units(scores[k], n_rm)
+            if removed:
+                for m in g.members:
+                    mod = get_module(model, m.layer)
+                    if m.role == OUT:
+                        keep_rows(mod, kept, 1, m.layer)
+                    elif m.role == IN:
+                        keep_columns(mod, kept, m.chunk, m.layer)
+                    elif m.role == THROUGH:
+                        keep_channels(mod, kept, m.layer)
+            for p in g.producers:
+                layers[p] = {"removed": len(removed), "kept": len(kept)}
+            report_groups.append({"producers": g.producers, "members": [f"{m.layer}:{m.role}" for m in g.members],
+                                  "channels": g.channels, "coupled": g.coupled, "removed_indices": removed})
+    return {"layers": layers, "groups": report_groups, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transformers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_blocks(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
+                  unit_layers: Callable[[Block], list[str]]) -> None:
+    """Every block's unit layers are resizable, and targets/ignore select them in every block or in none
+    (the config holds one width for all layers)."""
+    model = handle.module
+    for b in layout.blocks:
+        for n in unit_layers(b):
+            check_resizable(get_module(model, n), n, (nn.Linear,))
+    chosen = set(select_layers(model, (nn.Linear,), cfg.targets, cfg.ignore, handle.task))
+    for b in layout.blocks:
+        missing = [n for n in unit_layers(b) if n not in chosen]
+        if missing:
+            raise LeanmlError(f"unit {cfg.unit!r} on a Hugging Face model removes the same units from every layer (the "
+                              f"config holds one width), but targets/ignore leave out {missing[0]!r}; select all layers")
+
+
+def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data=None) -> dict:
+    """The lowest-ranked FFN neurons of every layer (the same count everywhere). ``data``: a dataset or
+    a list of forward-call inputs (taylor/activation only)."""
+    model = handle.module
+    _check_blocks(handle, layout, cfg, lambda b: [*b.ffn_rows, b.ffn_cols])
+    n = layout.intermediate
+    k = units_to_remove(cfg.ratio, n, f"the FFN of {layout.blocks[0].name!r}")
+    batches = _calibration(handle, cfg, data)
+    keys = [b.name for b in layout.blocks]
+    if cfg.criterion == "activation":
+        means = _input_means(handle, batches, {b.ffn_cols: -1 for b in layout.blocks})
+        scores = {b.name: unit_activation([means[b.ffn_cols]], n) for b in layout.blocks}
+    else:
+        scores = _weight_unit_scores(handle, cfg.criterion, {b.name: ffn_slices(b) for b in layout.blocks},
+                                     dict.fromkeys(keys, n), batches)
+    keep, layers = {}, {}
+    for b in layout.blocks:
+        removed, kept = lowest_units(scores[b.name], k)
+        keep[b.index] = kept
+        layers[b.name] = {"removed": len(removed), "kept": len(kept), "removed_indices": removed}
+    if k:
+        prune_ffn(model, layout, keep)
+    return {"layers": layers, "intermediate_size": n - k}
+
+
+def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data=None) -> dict:
+    """The lowest-ranked attention units of every layer: key/value groups (a kv head with its query
+    heads; plain heads without grouped-query attention) or, with ``gqa: queries``, the same number of
+    query heads from every group. ``data`` as for :func:`prune_ffn_neurons`."""
+    model = handle.module
+    kv_groups = cfg.gqa == "kv-groups" or layout.rep == 1
+    _check_blocks(handle, layout, cfg, lambda b: [b.q, b.k, b.v, b.o])
+    name0 = layout.blocks[0].name
+    if kv_groups:
+        n_units = layout.n_kv
+        what = "key/value heads" if layout.rep > 1 else "attention heads"
+        k = units_to_remove(cfg.ratio, n_units, f"the {what} of {name0!r}")
+    else:
+        n_units = layout.n_heads
+        k = units_to_remove(cfg.ratio, layout.rep, f"the {layout.rep} query heads of each key/value group of {name0!r}")
+    batches = _calibration(handle, cfg, data)
+    if cfg.criterion == "activation":
+        means = _input_means(handle, batches, {b.o: -1 for b in layout.blocks})
+        scores = {b.name: unit_activation([means[b.o]], n_units) for b in layout.blocks}
+    else:
+        scores = _weight_unit_scores(handle, cfg.criterion, {b.name: head_slices(b, kv_groups) for b in layout.blocks},
+                                     {b.name: n_units for b in layout.blocks}, batches)
+    keep_q, keep_kv, layers = {}, {}, {}
+    rep = layout.rep
+    for b in layout.blocks:
+        if kv_groups:
+            removed, kept = lowest_units(scores[b.name], k)
+            keep_kv[b.index] = kept
+            keep_q[b.index] = [g * rep + r for g in kept for r in range(rep)]
+            removed_q = [g * rep + r for g in removed for r in range(rep)]
+        else:
+            keep_kv[b.index] = list(range(layout.n_kv))
+            keep_q[b.index], removed_q = [], []
+            for g in range(layout.n_kv):
+                rm, kp = lowest_units(scores[b.name][g * rep:(g + 1) * rep], k)
+                keep_q[b.index] += [g * rep + j for j in kp]
+                removed_q += [g * rep + j for j in rm]
+        layers[b.name] = {"removed": len(removed_q), "kept": len(keep_q[b.index]), "removed_heads": removed_q,
+                          "removed_kv_heads": sorted(set(range(layout.n_kv)) - set(keep_kv[b.index]))}
+    if k:
+        prune_heads(model, layout, keep_q, keep_kv)
+    n_q, n_kv = len(keep_q[layout.blocks[0].index]), len(keep_kv[layout.blocks[0].index])
+    out = {"layers": layers, "heads": n_q, "kv_heads": n_kv, "head_dim": layout.head_dim,
+           "gqa": "kv-groups" if kv_groups else "queries"}
+    if layout.family == "bert" and k:
+        out["note"] = ("BERT's config cannot describe fewer heads of the same size, so config.num_attention_heads "
+                       f"still says {layout.n_heads}; the layers have {n_q}")
+    return out
+
+
+def _block_influence(handle: ModelHandle, batches: list, blocks: list[Block]) -> dict[str, float]:
+    """Mean over tokens of ``1 - cos(x_in, x_out)`` for each block (how much it changes the residual
+    stream; a block that hardly changes it can go)."""
+    sums = {b.name: [0.0, 0] for b in blocks}
+
+    def post(name: str) -> Callable:
+        def hook(_mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            cos = F.cosine_similarity(x.detach().reshape(-1, x.shape[-1]).double(),
+                                      y.detach().reshape(-1, y.shape[-1]).double(), dim=-1)
+            sums[name][0] += float((1 - cos).sum())
+            sums[name][1] += cos.numel()
+        return hook
+
+    hooks = [get_module(handle.module, b.name).register_forward_hook(post(b.name), with_kwargs=True) for b in blocks]
+    _run(handle, batches, hooks)
+    if any(c == 0 for _, c in sums.values()):
+        raise LeanmlError("a layer was never called on the calibration inputs, so it cannot be scored")
+    return {n: s / c for n, (s, c) in sums.items()}
+
+
+def prune_layers(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data=None) -> dict:
+    """Drop the lowest-ranked whole layers among those targets/ignore select. ``data`` as for
+    :func:`prune_ffn_neurons`."""
+    model = handle.module
+    by_name = {b.name: b for b in layout.blocks}
+    block_type = type(get_module(model, layout.blocks[0].name))
+    names = select_layers(model, (block_type,), cfg.targets, cfg.ignore, handle.task, what="transformer layer")
+    cands = [by_name[n] for n in names if n in by_name]
+    if not cands:
+        raise LeanmlError(f"targets/ignore select no layer of {layout.layers!r}")
+    k = units_to_remove(cfg.ratio, len(cands), f"the {len(cands)} selected layers of {layout.layers!r}")
+    batches = _calibration(handle, cfg, data)
+    if cfg.criterion == "activation":
+        influence = _block_influence(handle, batches, cands)
+        scores = torch.tensor([influence[b.name] for b in cands], dtype=torch.float64)
+    else:
+        linears = {b.name: [f"{b.name}.{n}" for n, m in get_module(model, b.name).named_modules()
+                            if isinstance(m, nn.Linear)] for b in cands}
+        slices = {name: [(n, 0) for n in ls] for name, ls in linears.items()}
+        per_block = _weight_unit_scores(handle, cfg.criterion, slices, dict.fromkeys(linears, 1), batches)
+        scores = torch.cat([per_block[b.name] for b in cands])
+    removed, _ = lowest_units(scores, k)
+    gone = [cands[i] for i in removed]
+    if gone:
+        drop_layers(model, layout, [b.index for b in gone])
+    return {"removed_layers": [b.name for b in gone], "num_hidden_layers": len(layout.blocks) - len(gone),
+            "scores": {b.name: float(s) for b, s in zip(cands, scores, strict=True)},
+            "layers": {b.name: {"removed": 1} for b in gone}}
