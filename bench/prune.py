@@ -204,7 +204,7 @@ def encoder_structured(args, wiki) -> dict:
 
     rows = [{"model": "dense", "spearman": round(evaluate(dense, sim)["value"], 4), "seconds": 0.0, **speed(dense)}]
     print(rows[-1], flush=True)
-    prune_step = StructuredPrune(unit="neurons", ratio=0.5, criterion="l2")
+    prune_step = StructuredPrune(unit="neurons", ratio=0.5, criterion="activation")
     pruned = leanml.load("minilm-l6")
     _, seconds = timed(lambda: apply_recipe(pruned, Recipe(name="ffn-50", steps=[prune_step]), wiki))
     rows.append({"model": "50% FFN neurons removed", "spearman": round(evaluate(pruned, sim)["value"], 4),
@@ -264,7 +264,6 @@ def torch_pruning_peer(model, example, ratio: float, ignored) -> str | None:
 def cnn_structured(args) -> dict:
     from leanml.measure.cost import count_params
     from leanml.models import ModelHandle
-    from leanml.prune import StructuredPrune
     from rt_cnn import BATCH, SIZE, DigitsNet, images, resnet18, timing_interleaved
 
     digits = leanml.load_data("digits")
@@ -275,7 +274,9 @@ def cnn_structured(args) -> dict:
     epochs = 4 if args.quick else 15
     _train(net, x, y, epochs)
     dense_acc = _accuracy(net, xe, ye)
-    step = StructuredPrune(unit="filters", ratio=0.5, criterion="l2")
+    from leanml.recipe import load_recipe
+
+    step = load_recipe("filters-50").steps[0]
     rows = [{"model": "digits CNN dense", "tool": "-", "accuracy": dense_acc, "params": count_params(net)}]
     ours = copy.deepcopy(net)
     handle = ModelHandle(module=ours, task="image-classification", name="digits-cnn")
@@ -327,7 +328,7 @@ def main() -> None:
                         choices=["llm", "llm-structured", "encoder", "cnn"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=64, help="calibration windows of 512 tokens")
-    parser.add_argument("--ft-steps", type=int, default=120, help="distillation steps after ffn-25 on SmolLM2")
+    parser.add_argument("--ft-steps", type=int, default=50, help="distillation steps after ffn-25 on SmolLM2")
     parser.add_argument("--enc-steps", type=int, default=300, help="distillation steps for MiniLM")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps (a smoke run)")
     args = parser.parse_args()
