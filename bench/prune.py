@@ -283,7 +283,7 @@ def cnn_structured(args) -> dict:
     apply_recipe(handle, Recipe(name="filters-50", steps=[step]), digits)
     rows.append({"model": "50% filters removed", "tool": "leanml", "accuracy": _accuracy(handle.module, xe, ye),
                  "params": count_params(handle.module)})
-    _train(handle.module, x, y, max(2, epochs // 3), lr=1e-3, seed=1)
+    _train(handle.module, x, y, epochs, lr=2e-3, seed=1)
     rows.append({"model": "50% filters removed + fine-tune", "tool": "leanml",
                  "accuracy": _accuracy(handle.module, xe, ye), "params": count_params(handle.module)})
     peer = copy.deepcopy(net)
@@ -291,7 +291,7 @@ def cnn_structured(args) -> dict:
     if why is None:
         rows.append({"model": "50% filters removed", "tool": "torch-pruning", "accuracy": _accuracy(peer, xe, ye),
                      "params": count_params(peer)})
-        _train(peer, x, y, max(2, epochs // 3), lr=1e-3, seed=1)
+        _train(peer, x, y, epochs, lr=2e-3, seed=1)
         rows.append({"model": "50% filters removed + fine-tune", "tool": "torch-pruning",
                      "accuracy": _accuracy(peer, xe, ye), "params": count_params(peer)})
     for r in rows:

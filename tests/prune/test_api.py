@@ -145,3 +145,17 @@ def test_gradual_taylor_global(tiny_llama, tiny_text):
     total = sum(m.weight.numel() for m in layers.values())
     assert sum(int((~m.weight_mask).sum()) for m in layers.values()) == n_removed(0.5, total)
     assert all(not p.requires_grad or p.grad is None for p in tiny_llama.module.parameters())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_allocation_varies_per_layer_and_keeps_the_total(tiny_llama, tiny_text, method):
+    leanml.prune(tiny_llama, Prune(method=method, sparsity=0.5, allocation="owl", owl_lambda=0.1, **CALIB), tiny_text)
+    layers = targeted(tiny_llama)
+    per_layer = [layer.sparsity for layer in layers.values()]
+    assert max(per_layer) - min(per_layer) > 0.05  # not uniform
+    assert all(0.29 <= s <= 0.71 for s in per_layer)  # target ± lambda, shifted to keep the total
+    total = sum(layer.weight.numel() for layer in layers.values())
+    removed = sum(int((~layer.weight_mask).sum()) for layer in layers.values())
+    assert removed / total == pytest.approx(0.5, abs=0.01)  # rounding per row / layer only
+    with pytest.raises(LeanmlError, match="owl"):
+        Prune(method="magnitude", allocation="owl")

@@ -111,3 +111,26 @@ def test_cubic_schedule_matches_zhu_gupta():
         cubic_schedule(1, 0, 0.5)
     with pytest.raises(LeanmlError, match="above"):
         cubic_schedule(1, 4, 0.3, initial=0.5)
+
+
+def test_outlier_ratio_by_hand():
+    from leanml.prune.masks import outlier_ratio
+
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 33.0]])  # mean 5; 33 > 2 * 5 only
+    assert outlier_ratio(s, 2.0) == pytest.approx(1 / 8)
+    assert outlier_ratio(s, 7.0) == 0.0
+
+
+def test_owl_sparsities_keep_the_overall_target_and_spare_outlier_layers():
+    from leanml.prune.masks import owl_sparsities
+
+    ratios = {"a": 0.01, "b": 0.05, "c": 0.03}
+    sizes = {"a": 1000, "b": 3000, "c": 2000}
+    sp = owl_sparsities(ratios, sizes, 0.5, 0.08)
+    overall = sum(sp[k] * sizes[k] for k in sp) / sum(sizes.values())
+    assert overall == pytest.approx(0.5, abs=1e-12)
+    assert sp["b"] < sp["c"] < sp["a"]  # most outliers -> least sparse
+    assert max(sp.values()) - min(sp.values()) == pytest.approx(0.16)
+    assert owl_sparsities(ratios, sizes, 0.5, 0.0) == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.5})
+    with pytest.raises(LeanmlError, match="lambda"):
+        owl_sparsities(ratios, sizes, 0.5, 1.5)

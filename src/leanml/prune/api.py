@@ -41,7 +41,7 @@ from ..registry import register
 from ..targeting import get_module, select_layers, set_module
 from .config import GradualPrune, Prune, StructuredPrune
 from .criteria import gradient_importance, magnitude, taylor, wanda
-from .masks import cubic_schedule, select_masks
+from .masks import cubic_schedule, outlier_ratio, owl_sparsities, select_masks
 from .modules import SparseLinear
 from .sparsegpt import sparsegpt_prune
 
@@ -111,7 +111,8 @@ def apply_prune(handle: ModelHandle, cfg: Prune, data=None) -> ModelHandle:
             masks = select_masks(scores, comparison, sparsity, cfg.n, cfg.m)
             _zero(model, masks)
         else:
-            masks = prune_sequential(model, names, batches, cfg)
+            sparsities = owl_allocation(model, names, batches, cfg) if cfg.allocation == "owl" else None
+            masks = prune_sequential(model, names, batches, cfg, sparsities)
     masks = _install(model, masks)
     _report(handle, masks, {"method": cfg.method, "pattern": f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured",
                             "comparison": comparison, "target_sparsity": sparsity})
@@ -178,11 +179,25 @@ def wanda_input_norms(model: torch.nn.Module, names: list[str], batches: list) -
     return norms
 
 
-def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cfg: Prune) -> dict[str, torch.Tensor]:
+def owl_allocation(model: torch.nn.Module, names: list[str], batches: list, cfg: Prune) -> dict[str, float]:
+    """Per-layer sparsities by OWL from the dense model's Wanda scores (see ``Prune.allocation``)."""
+    norms = wanda_input_norms(model, names, batches)
+    ratios, sizes = {}, {}
+    for n in names:
+        w = get_module(model, n).weight
+        ratios[n] = outlier_ratio(wanda(w, norms[n].to(w.device)), cfg.owl_m)
+        sizes[n] = w.numel()
+    return owl_sparsities(ratios, sizes, cfg.target_sparsity, cfg.owl_lambda)
+
+
+def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cfg: Prune,
+                     sparsities: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Wanda (layer/row/N:M) or SparseGPT, block by block and stage by stage (errors fed forward);
-    the weights are zeroed (and, for SparseGPT, updated) in place. Returns the keep-masks."""
+    the weights are zeroed (and, for SparseGPT, updated) in place. ``sparsities``: per-layer targets
+    (default: ``cfg.target_sparsity`` everywhere). Returns the keep-masks."""
     masks: dict[str, torch.Tensor] = {}
     nm = cfg.comparison == "nm"
+    target = {n: cfg.target_sparsity for n in names} if sparsities is None else sparsities
 
     def process(ctx: BlockContext) -> None:
         for stage in ctx.stages:
@@ -190,21 +205,24 @@ def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cf
                 sums = _sum_squares(ctx.module, ctx.calls, ctx.linears, stage)
                 scores = {n: wanda(ctx.linears[n].weight, sums[n].sqrt().to(ctx.linears[n].weight.device))
                           for n in stage}
-                stage_masks = select_masks(scores, cfg.comparison, cfg.target_sparsity, cfg.n, cfg.m)
+                if sparsities is None:
+                    stage_masks = select_masks(scores, cfg.comparison, cfg.target_sparsity, cfg.n, cfg.m)
+                else:
+                    stage_masks = {n: select_masks({n: scores[n]}, cfg.comparison, target[n])[n] for n in stage}
                 _zero_layers(ctx.linears, stage_masks)
             else:
                 accs = ctx.collect(stage)
                 stage_masks = {}
                 for name in stage:
                     lin = ctx.linears[name]
-                    res = sparsegpt_prune(lin.weight.detach(), accs[name].hessian, None if nm else cfg.target_sparsity,
+                    res = sparsegpt_prune(lin.weight.detach(), accs[name].hessian, None if nm else target[name],
                                           cfg.n, cfg.m, block_size=cfg.block_size, damp=cfg.damp)
                     with torch.no_grad():
                         lin.weight.copy_(res.weight.to(lin.weight.device, lin.weight.dtype))
                     stage_masks[name] = res.mask
             masks.update(stage_masks)
 
-    run_sequential(model, batches, names, process, label=cfg.method)
+    run_sequential(model, batches, names, process, label=cfg.method, outlier_factor=cfg.outlier_factor)
     return masks
 
 

@@ -60,7 +60,12 @@ class Prune(_LeanmlConfig):
     layer gets exactly the sparsity), ``row`` (each output row does; Wanda's default), ``global`` (one
     threshold over every targeted layer; magnitude/taylor/gradient/wanda); None = ``row`` for Wanda,
     ``layer`` otherwise. ``calib_windows`` windows of ``window`` tokens calibrate wanda/sparsegpt (layer by
-    layer) and give the gradients of taylor/gradient. ``damp`` and ``block_size`` are SparseGPT's.
+    layer) and give the gradients of taylor/gradient. ``damp`` and ``block_size`` are SparseGPT's;
+    ``outlier_factor`` down-weights, in SparseGPT's Hessian, tokens whose input norm exceeds that many times
+    the median (attention-sink tokens), as the weight-only GPTQ does. ``allocation: owl`` (unstructured,
+    layer scope) gives layers with more outlier Wanda scores (> ``owl_m`` x mean) less sparsity, within
+    ``target ± owl_lambda``, keeping the overall sparsity of the targeted layers at the target (OWL,
+    Yin et al. 2024); ``uniform`` prunes every layer to the target.
     """
 
     kind: Literal["prune"] = "prune"
@@ -74,6 +79,10 @@ class Prune(_LeanmlConfig):
     window: int = Field(512, ge=8)
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
+    outlier_factor: float | None = Field(None, gt=1)
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_lambda: float = Field(0.08, ge=0, lt=1)
+    owl_m: float = Field(5.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +114,10 @@ class Prune(_LeanmlConfig):
                 raise ValueError(f"scope {self.scope!r} does not apply to an N:M pattern (its groups are fixed)")
         elif self.n is not None or self.m is not None:
             raise ValueError("n and m only apply to pattern 'n:m'")
+        if self.allocation == "owl" and (self.pattern != "unstructured" or self.comparison not in ("layer", "row")):
+            raise ValueError("allocation 'owl' applies to unstructured sparsity with scope layer or row")
+        if self.allocation == "owl" and self.method not in ("wanda", "sparsegpt"):
+            raise ValueError(f"allocation 'owl' needs activation statistics: use method wanda or sparsegpt, not {self.method!r}")
         if self.method == "sparsegpt" and self.scope not in (None, "layer"):
             raise ValueError(f"sparsegpt chooses its masks per layer; scope {self.scope!r} is not supported")
         return self

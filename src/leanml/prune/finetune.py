@@ -218,7 +218,7 @@ def finetune(handle: ModelHandle, cfg: Finetune, data=None, teacher: torch.nn.Mo
             sched.step()
             for m in sparse:
                 m.apply_mask()
-            losses.append(round(float(loss), 6))
+            losses.append(round(float(loss.detach()), 6))
     finally:
         for h in hooks:
             h.remove()

@@ -163,3 +163,28 @@ def select_masks(scores_by_layer: Mapping[str, torch.Tensor], comparison: str, s
     if comparison == "layer":
         return {k: unstructured_mask(s, sparsity) for k, s in scores_by_layer.items()}
     raise LeanmlError(f"comparison group {comparison!r} is not supported; use layer, row, global or nm")
+
+
+def outlier_ratio(score: torch.Tensor, m: float = 5.0) -> float:
+    """Fraction of entries of a (Wanda) score matrix above ``m`` times its mean: how much of the layer
+    is "outlier" weight (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity", OWL)."""
+    s = score.detach().double()
+    return float((s > m * s.mean()).double().mean())
+
+
+def owl_sparsities(ratios: dict[str, float], sizes: dict[str, int], target: float, lam: float) -> dict[str, float]:
+    """Per-layer sparsities from outlier ratios (OWL): layers with more outliers are pruned less. The
+    ratios are mapped linearly onto ``[target - lam, target + lam]`` (most outliers → least sparse), then
+    shifted so that the weight-count-weighted mean is exactly ``target``; the result is clipped to
+    ``[0, 0.99]``. ``lam = 0`` gives the uniform allocation."""
+    if not 0 <= lam < 1:
+        raise LeanmlError(f"OWL lambda {lam!r} is out of range; use 0 <= lambda < 1 (e.g. 0.08)")
+    names = list(ratios)
+    r = torch.tensor([ratios[n] for n in names], dtype=torch.float64)
+    n = torch.tensor([sizes[k] for k in names], dtype=torch.float64)
+    spread = r.max() - r.min()
+    unit = (r - r.min()) / spread if spread > 0 else torch.zeros_like(r)
+    s = target + lam - 2 * lam * unit  # most outliers -> target - lam
+    s = s + (target - (s * n).sum() / n.sum())
+    s = s.clamp(0.0, 0.99)
+    return {k: float(v) for k, v in zip(names, s, strict=True)}
