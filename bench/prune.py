@@ -79,9 +79,10 @@ def llm_unstructured(args, lee) -> dict:
         ("magnitude (layer-wise)", "leanml", "50%", [Prune(method="magnitude", sparsity=0.5)]),
         ("magnitude (layer-wise) torch.nn.utils.prune", "peer", "50%", None),
         ("wanda", "leanml", "50%", [Prune(method="wanda", sparsity=0.5, calib_windows=args.calib)]),
-        ("sparsegpt (recipe sparse-50)", "leanml", "50%", "sparse-50"),
+        ("sparsegpt, own-output targets", "leanml", "50%", [Prune(method="sparsegpt", sparsity=0.5)]),
+        ("sparsegpt, dense targets (recipe sparse-50)", "leanml", "50%", "sparse-50"),
         ("wanda", "leanml", "2:4", [Prune(method="wanda", pattern="2:4", calib_windows=args.calib)]),
-        ("sparsegpt (recipe sparse-2of4)", "leanml", "2:4", "sparse-2of4"),
+        ("sparsegpt, dense targets (recipe sparse-2of4)", "leanml", "2:4", "sparse-2of4"),
     ]
     best50 = None
     for label, tool, pattern, recipe in plans:

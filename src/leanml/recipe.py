@@ -61,8 +61,8 @@ BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
     "w8a8": [SmoothQuant(alpha=0.5, activations="dynamic")],
     "int8-static": [Int8Static(observer="minmax")],
     "int8-dynamic": [Int8Dynamic()],
-    "sparse-50": [Prune(method="sparsegpt", sparsity=0.5)],
-    "sparse-2of4": [Prune(method="sparsegpt", pattern="2:4")],
+    "sparse-50": [Prune(method="sparsegpt", sparsity=0.5, dense_targets=True, outlier_factor=8.0)],
+    "sparse-2of4": [Prune(method="sparsegpt", pattern="2:4", dense_targets=True, outlier_factor=8.0)],
     "ffn-25": [StructuredPrune(unit="neurons", ratio=0.25, criterion="activation", calib_windows=16)],
     "filters-50": [StructuredPrune(unit="filters", ratio=0.5, criterion="l1")],
 }

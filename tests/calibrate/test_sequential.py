@@ -167,3 +167,49 @@ def test_bad_input() -> None:
         run_sequential(model, [], ["lm_head"], lambda ctx: None)
     with pytest.raises(LeanmlError, match="window of type"):
         run_sequential(model, ["text"], ["lm_head"], lambda ctx: None)
+
+
+def test_dense_cross_statistics_match_a_separate_dense_run() -> None:
+    """With dense_inputs, collect_dense_cross pairs each linear's inputs in the model being changed with
+    the inputs the same linear gets in an untouched copy (checked against hooks on that copy)."""
+    import copy
+
+    model = tiny_llama_module()
+    reference = copy.deepcopy(model)
+    ws = windows(n=2)
+    name = "model.layers.1.mlp.down_proj"
+    dense_seen, now_seen = [], []
+    ref_lin = dict(reference.named_modules())[name]
+    h = ref_lin.register_forward_pre_hook(lambda _m, a: dense_seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    for w in ws:
+        reference(input_ids=w[None], use_cache=False)
+    h.remove()
+    got = {}
+
+    def process(ctx: BlockContext) -> None:
+        for lin in ctx.linears.values():  # perturb every block: later inputs differ from the dense ones
+            lin.weight.data.mul_(0.5)
+        if ctx.prefix == "model.layers.1":
+            lin = ctx.linears[name]
+            hook = lin.register_forward_pre_hook(lambda _m, a: now_seen.append(a[0].reshape(-1, a[0].shape[-1])))
+            for args, kwargs in ctx.calls:
+                ctx.module(*args, **kwargs)
+            hook.remove()
+            got["xtx"], got["xtd"] = ctx.collect_dense_cross(name)
+
+    run_sequential(model, ws, linears(model, "model.layers"), process, dense_inputs=True)
+    X = torch.cat(now_seen).double()
+    D = torch.cat(dense_seen).double()
+    assert not torch.allclose(X, D)
+    torch.testing.assert_close(got["xtx"], X.T @ X, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["xtd"], X.T @ D, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_cross_needs_dense_inputs() -> None:
+    model = tiny_llama_module()
+
+    def process(ctx: BlockContext) -> None:
+        with pytest.raises(LeanmlError, match="dense_inputs=True"):
+            ctx.collect_dense_cross(ctx.targets[0])
+
+    run_sequential(model, windows(n=1), linears(model, "model.layers.0"), process)

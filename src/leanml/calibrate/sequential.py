@@ -25,6 +25,7 @@ accepts it, and any ``past_key_values`` a block receives is dropped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanml.calibrate.hessian import HessianAccumulator
+from leanml.calibrate.hessian import HessianAccumulator, outlier_row_weights
 from leanml.errors import LeanmlError
 from leanml.progress import progress
 
@@ -150,6 +151,8 @@ class BlockContext:
     calls: list[Call] = field(repr=False)
     outlier_factor: float | None = None
     hessian_dtype: torch.dtype = torch.float32
+    dense_module: nn.Module | None = field(default=None, repr=False)  # the block before any change
+    dense_calls: list[Call] | None = field(default=None, repr=False)  # its inputs in the unchanged model
 
     def stage_of(self, name: str) -> list[str]:
         for stage in self.stages:
@@ -197,6 +200,54 @@ class BlockContext:
             for h in handles:
                 h.remove()
         return accs
+
+    @torch.no_grad()
+    def collect_dense_cross(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(XᵀX, XᵀD)`` (float64, ``(in, in)``) for the target linear ``name``: X are its inputs in the
+        model as it is now (rows are tokens), D the inputs of the same linear in the unchanged model on
+        the same windows. Rows are weighted as :meth:`collect` weights them (``outlier_factor``, from X).
+        Needs ``run_sequential(..., dense_inputs=True)``."""
+        if self.dense_module is None or self.dense_calls is None:
+            raise LeanmlError(f"block {self.prefix!r} has no dense reference; run_sequential needs dense_inputs=True "
+                              "and the target must sit in the stack of blocks")
+        if name not in self.linears:
+            raise LeanmlError(f"{name!r} is not a target linear of block {self.prefix!r}")
+        relative = name[len(self.prefix) + 1:]
+        dense_linear = dict(self.dense_module.named_modules())[relative]
+        dense_x = _inputs_of(self.dense_module, dense_linear, self.dense_calls)
+        xtx = xtd = None
+        for k, x in enumerate(_inputs_of(self.module, self.linears[name], self.calls)):
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            d = dense_x[k].reshape(-1, x.shape[-1]).to(torch.float64)
+            if self.outlier_factor is not None:
+                w = outlier_row_weights(x.norm(dim=1), self.outlier_factor)
+                xw = x * w[:, None]
+            else:
+                xw = x
+            xtx = xw.T @ x if xtx is None else xtx + xw.T @ x
+            xtd = xw.T @ d if xtd is None else xtd + xw.T @ d
+        return xtx, xtd
+
+
+def _inputs_of(module: nn.Module, linear: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
+    """The input ``linear`` receives in each forward of ``module`` on ``calls`` (cpu; forwards end early)."""
+    seen: list[torch.Tensor] = []
+
+    def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _linear_input(args, kwargs)
+        seen.append(x.detach().cpu())
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for args, kwargs in calls:
+            with contextlib.suppress(_Stop):
+                module(*args, **kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != len(calls):
+        raise LeanmlError("a target linear was not called once per calibration window")
+    return seen
 
 
 @torch.no_grad()
@@ -280,10 +331,14 @@ def run_sequential(
     outlier_factor: float | None = None,
     hessian_dtype: torch.dtype = torch.float32,
     label: str = "calibrate",
+    dense_inputs: bool = False,
 ) -> None:
     """Calibrate ``model`` block by block: ``process_block(ctx)`` is called once per block holding
     targets (in forward order), then once for the targets outside the stack, if any (see the module
-    docstring). ``outlier_factor`` and ``hessian_dtype`` configure the accumulators of ``ctx.collect``."""
+    docstring). ``outlier_factor`` and ``hessian_dtype`` configure the accumulators of ``ctx.collect``.
+    With ``dense_inputs`` each block of the stack also gets a copy of itself as it was before
+    ``process_block`` and its inputs in the unchanged model (``ctx.dense_module``, ``ctx.dense_calls``), for
+    :meth:`BlockContext.collect_dense_cross`; this holds a second set of cached inputs."""
     if len(windows) == 0:
         raise LeanmlError("no calibration windows given; pass at least one")
     linears = _resolve_targets(model, targets)
@@ -295,6 +350,7 @@ def run_sequential(
         if stack is not None:
             stack_name, blocks = stack
             calls = capture_block_inputs(model, blocks[0], windows)
+            dense_calls = list(calls) if dense_inputs else None
             for i in progress(range(len(blocks)), label):
                 block = blocks[i]
                 prefix = f"{stack_name}.{i}" if stack_name else str(i)
@@ -303,13 +359,20 @@ def run_sequential(
                     for n in mine:
                         remaining.pop(n)
                     stages = _probe_stages(block, calls[0], mine)
+                    dense_block = copy.deepcopy(block) if dense_inputs else None
                     ctx = BlockContext(i, prefix, block, [n for s in stages for n in s], stages, mine, calls,
-                                       outlier_factor, hessian_dtype)
+                                       outlier_factor, hessian_dtype, dense_block, dense_calls)
                     process_block(ctx)
+                else:
+                    dense_block = block
                 if i + 1 < len(blocks):
+                    if dense_calls is not None:
+                        for k, (args, kwargs) in enumerate(dense_calls):
+                            dense_calls[k] = _replace_hidden(dense_calls[k], _first_tensor(dense_block(*args, **kwargs)))
                     for k, (args, kwargs) in enumerate(calls):
                         calls[k] = _replace_hidden(calls[k], _first_tensor(block(*args, **kwargs)))
-            del calls
+                del dense_block
+            del calls, dense_calls
         if remaining:
             calls = [window_call(model, w) for w in windows]
             stages = _probe_stages(model, calls[0], remaining)

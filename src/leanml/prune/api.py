@@ -211,19 +211,44 @@ def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cf
                     stage_masks = {n: select_masks({n: scores[n]}, cfg.comparison, target[n])[n] for n in stage}
                 _zero_layers(ctx.linears, stage_masks)
             else:
-                accs = ctx.collect(stage)
+                if cfg.dense_targets and ctx.dense_module is not None:
+                    xtx, xtd = ctx.collect_dense_cross(stage[0])
+                    hessians = {n: xtx for n in stage}
+                else:
+                    xtd = None
+                    accs = ctx.collect(stage)
+                    hessians = {n: accs[n].hessian for n in stage}
                 stage_masks = {}
                 for name in stage:
                     lin = ctx.linears[name]
-                    res = sparsegpt_prune(lin.weight.detach(), accs[name].hessian, None if nm else target[name],
+                    weight = lin.weight.detach()
+                    if xtd is not None:
+                        weight = dense_target_weight(weight, hessians[name], xtd, cfg.damp)
+                    res = sparsegpt_prune(weight, hessians[name], None if nm else target[name],
                                           cfg.n, cfg.m, block_size=cfg.block_size, damp=cfg.damp)
                     with torch.no_grad():
                         lin.weight.copy_(res.weight.to(lin.weight.device, lin.weight.dtype))
                     stage_masks[name] = res.mask
             masks.update(stage_masks)
 
-    run_sequential(model, batches, names, process, label=cfg.method, outlier_factor=cfg.outlier_factor)
+    run_sequential(model, batches, names, process, label=cfg.method, outlier_factor=cfg.outlier_factor,
+                   dense_inputs=cfg.method == "sparsegpt" and cfg.dense_targets)
     return masks
+
+
+def dense_target_weight(W: torch.Tensor, xtx: torch.Tensor, xtd: torch.Tensor, damp: float) -> torch.Tensor:
+    """The least-squares weight ``W' = W (XᵀD)ᵀ (XᵀX + λI)⁻¹`` that best maps the inputs X the layer now
+    receives to the outputs ``D Wᵀ`` it gave on the unchanged model's inputs D (``λ = damp · mean diag``).
+    Since ``||DWᵀ - XŴᵀ||² = ||XW'ᵀ - XŴᵀ||² + const`` (λ = 0), pruning ``W'`` under ``H = XᵀX`` targets
+    the dense model's outputs rather than the layer's own outputs on already-perturbed inputs."""
+    H = xtx.to(torch.float64).clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag += damp * float(diag.mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = 1.0
+    rhs = xtd.to(torch.float64) @ W.to(torch.float64).T
+    solved = torch.linalg.solve(H, rhs)
+    return solved.T.to(W.dtype)
 
 
 @torch.no_grad()

@@ -62,7 +62,10 @@ class Prune(_LeanmlConfig):
     ``layer`` otherwise. ``calib_windows`` windows of ``window`` tokens calibrate wanda/sparsegpt (layer by
     layer) and give the gradients of taylor/gradient. ``damp`` and ``block_size`` are SparseGPT's;
     ``outlier_factor`` down-weights, in SparseGPT's Hessian, tokens whose input norm exceeds that many times
-    the median (attention-sink tokens), as the weight-only GPTQ does. ``allocation: owl`` (unstructured,
+    the median (attention-sink tokens), as the weight-only GPTQ does. ``dense_targets`` (SparseGPT, layers
+    inside the stack of blocks) makes each layer reconstruct the output the UNPRUNED model gives it, from
+    the inputs the already-pruned layers before it now produce, instead of its own output on those
+    perturbed inputs (the least-squares correction is folded into W before pruning). ``allocation: owl`` (unstructured,
     layer scope) gives layers with more outlier Wanda scores (> ``owl_m`` x mean) less sparsity, within
     ``target ± owl_lambda``, keeping the overall sparsity of the targeted layers at the target (OWL,
     Yin et al. 2024); ``uniform`` prunes every layer to the target.
@@ -80,6 +83,7 @@ class Prune(_LeanmlConfig):
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
     outlier_factor: float | None = Field(None, gt=1)
+    dense_targets: bool = False
     allocation: Literal["uniform", "owl"] = "uniform"
     owl_lambda: float = Field(0.08, ge=0, lt=1)
     owl_m: float = Field(5.0, gt=0)
@@ -118,6 +122,8 @@ class Prune(_LeanmlConfig):
             raise ValueError("allocation 'owl' applies to unstructured sparsity with scope layer or row")
         if self.allocation == "owl" and self.method not in ("wanda", "sparsegpt"):
             raise ValueError(f"allocation 'owl' needs activation statistics: use method wanda or sparsegpt, not {self.method!r}")
+        if self.dense_targets and self.method != "sparsegpt":
+            raise ValueError(f"dense_targets applies to method sparsegpt, not {self.method!r}")
         if self.method == "sparsegpt" and self.scope not in (None, "layer"):
             raise ValueError(f"sparsegpt chooses its masks per layer; scope {self.scope!r} is not supported")
         return self
