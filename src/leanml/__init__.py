@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from . import (
+    distill,  # noqa: E402  (callable: leanml.distill(teacher, config, data))
     prune,  # noqa: E402  (callable: leanml.prune(handle, config, data))
     quantize,  # noqa: E402  (callable: leanml.quantize(handle, config, data))
 )
@@ -37,5 +38,5 @@ def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
     return prepare(handle, name, **kwargs)
 
 
-__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "export", "load", "load_data",
+__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "distill", "export", "load", "load_data",
            "load_model", "profile", "prune", "quantize", "runtime"]

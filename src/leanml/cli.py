@@ -191,6 +191,65 @@ def export(
         console.print("fusions: " + "; ".join(report["fusions"]), style="dim")
 
 
+@app.command()
+def distill(
+    model: Annotated[str, typer.Argument(help="the teacher: built-in name, model path or leanml artifact folder")],
+    data: Annotated[str, typer.Option(help="training data: built-in name (enwiki, lee, digits, ...) or a path")],
+    out: Annotated[Path, typer.Option(help="output folder for the student (refused if it exists, unless --force)")],
+    student: Annotated[str, typer.Option(help="drop-layers:R[:influence|every], keep-layers:I,J,.., width:R, "
+                                              "joined by '+', or same")] = "drop-layers:0.5",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
+    loss: Annotated[str, typer.Option(help="terms joined by '+': kd, task, hidden, relation, attention")] = "kd",
+    batch_size: Annotated[int, typer.Option(help="items per optimizer step (all processes together)")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="distillation temperature (> 0)")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="weight of the task term when combined with kd, in [0, 1]")] = 0.5,
+    window: Annotated[int, typer.Option(help="tokens per training window (causal LMs)")] = 256,
+    top_k: Annotated[int | None, typer.Option(help="distil only the teacher's top-k logits per token")] = None,
+    cache_teacher: Annotated[bool, typer.Option(help="run the teacher once per item and keep its top-k logits")] = False,
+    select_fraction: Annotated[float, typer.Option(help="train on this fraction of the items (after de-duplication)")] = 1.0,
+    select_by: Annotated[str, typer.Option(help="hard, easy, random or curriculum")] = "hard",
+    seed: Annotated[int, typer.Option(help="seed of the data order and initialisation")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (in OUT.checkpoints)")] = 50,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint of an interrupted run")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+) -> None:
+    """Distil a teacher into a smaller student built from it, and write the student to --out."""
+    import json
+    import shutil
+
+    from .artifact import check_target, save_artifact
+    from .distill import Distill
+    from .distill.api import distill as run_distill
+    from .distill.trainer import world
+    from .models import load_model
+    from .recipe import Recipe
+
+    check_target(out, force)
+    cfg = Distill(student=student, loss=loss, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                  temperature=temperature, alpha=alpha, window=window, top_k=top_k, cache_teacher=cache_teacher,
+                  select_fraction=select_fraction, select_by=select_by, seed=seed, checkpoint_every=checkpoint_every)
+    ckpt = out.with_name(out.name + ".checkpoints")
+    teacher = load_model(model)
+    result = run_distill(teacher, cfg, load_data_arg(data), checkpoint_dir=ckpt, resume=resume)
+    if world()[0] != 0:
+        return
+    report = result.meta["reports"]["distill.json"]
+    save_artifact(result, out, recipe=Recipe(name=f"distill {student}", steps=[cfg]), force=force,
+                  extra={"distill.json": json.dumps(report, indent=2, default=str) + "\n"})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    table = Table(title=f"{teacher.name} -> student {student}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("parameters (teacher → student)", f"{report['params_teacher']:,} → {report['params_student']:,}")
+    table.add_row("training items", str(report.get("selection", {}).get("kept", report.get("dedup", {}).get("kept", "-"))))
+    table.add_row("loss (first → last step)", f"{report['first_loss']:.4f} → {report['last_loss']:.4f}")
+    table.add_row("wall-clock", f"{report['seconds']:.1f} s ({report['items_per_s']} items/s, {report['processes']} process(es))")
+    console.print(table)
+    console.print(f"wrote {out} (model.safetensors, leanml.json, distill.json)")
+
+
 def load_data_arg(data: str | None):
     if data is None:
         return None

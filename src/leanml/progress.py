@@ -38,3 +38,30 @@ def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterat
         for item in items:
             yield item
             bar.advance(task)
+
+
+class StepBar:
+    """A progress bar for a training loop that also shows a status text (loss, throughput); silent
+    under the same conditions as :func:`progress`. Use as a context manager."""
+
+    def __init__(self, label: str, total: int, completed: int = 0):
+        self.label, self.total, self.completed = label, total, completed
+        self._bar: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> StepBar:
+        if enabled():
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+            self._bar = Progress(*columns, transient=True, console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.completed, status="")
+        return self
+
+    def advance(self, status: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, status=status)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -29,6 +29,7 @@ def handler_for(config: TechniqueConfig) -> Handler:
 
 def _load_handlers() -> None:
     # The modules below call `register` for their configs; importing them here keeps the table explicit.
+    from .distill import api as _distill  # noqa: F401
     from .prune import api as _prune  # noqa: F401
     from .prune.finetune import apply_finetune  # noqa: F401
     from .quantize import api  # noqa: F401
