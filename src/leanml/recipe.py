@@ -64,7 +64,7 @@ BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
     "sparse-50": [Prune(method="sparsegpt", sparsity=0.5, dense_targets=True, outlier_factor=8.0)],
     "sparse-2of4": [Prune(method="sparsegpt", pattern="2:4", dense_targets=True, outlier_factor=8.0)],
     "ffn-25": [StructuredPrune(unit="neurons", ratio=0.25, criterion="activation", calib_windows=16)],
-    "filters-50": [StructuredPrune(unit="filters", ratio=0.5, criterion="l1")],
+    "filters-50": [StructuredPrune(unit="filters", ratio=0.5, criterion="activation", calib_windows=16)],
 }
 
 

@@ -286,9 +286,9 @@ def test_filters_50_recipe_through_apply_recipe():
     from leanml.recipe import Recipe, load_recipe
 
     recipe = load_recipe("filters-50")
-    assert recipe.steps == [StructuredPrune(unit="filters", ratio=0.5, criterion="l1")]
+    assert recipe.steps == [StructuredPrune(unit="filters", ratio=0.5, criterion="activation", calib_windows=16)]
     model = make_resnet()
-    apply_recipe(handle_of(model, images()), recipe)
+    apply_recipe(handle_of(model, images()), recipe, TensorData(name="images", x=images()))
     assert model.down.out_channels == 8
     yaml_recipe = Recipe.from_yaml("steps:\n  - kind: prune-structured\n    unit: filters\n    ratio: 0.25\n")
     model = make_resnet()
