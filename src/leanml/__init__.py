@@ -30,6 +30,13 @@ def export(model, fmt: str, path, **kwargs) -> dict:
     return _export(handle, fmt, path, **kwargs)
 
 
+def optimize(model, data, budget="1%", objective: str = "usd", **kwargs):
+    """The cheapest model within a quality budget, searched across techniques and runtimes (see :mod:`leanml.search`)."""
+    from .search import optimize as _optimize
+
+    return _optimize(model, data, budget=budget, objective=objective, **kwargs)
+
+
 def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
     """The model prepared to run on ``name`` (torch, torch-compile, onnxruntime); see :mod:`leanml.accelerate.runtimes`."""
     from .accelerate.runtimes import prepare
@@ -39,4 +46,4 @@ def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
 
 
 __all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "distill", "export", "load", "load_data",
-           "load_model", "profile", "prune", "quantize", "runtime"]
+           "load_model", "optimize", "profile", "prune", "quantize", "runtime"]

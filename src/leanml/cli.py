@@ -250,6 +250,50 @@ def distill(
     console.print(f"wrote {out} (model.safetensors, leanml.json, distill.json)")
 
 
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="built-in name, model path or leanml artifact folder")],
+    data: Annotated[str, typer.Option(help="data that judges quality: built-in name (lee, lee-sim, digits) or a path")],
+    max_drop: Annotated[str, typer.Option(help="quality the result may lose: 1% or 0.01")] = "1%",
+    drop_type: Annotated[str, typer.Option(help="relative (fraction of the original's value) or absolute (metric units)")]
+    = "relative",
+    objective: Annotated[str, typer.Option(help="usd, latency, size or energy")] = "usd",
+    hardware: Annotated[str | None, typer.Option(help="hardware profile for prices and power (see `leanml hardware`)")] = None,
+    runtime: Annotated[str, typer.Option(help="auto (search onnxruntime and torch), torch or onnxruntime")] = "auto",
+    time_budget: Annotated[str | None, typer.Option(help="wall-clock for the search, e.g. 20m, 1h30m")] = None,
+    trials: Annotated[int | None, typer.Option(help="stop after this many trials (all workers together)")] = None,
+    candidates: Annotated[str | None, typer.Option(help="other models to consider, comma-separated names or paths")] = None,
+    out: Annotated[Path, typer.Option(help="output folder (study, chosen model, report)")] = Path("leanml-optimize"),
+    resume: Annotated[bool, typer.Option(help="continue the study in --out (or --storage)")] = False,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by several workers "
+                                                     "(default: sqlite in --out)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for measurements")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+) -> None:
+    """Search quantization, pruning, distillation and runtimes for the cheapest model within a quality budget."""
+    from .search import optimize as run_optimize
+
+    cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+    result = run_optimize(model, load_data_arg(data), budget=max_drop, objective=objective, drop_type=drop_type,
+                          hardware=hardware, runtime=runtime, time_budget=time_budget, trials=trials, candidates=cands,
+                          out=out, resume=resume, storage=storage, force=force, threads=threads)
+    s = result.summary
+    table = Table(title=f"{s['model']} on {s['data']}: {len(result.trials)} trials in {s['elapsed_s']:.0f} s")
+    for col in ("trial", "candidate", "status", s["metric"], "drop", s["objective_label"]):
+        table.add_column(col, justify="right" if col not in ("candidate", "status") else "left")
+    for r in result.trials:
+        mark = " *" if r["number"] == s["chosen"] else ""
+        table.add_row(f"{r['number']}{mark}", r.get("label", ""), r["status"], _fmt(r.get("quality"), ".4g"),
+                      _fmt(r.get("quality_drop"), ".3g"), _fmt(r.get("objective"), ".4g"))
+    console.print(table)
+    if result.chosen is None:
+        console.print("no trial completed: nothing chosen (see trials.json for the reasons)")
+    else:
+        verdict = "within the budget" if s["met"] else f"budget NOT met (misses by {s['shortfall']:.4g})"
+        console.print(f"chosen: trial {s['chosen']}, {result.chosen['label']}: {verdict}")
+    console.print(f"report: {out / 'report.html'}")
+
+
 def load_data_arg(data: str | None):
     if data is None:
         return None

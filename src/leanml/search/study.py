@@ -1,0 +1,533 @@
+"""`optimize`: the cheapest model within a quality budget, searched across techniques and runtimes.
+
+Each trial applies a recipe from :mod:`leanml.search.space` to a copy of the model, checks a cheap,
+label-free fidelity first (agreement with the original on a few samples), and only then serves the model
+on its runtime, where its quality and cost are measured with :func:`leanml.profile`. Trials live in an
+Optuna study (SQLite in the output folder by default, any database URL with ``storage``), so a killed
+search resumes and several workers can share one study.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact import replace_folder, temp_folder_for, write_artifact_files
+from ..data import load_data
+from ..errors import LeanmlError
+from ..measure import profile
+from ..measure.hardware import get_profile
+from ..measure.quality import evaluate, fidelity
+from ..measure.record import write_atomic
+from ..models import ModelHandle, load_model
+from ..pipeline import apply_recipe
+from .budget import Budget, check_objective, higher_is_better, objective_label, objective_value, parse_drop, parse_duration
+from .pareto import pareto_front
+from .space import build_space
+
+STUDY_FILE = "study.db"
+WORK = ".work"
+GATE = 3.0  # a cheap estimate this many times over the budget skips the full measurement
+DISTILL_MIN_SECONDS = {"causal-lm": 3600.0}  # time budget from which distilled students join the space
+DISTILL_MIN_DEFAULT = 1200.0
+
+
+@dataclass
+class OptimizeResult:
+    handle: ModelHandle | None  # the chosen model (torch), or None when no trial completed
+    chosen: dict | None
+    trials: list[dict]
+    summary: dict
+    out: Path | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def clone(handle: ModelHandle) -> ModelHandle:
+    """An independent copy of a torch model handle (the tokenizer is shared: it is never changed)."""
+    meta = {k: copy.deepcopy(v) for k, v in handle.meta.items() if k not in ("torch_handle", "runtime_report")}
+    return dataclasses.replace(handle, module=copy.deepcopy(handle.module), meta=meta)
+
+
+def point_key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def estimate_drop(task: str, fid: dict | None, budget: Budget, base: float) -> float | None:
+    """A label-free estimate of the quality drop, in the budget's units, where one is known.
+
+    For causal LMs the mean per-token KL(original ‖ candidate) on a few windows bounds how much the
+    log-perplexity can rise to first order, so ``exp(KL) - 1`` estimates the relative perplexity increase.
+    """
+    if task == "causal-lm" and fid and fid.get("mean_kl") is not None:
+        rel = math.expm1(max(0.0, fid["mean_kl"]))
+        return rel if budget.drop_type == "relative" else rel * abs(base)
+    return None
+
+
+def choose(records: list[dict]) -> tuple[dict | None, bool]:
+    """The cheapest complete trial within the budget (ties: smaller drop); else the one closest to it."""
+    done = [r for r in records if r["status"] == "complete"]
+    ok = [r for r in done if r["meets_budget"]]
+    if ok:
+        return min(ok, key=lambda r: (r["objective"], r["quality_drop"], r["number"])), True
+    if done:
+        return min(done, key=lambda r: (r["quality_drop"], r["objective"], r["number"])), False
+    return None, False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study
+# ----------------------------------------------------------------------------------------------------
+
+
+def _storage(url: str):
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=20, grace_period=90,
+        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+
+
+def _retried_numbers(study) -> set[int]:
+    import warnings
+
+    import optuna
+
+    out = set()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for t in study.get_trials(deepcopy=False):
+        if "retry_of" in t.user_attrs:
+            out.add(int(t.user_attrs["retry_of"]))
+        n = optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+        if n is not None:
+            out.add(n)
+    return out
+
+
+def recover_interrupted(study) -> list[int]:
+    """Trials of workers that died on this host (or ended by an interrupt) are failed and queued again,
+    once each, with the same parameters; finished trials are kept as they are."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    retried = _retried_numbers(study)
+    requeued = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        worker = t.user_attrs.get("worker", "")
+        if t.state == TrialState.RUNNING:
+            w_host, _, pid = worker.rpartition(":")
+            if w_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue  # another machine's trial: its heartbeat decides
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.number in retried or not t.params:
+            continue
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        requeued.append(t.number)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return requeued
+
+
+def _records(study) -> list[dict]:
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        rec = t.user_attrs.get("record")
+        if rec is not None:
+            out.append(dict(rec, number=t.number, retry_of=t.user_attrs.get("retry_of"), worker=t.user_attrs.get("worker")))
+        elif t.state == TrialState.RUNNING:
+            out.append({"number": t.number, "status": "running", "label": t.user_attrs.get("label", ""),
+                        "runtime": t.params.get("runtime"), "params": t.params})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the search
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Search:
+    def __init__(self, handle, data, budget, objective, hardware, threads, space, base_quality, hib, work, models, gate):
+        self.handle, self.data, self.budget, self.objective = handle, data, budget, objective
+        self.hardware, self.threads, self.space, self.base, self.hib = hardware, threads, space, base_quality, hib
+        self.work, self.models, self.gate = work, models, gate
+        self.durations: list[float] = []
+        self.exhausted = False
+
+    # one point of the space, start to finish
+    def run(self, point: dict, number: int) -> dict:
+        t0 = time.perf_counter()
+        rec = {"label": self.space.label(point), "runtime": point["runtime"], "params": point, "status": "failed",
+               "reason": None, "quality": None, "quality_drop": None, "meets_budget": None, "objective": None,
+               "size_bytes": None, "fidelity": None, "estimate": None, "measurement": None, "recipe": None}
+        try:
+            recipe = self.space.recipe(point)
+            rec["recipe"] = recipe.to_dict()
+            base = self.models[point.get("model", "original")]
+            cand = clone(base)
+            apply_recipe(cand, recipe, self.data)
+            rec.update(self._measure(cand, point, number))
+        except Exception as exc:  # a technique that does not apply, a memory error...: recorded, search goes on
+            rec["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        self.durations.append(rec["seconds"])
+        return rec
+
+    def _measure(self, cand: ModelHandle, point: dict, number: int) -> dict:
+        from ..accelerate.runtimes import prepare
+
+        fid = fidelity(cand, self.handle, self.data, max_items=2)
+        est = estimate_drop(cand.task, fid, self.budget, self.base)
+        out = {"fidelity": fid, "estimate": est}
+        limit = self.gate * max(self.budget.max_drop, 1e-9)
+        if est is not None and est > limit:
+            return dict(out, status="rejected", reason=f"cheap fidelity: estimated drop {est:.4g} > {self.gate:g}x budget")
+        if cand.task != "causal-lm":  # evaluation is cheap: check the simulated model before serving it
+            q = evaluate(cand, self.data)
+            if q is not None:
+                drop = self.budget.drop(self.base, q["value"], self.hib)
+                out["estimate"] = drop
+                if drop > limit:
+                    return dict(out, status="rejected", reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} "
+                                                                f"> {self.gate:g}x budget")
+        rt = cand
+        if point["runtime"] != "torch":
+            rt = prepare(cand, point["runtime"], threads=self.threads, data=self.data,
+                         workdir=self.work / f"trial-{number}" / "onnx")
+        m = profile(rt, data=self.data, hardware=self.hardware, threads=self.threads)
+        md = m.to_dict()
+        q = (m.quality or {}).get("value")
+        if q is None:
+            raise LeanmlError(f"no quality metric for data {self.data.name!r} on {point['runtime']}")
+        drop = self.budget.drop(self.base, q, self.hib)
+        self._keep(cand, number)
+        return dict(out, status="complete", quality=q, quality_drop=drop, meets_budget=self.budget.meets(self.base, q, self.hib),
+                    objective=objective_value(self.objective, md), size_bytes=md["disk_bytes"], measurement=md)
+
+    def _keep(self, cand: ModelHandle, number: int) -> None:
+        """Save the torch model of a complete trial under the work folder (pruned later unless chosen)."""
+        folder = self.work / f"trial-{number}" / "model"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_folder_for(folder)
+        write_artifact_files(cand, tmp)
+        replace_folder(tmp, folder)
+
+    def tidy(self, keep: set[int]) -> None:
+        for d in self.work.glob("trial-*"):
+            try:
+                n = int(d.name.split("-")[1])
+            except ValueError:
+                continue
+            if n not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def objective_fn(self, seen: dict):
+        import optuna
+
+        def fn(trial):
+            point = {k: trial.suggest_categorical(k, v) for k, v in self.space.choices.items()}
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            trial.set_user_attr("label", self.space.label(point))
+            key = point_key(point)
+            for t in trial.study.get_trials(deepcopy=False):  # other workers' trials, finished or running
+                if t.number != trial.number and "worker" in t.user_attrs and "skipped" not in t.user_attrs and t.params:
+                    seen.setdefault(point_key(t.params), t.number)
+            invalid = not self.space.valid(point)
+            if invalid or (key in seen and "retry_of" not in trial.user_attrs):
+                trial.set_user_attr("skipped", "invalid combination" if invalid else f"same as trial {seen[key]}")
+                unseen = [p for p in self.space.points() if point_key(p) not in seen]
+                if unseen:
+                    rng = __import__("random").Random(trial.number)
+                    trial.study.enqueue_trial(rng.choice(unseen))
+                else:
+                    self.exhausted = True
+                raise optuna.TrialPruned()
+            seen[key] = trial.number
+            rec = self.run(point, trial.number)
+            trial.set_user_attr("record", _jsonable(rec))
+            if rec["status"] != "complete":
+                raise optuna.TrialPruned()
+            return rec["quality_drop"], rec["objective"]
+
+        return fn
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _base_quality(before: dict, data_name: str) -> tuple[float, str, bool]:
+    q = before.get("quality") or {}
+    if q.get("value") is None:
+        raise LeanmlError(f"data {data_name!r} gives no quality metric for this model; optimize needs one to keep a budget")
+    hib = q.get("higher_is_better")
+    return float(q["value"]), q["metric"], higher_is_better(q["metric"]) if hib is None else bool(hib)
+
+
+def optimize(model, data, budget: str | float | Budget = "1%", objective: str = "usd", *, drop_type: str = "relative",
+             hardware: str | None = None, runtime: str = "auto", time_budget: str | float | None = None,
+             trials: int | None = None, candidates: list | None = None, out: str | os.PathLike | None = None,
+             resume: bool = False, storage: str | None = None, force: bool = False, threads: int | None = None,
+             seed: int = 0, gate: float = GATE, sensitivity: bool = True) -> OptimizeResult:
+    """Search recipes × runtimes for the cheapest model (``objective``) whose quality on ``data`` is within
+    ``budget`` of the original's; see the module docstring. Returns the chosen model and every trial."""
+    import optuna
+
+    t_start = time.perf_counter()
+    check_objective(objective)
+    bud = budget if isinstance(budget, Budget) else Budget(parse_drop(budget), drop_type)
+    seconds = parse_duration(time_budget)
+    if trials is not None and (not isinstance(trials, int) or trials < 1):
+        raise LeanmlError(f"trials {trials!r} must be a whole number >= 1")
+    if gate <= 1:
+        raise LeanmlError(f"gate {gate!r} must be > 1 (how many times over the budget a cheap estimate may be)")
+    hw = get_profile(hardware)
+    out_path = Path(out) if out is not None else None
+    url = storage
+    if out_path is not None:
+        marker = out_path / STUDY_FILE
+        if out_path.exists() and not resume:
+            if not force:
+                raise LeanmlError(f"output {str(out_path)!r} already exists; use --resume to continue its search "
+                                  "or --force to replace it")
+            shutil.rmtree(out_path)
+        if resume and storage is None and not marker.exists():
+            raise LeanmlError(f"nothing to resume: {str(marker)!r} does not exist (start without --resume)")
+        out_path.mkdir(parents=True, exist_ok=True)
+        url = url or f"sqlite:///{marker.resolve()}"
+        work = out_path / WORK / f"{socket.gethostname()}-{os.getpid()}"  # one per worker: others never touch it
+    else:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="leanml-optimize-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    handle = model if isinstance(model, ModelHandle) else load_model(model)
+    if handle.runtime != "torch":
+        raise LeanmlError(f"model {handle.name!r} runs on {handle.runtime}; optimize starts from a torch model")
+    data = load_data(data)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = f"leanml-{handle.name}-{data.name}"
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    stor = _storage(url) if url else optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=study_name, storage=stor, directions=["minimize", "minimize"], sampler=sampler,
+                                load_if_exists=True)
+    settings = {"model": handle.name, "data": data.name, "max_drop": bud.max_drop, "drop_type": bud.drop_type,
+                "objective": objective, "hardware": hw.name, "runtime": runtime,
+                "candidates": [str(c) for c in candidates or []]}
+    old = study.user_attrs.get("settings")
+    if old is not None and old != settings:
+        diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
+        raise LeanmlError(f"the study {study_name!r} was started with other settings: {diff}")
+    study.set_user_attr("settings", settings)
+
+    # the original model, measured once for the whole study
+    if "before" in study.user_attrs:
+        before = study.user_attrs["before"]
+        base_seconds = study.user_attrs.get("before_seconds", 0.0)
+    else:
+        t0 = time.perf_counter()
+        before = profile(handle, data=data, hardware=hw.name, threads=threads).to_dict()
+        base_seconds = time.perf_counter() - t0
+        study.set_user_attr("before", _jsonable(before))
+        study.set_user_attr("before_seconds", base_seconds)
+    base_q, metric, hib = _base_quality(before, data.name)
+    if seconds is not None and seconds < 2 * base_seconds:
+        raise LeanmlError(f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
+                          f"{base_seconds:.0f} s (give at least {math.ceil(2 * base_seconds)} s)")
+
+    sens = study.user_attrs.get("sensitivity")
+    if sens is None and sensitivity:
+        from .sensitivity import layer_sensitivity
+
+        try:
+            sens = layer_sensitivity(handle, data)
+        except LeanmlError:
+            sens = {}
+        study.set_user_attr("sensitivity", _jsonable(sens))
+    sens = sens or {}
+    sensitive = list(sens)[: max(1, len(sens) // 10)] if (sens and handle.task == "causal-lm") else []
+    n_layers = getattr(getattr(handle.module, "config", None), "num_hidden_layers", None)
+    allow = seconds is None or seconds >= DISTILL_MIN_SECONDS.get(handle.task, DISTILL_MIN_DEFAULT)
+    space = build_space(handle, runtime, allow_distill=allow, n_layers=n_layers, sensitive=sensitive)
+    models = {"original": handle}
+    for c in candidates or []:
+        cand = c if isinstance(c, ModelHandle) else load_model(c)
+        if cand.task != handle.task:
+            raise LeanmlError(f"candidate {cand.name!r} is a {cand.task} model; the original is {handle.task}")
+        models[cand.name] = cand
+    if len(models) > 1:
+        space.choices = {"model": list(models), **space.choices}
+        space.seeds = [dict(s, model="original") for s in space.seeds]
+    if not study.trials:
+        for s in space.seeds:
+            study.enqueue_trial(s)
+    recover_interrupted(study)
+
+    search = _Search(handle, data, bud, objective, hw.name, threads, space, base_q, hib, work, models, gate)
+    seen = {point_key(t.params): t.number for t in study.get_trials(deepcopy=False)
+            if "record" in t.user_attrs and len(t.params) == len(space.choices)}
+    fn = search.objective_fn(seen)
+    budget_end = None if seconds is None else t_start + seconds
+    n_points = len(space.points())
+    while True:
+        recs = [r for r in _records(study) if r["status"] != "running"]
+        if trials is not None and len(recs) >= trials:
+            break
+        if len(seen) >= n_points or search.exhausted:
+            break
+        if budget_end is not None:
+            expected = statistics.median(search.durations) if search.durations else 2 * base_seconds
+            if time.perf_counter() + expected > budget_end:
+                break
+        study.optimize(fn, n_trials=1, catch=())
+        chosen, _ = choose([r for r in _records(study) if r["status"] != "running"])
+        search.tidy({chosen["number"]} if chosen else set())
+
+    records = sorted(_records(study), key=lambda r: r["number"])
+    if budget_end is not None and not search.durations and not records:
+        raise LeanmlError(f"time budget {time_budget!r} is too small for one trial: it ran out before the first "
+                          f"(measuring the original model took {base_seconds:.0f} s)")
+    chosen, met = choose(records)
+    done = [r for r in records if r["status"] == "complete"]
+    front = [done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])]
+    item = before.get("item", "item")
+    summary = {
+        "model": handle.name, "data": data.name, "metric": metric, "higher_is_better": hib,
+        "budget": {"max_drop": bud.max_drop, "drop_type": bud.drop_type, "threshold": bud.threshold(base_q, hib),
+                   "text": bud.text(metric, hib), "base": base_q},
+        "objective": objective, "objective_label": objective_label(objective, item), "hardware": hw.name,
+        "runtime": chosen["runtime"] if chosen else None, "before": before,
+        "after": chosen["measurement"] if chosen else None, "chosen": chosen["number"] if chosen else None,
+        "met": met, "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
+        "pareto": front, "baseline": None, "elapsed_s": round(time.perf_counter() - t_start, 1), "time_budget_s": seconds,
+        "trials_total": len(records), "sensitivity_bits": 4 if handle.task == "causal-lm" else 8,
+    }
+    summary["why"] = why(summary, records, chosen)
+    result_handle = None
+    if chosen is not None:
+        result_handle = _materialize(search, chosen)
+    if out_path is not None:
+        import fcntl
+
+        with open(out_path / ".lock", "w") as lock:  # workers on one machine finish one at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _write_outputs(out_path, summary, records, sens, chosen, result_handle, search)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return OptimizeResult(result_handle, chosen, records, summary, out_path)
+
+
+def recipe_of(rec: dict):
+    """The recipe a trial record holds (it may have no steps: the original model on another runtime)."""
+    from ..config import config_from_dict
+    from ..recipe import Recipe
+
+    r = rec["recipe"]
+    return Recipe(name=r.get("name", "custom"), steps=[config_from_dict(s) for s in r["steps"]])
+
+
+def _materialize(search: _Search, chosen: dict) -> ModelHandle:
+    """The chosen model as a torch handle: from the work folder when this worker kept it, else rebuilt."""
+    from ..artifact import load_artifact
+
+    folder = search.work / f"trial-{chosen['number']}" / "model"
+    if folder.exists():
+        return load_artifact(folder)
+    cand = clone(search.models[chosen["params"].get("model", "original")])
+    apply_recipe(cand, recipe_of(chosen), search.data)
+    return cand
+
+
+def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
+    """A short paragraph: what was chosen, against what, and what it gave up."""
+    if chosen is None:
+        return "No trial completed, so there is no model to choose; see the reasons in the trials table."
+    m0 = summary["before"]
+    base_obj = objective_value(summary["objective"], m0)
+    ratio = chosen["objective"] / base_obj if base_obj else float("nan")
+    metric, unit = summary["metric"], summary["objective_label"]
+    done = [r for r in records if r["status"] == "complete"]
+    ok = sorted((r for r in done if r["meets_budget"]), key=lambda r: r["objective"])
+    text = (f"{chosen['label']} costs {chosen['objective']:.4g} {unit} against {base_obj:.4g} for the original "
+            f"({ratio:.2f}x), with {metric} {chosen['quality']:.4g} (original {summary['budget']['base']:.4g}). ")
+    if summary["met"]:
+        text += f"It is the cheapest of the {len(ok)} completed candidates within the budget ({summary['budget']['text']}). "
+        if len(ok) > 1:
+            nxt = ok[1]
+            text += f"The next cheapest within budget, {nxt['label']}, costs {nxt['objective']:.4g}. "
+        cheaper = [r for r in done if not r["meets_budget"] and r["objective"] < chosen["objective"]]
+        if cheaper:
+            c = min(cheaper, key=lambda r: r["objective"])
+            text += (f"Cheaper candidates broke the budget: {c['label']} costs {c['objective']:.4g} but loses "
+                     f"{c['quality_drop']:.4g} (allowed {summary['budget']['max_drop']:.4g}). ")
+    else:
+        text += (f"No candidate met the budget ({summary['budget']['text']}); this is the closest, missing it by "
+                 f"{summary['shortfall']:.4g}. ")
+    rejected = sum(r["status"] == "rejected" for r in records)
+    failed = sum(r["status"] == "failed" for r in records)
+    if rejected or failed:
+        text += f"{rejected} candidates were rejected by the cheap fidelity check and {failed} failed (reasons in the table)."
+    return text.strip()
+
+
+def _write_outputs(out: Path, summary: dict, records: list[dict], sens: dict, chosen: dict | None,
+                   handle: ModelHandle | None, search: _Search) -> None:
+    from ..accelerate.runtimes import prepare
+
+    work = search.work
+
+    write_atomic(out / "before.json", json.dumps(summary["before"], indent=2) + "\n")
+    write_atomic(out / "trials.json", json.dumps(records, indent=2, default=str) + "\n")
+    write_atomic(out / "sensitivity.json", json.dumps(sens, indent=2) + "\n")
+    if chosen is not None:
+        recipe = recipe_of(chosen)
+        write_atomic(out / "recipe.yaml", recipe.to_yaml())
+        write_atomic(out / "after.json", json.dumps(chosen["measurement"], indent=2) + "\n")
+        tmp = temp_folder_for(out / "model")
+        try:
+            write_artifact_files(handle, tmp, recipe)
+            ort = work / f"trial-{chosen['number']}" / "onnx"
+            if chosen["runtime"] == "onnxruntime":
+                if ort.exists():
+                    shutil.copytree(ort, tmp / "onnx")
+                else:  # chosen from another worker's trial: export it here
+                    prepare(handle, "onnxruntime", threads=search.threads, data=search.data, workdir=tmp / "onnx")
+            replace_folder(tmp, out / "model")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    from ..report import write_report
+
+    write_report(out, summary, records, sens or None)
+    shutil.rmtree(work, ignore_errors=True)
