@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: install
-	$(BIN)/leanml profile smollm2-135m --data lee
+demo: install  # the demo's own folder, replaced on each run
+	$(BIN)/leanml optimize smollm2-135m --data lee --max-drop 5% --time-budget 15m --out leanml-demo --force
 
 test: install
 	$(BIN)/ruff check src tests bench

@@ -115,7 +115,8 @@ def _result_line(summary: dict, chosen: dict | None) -> tuple[str, bool]:
     met = bool(summary.get("met"))
     if chosen is not None:
         name = chosen.get("label") or f"trial {chosen.get('number')}"
-        head = f"{name} on {chosen.get('runtime') or summary.get('runtime')}"
+        runtime = chosen.get("runtime") or summary.get("runtime")
+        head = name if (runtime and name.endswith(f" on {runtime}")) else f"{name} on {runtime}"
     else:
         head = "No model chosen (no trial completed)"
     if met:

@@ -112,7 +112,7 @@ def _storage(url: str):
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(
         url, engine_kwargs=kwargs, heartbeat_interval=20, grace_period=90,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
 def _retried_numbers(study) -> set[int]:
@@ -125,7 +125,7 @@ def _retried_numbers(study) -> set[int]:
     for t in study.get_trials(deepcopy=False):
         if "retry_of" in t.user_attrs:
             out.add(int(t.user_attrs["retry_of"]))
-        n = optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+        n = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         if n is not None:
             out.add(n)
     return out

@@ -1,0 +1,165 @@
+"""`leanml optimize` benchmark: the cheapest model within a quality budget, against the best single
+built-in recipe that meets the same budget (measured in the same run, on the same runtime and hardware).
+
+Sections (each can run alone; earlier results of the other sections are kept in the JSON):
+
+* ``smollm2`` - SmolLM2-135M, at most 5% relative perplexity increase on Lee, objective $ per million tokens;
+* ``minilm``  - MiniLM-L6, at most 0.01 absolute Spearman drop on lee-sim, objective $ per million sentences.
+
+The search's folders (chosen model, report) go to ``bench/out/optimize-<model>``; the report's text and
+plots are copied to ``bench/results/optimize/<model>/``.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import _common  # noqa: F401  (first: fixes the import path and the environment)
+# isort: on
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import leanml
+from _common import RESULTS, md_table, write_results
+from leanml.accelerate.runtimes import prepare
+from leanml.measure.profile import host_info
+from leanml.pipeline import apply_recipe
+from leanml.search import Budget, parse_drop
+from leanml.search.budget import objective_value
+from leanml.search.study import clone
+
+OUT = Path(__file__).parent / "out"
+SECTIONS = {
+    "smollm2": {"model": "smollm2-135m", "data": "lee", "max_drop": "5%", "drop_type": "relative",
+                "builtins": ["w8", "w4-g64", "ffn-25"]},
+    "minilm": {"model": "minilm-l6", "data": "lee-sim", "max_drop": "0.01", "drop_type": "absolute",
+               "builtins": ["int8-dynamic", "int8-static", "w8"]},
+}
+
+
+def best_builtin(spec: dict, budget: Budget, threads: int, hardware: str) -> dict:
+    """Each built-in recipe for this kind of model, served on ONNX Runtime and torch, measured like a trial."""
+    base = leanml.load(spec["model"])
+    data = leanml.load_data(spec["data"])
+    before = leanml.profile(base, data=data, hardware=hardware, threads=threads).to_dict()
+    q0 = before["quality"]["value"]
+    hib = before["quality"].get("higher_is_better", True)
+    rows = []
+    for name in spec["builtins"]:
+        t0 = time.perf_counter()
+        try:
+            cand = clone(base)
+            apply_recipe(cand, name, data)
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"recipe": name, "runtime": "-", "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        for rt_name in ("onnxruntime", "torch"):
+            try:
+                rt = prepare(cand, rt_name, threads=threads, data=data) if rt_name != "torch" else cand
+                m = leanml.profile(rt, data=data, hardware=hardware, threads=threads).to_dict()
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"recipe": name, "runtime": rt_name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            q = m["quality"]["value"]
+            rows.append({"recipe": name, "runtime": rt_name, "quality": round(q, 4),
+                         "drop": round(budget.drop(q0, q, hib), 5), "meets": budget.meets(q0, q, hib),
+                         "usd_per_million": objective_value("usd", m), "seconds": round(time.perf_counter() - t0, 1)})
+            print(rows[-1], flush=True)
+    ok = [r for r in rows if r.get("meets")]
+    best = min(ok, key=lambda r: r["usd_per_million"]) if ok else None
+    return {"before_usd": objective_value("usd", before), "rows": rows, "best": best}
+
+
+def section(name: str, args) -> dict:
+    spec = SECTIONS[name]
+    budget = Budget(parse_drop(spec["max_drop"]), spec["drop_type"])
+    out = OUT / f"optimize-{spec['model']}"
+    t0 = time.perf_counter()
+    res = leanml.optimize(spec["model"], spec["data"], budget=budget, objective="usd", hardware=args.hardware,
+                          time_budget=getattr(args, f"{name}_time"), out=out, force=True, threads=args.threads)
+    seconds = round(time.perf_counter() - t0, 1)
+    s = res.summary
+    before_usd = objective_value("usd", s["before"])
+    chosen = res.chosen
+    ratio = chosen["objective"] / before_usd if chosen else None
+    copy_to = RESULTS / "optimize" / spec["model"]
+    copy_to.mkdir(parents=True, exist_ok=True)
+    for f in ("report.md", "report.html", "pareto.png", "pareto_size.png", "sensitivity.png", "recipe.yaml", "summary.json"):
+        if (out / f).exists():
+            shutil.copy(out / f, copy_to / f)
+    base = best_builtin(spec, budget, args.threads, args.hardware) if not args.no_baseline else None
+    trials = [{k: r.get(k) for k in ("number", "label", "status", "reason", "quality", "quality_drop", "meets_budget",
+                                     "objective", "seconds")} for r in res.trials]
+    targets = {"cost <= 0.4x fp32 torch eager": ratio is not None and s["met"] and ratio <= 0.4}
+    if base is not None:
+        b = base["best"]
+        targets["at least as cheap as the best built-in recipe within budget"] = bool(
+            chosen and s["met"] and (b is None or chosen["objective"] <= b["usd_per_million"] * 1.02))
+    return {"spec": spec, "seconds": seconds, "time_budget": getattr(args, f"{name}_time"), "before_usd": before_usd,
+            "before_quality": s["budget"]["base"],
+            "chosen": chosen and {k: chosen[k] for k in ("label", "quality", "quality_drop", "objective", "runtime")},
+            "met": s["met"], "cost_ratio": ratio, "why": s["why"], "trials": trials, "baseline": base, "targets": targets}
+
+
+def markdown(payload: dict) -> str:
+    md = [f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), {payload['threads']} threads, "
+          f"priced as {payload['hardware']}.\n"]
+    for sec in payload["sections"].values():
+        spec = sec["spec"]
+        c = sec["chosen"] or {}
+        md.append(f"### {spec['model']} on {spec['data']}: max drop {spec['max_drop']} ({spec['drop_type']}), "
+                  f"objective $ per million items, time budget {sec['time_budget']}\n")
+        md.append(f"Chosen: **{c.get('label', '-')}**, {sec['spec']['data']} quality {c.get('quality', float('nan')):.4g} "
+                  f"(original {sec['before_quality']:.4g}); cost {c.get('objective', float('nan')):.4g} vs "
+                  f"{sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** the fp32 torch-eager model; "
+                  f"search wall-clock {sec['seconds']:.0f} s.\n")
+        md.append(md_table(["trial", "candidate", "status", "quality", "drop", "$ / M", "seconds", "reason"],
+                           [[t["number"], t["label"], t["status"], _f(t["quality"]), _f(t["quality_drop"]), _f(t["objective"]),
+                             t["seconds"], (t["reason"] or "")[:80]] for t in sec["trials"]]))
+        if sec.get("baseline"):
+            b = sec["baseline"]
+            md.append("\nBuilt-in recipes, same measurement:\n")
+            md.append(md_table(["recipe", "runtime", "quality", "drop", "meets budget", "$ / M", "× fp32"],
+                               [[r["recipe"], r["runtime"], _f(r.get("quality")), _f(r.get("drop")),
+                                 r.get("meets", r.get("error")),
+                                 _f(r.get("usd_per_million")),
+                                 _f(r["usd_per_million"] / b["before_usd"]) if r.get("usd_per_million") else "-"]
+                                for r in b["rows"]]))
+            best = b["best"]
+            md.append(f"\nBest built-in within budget: {best['recipe']} on {best['runtime']} at "
+                      f"{best['usd_per_million']:.4g} $/M\n" if best else "\nNo built-in recipe met the budget.\n")
+    targets = {f"{n}: {k}": v for n, s in payload["sections"].items() for k, v in s["targets"].items()}
+    md.append("\nTargets: " + "; ".join(f"{k} — {'met' if v else 'MISSED'}" for k, v in targets.items()) + "\n")
+    return "\n".join(md)
+
+
+def _f(x):
+    return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hardware", default="aws-c6i.large")
+    parser.add_argument("--smollm2-time", dest="smollm2_time", default="15m")
+    parser.add_argument("--minilm-time", dest="minilm_time", default="15m")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / "optimize.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"sections": {}}
+    payload.update({"host": host_info(), "threads": args.threads, "hardware": args.hardware})
+    for name in args.sections:
+        payload["sections"][name] = section(name, args)
+        write_results("optimize", copy.deepcopy(payload), markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
