@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -149,8 +150,13 @@ def test_two_process_torchrun_matches_single_process(tmp_path):
     env.pop("WORLD_SIZE", None)
     single, multi = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                    str(script), str(multi)], check=True, env=env, timeout=300, capture_output=True)
+    with socket.socket() as s:  # a free port: a fixed one can be taken on a shared machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(multi)],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert job.returncode == 0, f"torchrun failed ({job.returncode}):\n{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert a["processes"] == 1 and b["processes"] == 2
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-4, abs=1e-6)

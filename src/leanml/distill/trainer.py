@@ -62,6 +62,10 @@ def init_distributed() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():
+        if os.environ.get("MASTER_ADDR", "") in ("localhost", "127.0.0.1") and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # a one-machine job: gloo would otherwise bind to the address the host name resolves to,
+            # which sandboxes and containers often leave unresolvable
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
