@@ -39,6 +39,7 @@ WORK = ".work"
 GATE = 3.0  # a cheap estimate this many times over the budget skips the full measurement
 DISTILL_MIN_SECONDS = {"causal-lm": 3600.0}  # time budget from which distilled students join the space
 DISTILL_MIN_DEFAULT = 1200.0
+CACHE_MODELS = 2  # compressed models kept per process for the same recipe on another runtime
 
 
 @dataclass
@@ -182,6 +183,12 @@ class _Search:
         self.work, self.models, self.gate = work, models, gate
         self.durations: list[float] = []
         self.exhausted = False
+        # a recipe is compressed once per process and served on each runtime: the last compressed
+        # models (a bounded few: each is a whole model in memory), and every recipe's runtime-independent
+        # checks (fidelity, simulated quality), which can reject it on any runtime without compressing again
+        self.compressed: dict[str, ModelHandle] = {}
+        self.checks: dict[str, dict] = {}
+        self.cache_size = CACHE_MODELS
 
     # one point of the space, start to finish
     def run(self, point: dict, number: int) -> dict:
@@ -192,33 +199,65 @@ class _Search:
         try:
             recipe = self.space.recipe(point)
             rec["recipe"] = recipe.to_dict()
-            base = self.models[point.get("model", "original")]
-            cand = clone(base)
-            apply_recipe(cand, recipe, self.data)
-            rec.update(self._measure(cand, point, number))
+            key = json.dumps([point.get("model", "original"), rec["recipe"]["steps"]], sort_keys=True, default=str)
+            checks = self.checks.get(key)
+            if checks is not None and checks.get("status") == "rejected":  # fails before any runtime is involved
+                rec.update(checks, reused="checks")
+            else:
+                cand = self._compressed(key, point, recipe, rec)
+                rec.update(self._measure(cand, point, number, key))
         except Exception as exc:  # a technique that does not apply, a memory error...: recorded, search goes on
             rec["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         self.durations.append(rec["seconds"])
         return rec
 
-    def _measure(self, cand: ModelHandle, point: dict, number: int) -> dict:
-        from ..accelerate.runtimes import prepare
+    def _compressed(self, key: str, point: dict, recipe, rec: dict) -> ModelHandle:
+        """A fresh copy of the model compressed by ``recipe``: from the cache when this process made it
+        recently (the cache keeps its own copy: runtimes and measurement never see it), else made now."""
+        hit = self.compressed.get(key)
+        if hit is not None:
+            self.compressed[key] = self.compressed.pop(key)  # most recently used last
+            rec["reused"] = "compressed model"
+            return clone(hit)
+        cand = clone(self.models[point.get("model", "original")])
+        apply_recipe(cand, recipe, self.data)
+        if self.cache_size > 0 and _fits_in_memory(cand, self.cache_size + 2):
+            while len(self.compressed) >= self.cache_size:
+                self.compressed.pop(next(iter(self.compressed)))
+            self.compressed[key] = clone(cand)
+        return cand
 
+    def _checks(self, cand: ModelHandle, key: str) -> dict:
+        """The runtime-independent checks of a compressed model: cheap fidelity, and for tasks whose
+        evaluation is cheap, the simulated model's quality; ``status`` ``rejected`` when either is far
+        over the budget. Remembered per recipe."""
+        if key in self.checks:
+            return self.checks[key]
         fid = fidelity(cand, self.handle, self.data, max_items=2)
         est = estimate_drop(cand.task, fid, self.budget, self.base)
         out = {"fidelity": fid, "estimate": est}
         limit = self.gate * max(self.budget.max_drop, 1e-9)
         if est is not None and est > limit:
-            return dict(out, status="rejected", reason=f"cheap fidelity: estimated drop {est:.4g} > {self.gate:g}x budget")
-        if cand.task != "causal-lm":  # evaluation is cheap: check the simulated model before serving it
+            out.update(status="rejected", reason=f"cheap fidelity: estimated drop {est:.4g} > {self.gate:g}x budget")
+        elif cand.task != "causal-lm":  # evaluation is cheap: check the simulated model before serving it
             q = evaluate(cand, self.data)
             if q is not None:
                 drop = self.budget.drop(self.base, q["value"], self.hib)
                 out["estimate"] = drop
                 if drop > limit:
-                    return dict(out, status="rejected", reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} "
-                                                                f"> {self.gate:g}x budget")
+                    out.update(status="rejected", reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} "
+                                                         f"> {self.gate:g}x budget")
+        self.checks[key] = out
+        return out
+
+    def _measure(self, cand: ModelHandle, point: dict, number: int, key: str) -> dict:
+        from ..accelerate.runtimes import prepare
+
+        checks = self._checks(cand, key)
+        if checks.get("status") == "rejected":
+            return dict(checks)
+        out = {"fidelity": checks["fidelity"], "estimate": checks["estimate"]}
         rt = cand
         if point["runtime"] != "torch":
             rt = prepare(cand, point["runtime"], threads=self.threads, data=self.data,
@@ -279,6 +318,18 @@ class _Search:
             return rec["quality_drop"], rec["objective"]
 
         return fn
+
+
+def _fits_in_memory(handle: ModelHandle, copies: int) -> bool:
+    """Whether ``copies`` more copies of the model's tensors take under a quarter of the free memory."""
+    import psutil
+    import torch
+
+    if not isinstance(handle.module, torch.nn.Module):
+        return False
+    tensors = list(handle.module.parameters()) + list(handle.module.buffers())
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return copies * size < 0.25 * psutil.virtual_memory().available
 
 
 def _jsonable(x):
