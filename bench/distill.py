@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ffn-steps", type=int, default=150)
     parser.add_argument("--ffn-lr", type=float, default=2e-4)
-    parser.add_argument("--llm-steps", type=int, default=300)
+    parser.add_argument("--llm-steps", type=int, default=400)
     parser.add_argument("--llm-lr", type=float, default=2e-4)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
