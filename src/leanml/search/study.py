@@ -200,9 +200,8 @@ class _Search:
             recipe = self.space.recipe(point)
             rec["recipe"] = recipe.to_dict()
             key = json.dumps([point.get("model", "original"), rec["recipe"]["steps"]], sort_keys=True, default=str)
-            checks = self.checks.get(key)
-            if checks is not None and checks.get("status") == "rejected":  # fails before any runtime is involved
-                rec.update(checks, reused="checks")
+            if self.checks.get(key, {}).get("status") == "rejected":  # fails before any runtime is involved
+                rec.update(self.checks[key], reused="checks")
             else:
                 cand = self._compressed(key, point, recipe, rec)
                 rec.update(self._measure(cand, point, number, key))
@@ -325,11 +324,11 @@ def _fits_in_memory(handle: ModelHandle, copies: int) -> bool:
     import psutil
     import torch
 
+    from ..measure.cost import weight_bytes
+
     if not isinstance(handle.module, torch.nn.Module):
         return False
-    tensors = list(handle.module.parameters()) + list(handle.module.buffers())
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    return copies * size < 0.25 * psutil.virtual_memory().available
+    return copies * weight_bytes(handle.module) < 0.25 * psutil.virtual_memory().available
 
 
 def _jsonable(x):
