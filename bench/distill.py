@@ -54,29 +54,44 @@ def timed(fn):
 def encoder(args, wiki) -> dict:
     sim = leanml.load_data("lee-sim")
     teacher = leanml.load("minilm-l6")
-    cfg = Distill(student=args.enc_student, loss="kd+hidden", steps=args.enc_steps, batch_size=32, lr=args.enc_lr,
-                  warmup=0.05, seed=0)
+    cfg = Distill(
+        student=args.enc_student, loss="kd+hidden", steps=args.enc_steps, batch_size=32, lr=args.enc_lr, warmup=0.05, seed=0
+    )
     student, seconds = timed(lambda: leanml.distill(teacher, cfg, wiki))
     report = student.meta["reports"]["distill.json"]
     batch = dict(teacher.tokenizer(sim.texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     with torch.no_grad():
-        times = timing_interleaved({"teacher": lambda: teacher.module(**batch), "student": lambda: student.module(**batch)},
-                                   2, args.repeats)
+        times = timing_interleaved(
+            {"teacher": lambda: teacher.module(**batch), "student": lambda: student.module(**batch)}, 2, args.repeats
+        )
     rows = []
     for name, h, secs in (("teacher (6 layers)", teacher, 0.0), (f"student {cfg.student} + {cfg.steps} steps", student, seconds)):
         key = "teacher" if h is teacher else "student"
-        rows.append({"model": name, "spearman": round(evaluate(h, sim)["value"], 4),
-                     "params": sum(p.numel() for p in h.module.parameters()),
-                     "batch50x128_p50_ms": times[key]["p50_ms"], "spread_ms": [times[key]["min_ms"], times[key]["max_ms"]],
-                     "seconds": secs})
+        rows.append(
+            {
+                "model": name,
+                "spearman": round(evaluate(h, sim)["value"], 4),
+                "params": sum(p.numel() for p in h.module.parameters()),
+                "batch50x128_p50_ms": times[key]["p50_ms"],
+                "spread_ms": [times[key]["min_ms"], times[key]["max_ms"]],
+                "seconds": secs,
+            }
+        )
         print(rows[-1], flush=True)
     t, s = rows
     s["spearman_delta"] = round(s["spearman"] - t["spearman"], 4)
     s["speedup"] = round(t["batch50x128_p50_ms"] / s["batch50x128_p50_ms"], 3)
-    return {"rows": rows, "config": cfg.model_dump(), "train_items": report.get("dedup"),
-            "layer_sources": report["layer_sources"], "loss_first_last": [report["first_loss"], report["last_loss"]],
-            "targets": {"spearman at most 0.02 below the teacher": s["spearman_delta"] >= -0.02,
-                        "speed-up >= 1.8x": s["speedup"] >= 1.8}}
+    return {
+        "rows": rows,
+        "config": cfg.model_dump(),
+        "train_items": report.get("dedup"),
+        "layer_sources": report["layer_sources"],
+        "loss_first_last": [report["first_loss"], report["last_loss"]],
+        "targets": {
+            "spearman at most 0.02 below the teacher": s["spearman_delta"] >= -0.02,
+            "speed-up >= 1.8x": s["speedup"] >= 1.8,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,19 +102,34 @@ def encoder(args, wiki) -> dict:
 def teacher_cnn(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(128, 10))
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    )
 
 
 def student_cnn(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(12, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(12, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
 
 
 def _params(m: torch.nn.Module) -> int:
@@ -116,41 +146,74 @@ def digits(args) -> dict:
     print({"teacher_accuracy": t_acc, "params": _params(teacher.module), "seconds": t_seconds}, flush=True)
 
     def run(loss: str, seed: int, **kw) -> tuple[float, float]:
-        cfg = Distill(loss=loss, steps=args.digit_steps, batch_size=64, lr=args.digit_lr, warmup=0.05, seed=seed,
-                      temperature=4.0, alpha=0.3, **kw)
+        cfg = Distill(
+            loss=loss,
+            steps=args.digit_steps,
+            batch_size=64,
+            lr=args.digit_lr,
+            warmup=0.05,
+            seed=seed,
+            temperature=4.0,
+            alpha=0.3,
+            **kw,
+        )
         student, seconds = timed(lambda: leanml.distill(teacher, cfg, data, student=student_cnn(seed)))
         student.module.eval()
         return evaluate(student, data)["value"], seconds
 
     variants = {"labels only": ("task", {}), "distilled (Hinton KD, T=4, alpha=0.3)": ("kd+task", {})}
-    selection = {"full data": {}, "hardest half (teacher loss)": {"select_fraction": 0.5, "select_by": "hard"},
-                 "hardest half as a curriculum": {"select_fraction": 0.5, "select_by": "curriculum"},
-                 "easiest half": {"select_fraction": 0.5, "select_by": "easy"},
-                 "random half": {"select_fraction": 0.5, "select_by": "random"}}
+    selection = {
+        "full data": {},
+        "hardest half (teacher loss)": {"select_fraction": 0.5, "select_by": "hard"},
+        "hardest half as a curriculum": {"select_fraction": 0.5, "select_by": "curriculum"},
+        "easiest half": {"select_fraction": 0.5, "select_by": "easy"},
+        "random half": {"select_fraction": 0.5, "select_by": "random"},
+    }
     seeds = list(range(args.seeds))
     rows, sel_rows = [], []
     for name, (loss, kw) in variants.items():
         accs, secs = zip(*[run(loss, s, **kw) for s in seeds], strict=True)
-        rows.append({"student": name, "accuracy_mean": round(statistics.mean(accs), 4),
-                     "accuracy_per_seed": [round(a, 4) for a in accs], "seconds_mean": round(statistics.mean(secs), 1)})
+        rows.append(
+            {
+                "student": name,
+                "accuracy_mean": round(statistics.mean(accs), 4),
+                "accuracy_per_seed": [round(a, 4) for a in accs],
+                "seconds_mean": round(statistics.mean(secs), 1),
+            }
+        )
         print(rows[-1], flush=True)
     for name, kw in selection.items():
         accs, secs = zip(*[run("kd+task", s, **kw) for s in seeds], strict=True)
-        sel_rows.append({"training data": name, "accuracy_mean": round(statistics.mean(accs), 4),
-                         "accuracy_per_seed": [round(a, 4) for a in accs], "seconds_mean": round(statistics.mean(secs), 1)})
+        sel_rows.append(
+            {
+                "training data": name,
+                "accuracy_mean": round(statistics.mean(accs), 4),
+                "accuracy_per_seed": [round(a, 4) for a in accs],
+                "seconds_mean": round(statistics.mean(secs), 1),
+            }
+        )
         print(sel_rows[-1], flush=True)
     full = sel_rows[0]["accuracy_mean"]
     rand = next(r for r in sel_rows if r["training data"] == "random half")["accuracy_mean"]
-    best_half = max((r for r in sel_rows[1:] if r["training data"] != "random half" and r["training data"] != "easiest half"),
-                    key=lambda r: r["accuracy_mean"])
-    return {"teacher": {"accuracy": round(t_acc, 4), "params": _params(teacher.module), "seconds": t_seconds},
-            "student_params": _params(student_cnn(0)), "param_ratio": round(_params(teacher.module) / _params(student_cnn(0)), 2),
-            "steps": args.digit_steps, "seeds": seeds, "rows": rows, "selection": sel_rows,
-            "targets": {"student >= 4x fewer parameters": _params(teacher.module) >= 4 * _params(student_cnn(0)),
-                        "distilled > labels only (mean of seeds)": rows[1]["accuracy_mean"] > rows[0]["accuracy_mean"],
-                        f"selected half ({best_half['training data']}) within 2% of full data":
-                            best_half["accuracy_mean"] >= 0.98 * full,
-                        "selected half beats a random half": best_half["accuracy_mean"] > rand}}
+    best_half = max(
+        (r for r in sel_rows[1:] if r["training data"] != "random half" and r["training data"] != "easiest half"),
+        key=lambda r: r["accuracy_mean"],
+    )
+    return {
+        "teacher": {"accuracy": round(t_acc, 4), "params": _params(teacher.module), "seconds": t_seconds},
+        "student_params": _params(student_cnn(0)),
+        "param_ratio": round(_params(teacher.module) / _params(student_cnn(0)), 2),
+        "steps": args.digit_steps,
+        "seeds": seeds,
+        "rows": rows,
+        "selection": sel_rows,
+        "targets": {
+            "student >= 4x fewer parameters": _params(teacher.module) >= 4 * _params(student_cnn(0)),
+            "distilled > labels only (mean of seeds)": rows[1]["accuracy_mean"] > rows[0]["accuracy_mean"],
+            f"selected half ({best_half['training data']}) within 2% of full data": best_half["accuracy_mean"] >= 0.98 * full,
+            "selected half beats a random half": best_half["accuracy_mean"] > rand,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,8 +226,10 @@ def llm_ffn(args, lee, wiki) -> dict:
     pruned = leanml.load(MODEL)
     _, p_seconds = timed(lambda: apply_recipe(pruned, "ffn-25", wiki))
     pruned_ppl = evaluate(pruned, lee)["value"]
-    rows = [{"model": "dense", "perplexity": round(dense_ppl, 3), "seconds": 0.0},
-            {"model": "ffn-25 (no recovery)", "perplexity": round(pruned_ppl, 3), "seconds": p_seconds}]
+    rows = [
+        {"model": "dense", "perplexity": round(dense_ppl, 3), "seconds": 0.0},
+        {"model": "ffn-25 (no recovery)", "perplexity": round(pruned_ppl, 3), "seconds": p_seconds},
+    ]
     print(rows, flush=True)
     tuned = leanml.load(MODEL)
     step = Distill(loss="kd", steps=args.ffn_steps, batch_size=4, window=256, lr=args.ffn_lr, temperature=1.0)
@@ -172,12 +237,22 @@ def llm_ffn(args, lee, wiki) -> dict:
     _, seconds = timed(lambda: apply_recipe(tuned, recipe, wiki))
     ppl = evaluate(tuned, lee)["value"]
     rep = tuned.meta["reports"]["distill.json"]
-    rows.append({"model": f"ffn-25 + {args.ffn_steps} distillation steps", "perplexity": round(ppl, 3), "seconds": seconds,
-                 "loss_first_last": [rep["first_loss"], rep["last_loss"]]})
+    rows.append(
+        {
+            "model": f"ffn-25 + {args.ffn_steps} distillation steps",
+            "perplexity": round(ppl, 3),
+            "seconds": seconds,
+            "loss_first_last": [rep["first_loss"], rep["last_loss"]],
+        }
+    )
     print(rows[-1], flush=True)
     recovered = (pruned_ppl - ppl) / (pruned_ppl - dense_ppl)
-    return {"rows": rows, "config": step.model_dump(), "recovered_fraction": round(recovered, 3),
-            "targets": {"recovers >= half of the perplexity lost": recovered >= 0.5}}
+    return {
+        "rows": rows,
+        "config": step.model_dump(),
+        "recovered_fraction": round(recovered, 3),
+        "targets": {"recovers >= half of the perplexity lost": recovered >= 0.5},
+    }
 
 
 def llm_layers(args, lee, wiki) -> dict:
@@ -190,54 +265,98 @@ def llm_layers(args, lee, wiki) -> dict:
     print(rows, flush=True)
     del base
     for label, loss in (("plain LM loss", "task"), ("logit + hidden distillation", "kd+hidden")):
-        cfg = Distill(student=spec, loss=loss, steps=args.llm_steps, batch_size=4, window=256, lr=args.llm_lr,
-                      temperature=1.0, hidden_weight=0.5, top_k=None)
+        cfg = Distill(
+            student=spec,
+            loss=loss,
+            steps=args.llm_steps,
+            batch_size=4,
+            window=256,
+            lr=args.llm_lr,
+            temperature=1.0,
+            hidden_weight=0.5,
+            top_k=None,
+        )
         student, seconds = timed(lambda c=cfg: leanml.distill(teacher, c, wiki))
-        rows.append({"model": f"student + {args.llm_steps} steps, {label}", "perplexity":
-                     round(evaluate(student, lee)["value"], 3), "seconds": seconds,
-                     "params": sum(p.numel() for p in student.module.parameters())})
+        rows.append(
+            {
+                "model": f"student + {args.llm_steps} steps, {label}",
+                "perplexity": round(evaluate(student, lee)["value"], 3),
+                "seconds": seconds,
+                "params": sum(p.numel() for p in student.module.parameters()),
+            }
+        )
         print(rows[-1], flush=True)
         del student
     best = rows[-1]
-    return {"rows": rows, "steps": args.llm_steps, "lr": args.llm_lr,
-            "targets": {"distilled <= 1.3x teacher perplexity": best["perplexity"] <= 1.3 * t_ppl,
-                        "distilled run within 45 minutes": best["seconds"] <= 45 * 60,
-                        "distilled beats plain LM loss": best["perplexity"] < rows[-2]["perplexity"]}}
+    return {
+        "rows": rows,
+        "steps": args.llm_steps,
+        "lr": args.llm_lr,
+        "targets": {
+            "distilled <= 1.3x teacher perplexity": best["perplexity"] <= 1.3 * t_ppl,
+            "distilled run within 45 minutes": best["seconds"] <= 45 * 60,
+            "distilled beats plain LM loss": best["perplexity"] < rows[-2]["perplexity"],
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
 def markdown(payload: dict) -> str:
-    md = [f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), {payload['threads']} threads; "
-          "seconds = wall-clock of the run.\n"]
+    md = [
+        f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), {payload['threads']} threads; "
+        "seconds = wall-clock of the run.\n"
+    ]
     sec = payload["sections"]
     if "encoder" in sec:
         e = sec["encoder"]
-        md += ["### MiniLM-L6 → 3 layers, distilled on enwiki (no labels)\n",
-               md_table(["model", "lee-sim Spearman", "params", "batch 50×128 p50 ms", "speed-up", "seconds"],
-                        [[r["model"], r["spearman"], f"{r['params'] / 1e6:.1f} M", r["batch50x128_p50_ms"],
-                          r.get("speedup", 1.0), r["seconds"]] for r in e["rows"]])]
+        md += [
+            "### MiniLM-L6 → 3 layers, distilled on enwiki (no labels)\n",
+            md_table(
+                ["model", "lee-sim Spearman", "params", "batch 50×128 p50 ms", "speed-up", "seconds"],
+                [
+                    [
+                        r["model"],
+                        r["spearman"],
+                        f"{r['params'] / 1e6:.1f} M",
+                        r["batch50x128_p50_ms"],
+                        r.get("speedup", 1.0),
+                        r["seconds"],
+                    ]
+                    for r in e["rows"]
+                ],
+            ),
+        ]
     if "digits" in sec:
         d = sec["digits"]
-        md += [f"### digits: teacher CNN ({d['teacher']['params']:,} params, accuracy {d['teacher']['accuracy']}) → "
-               f"student ({d['student_params']:,} params, {d['param_ratio']}× fewer), {d['steps']} steps, "
-               f"mean of {len(d['seeds'])} seeds\n",
-               md_table(["student", "accuracy (mean)", "per seed", "seconds per run"],
-                        [[r["student"], r["accuracy_mean"], r["accuracy_per_seed"], r["seconds_mean"]] for r in d["rows"]]),
-               "\nData selection (distilled student, same steps):\n\n",
-               md_table(["training data", "accuracy (mean)", "per seed", "seconds per run"],
-                        [[r["training data"], r["accuracy_mean"], r["accuracy_per_seed"], r["seconds_mean"]]
-                         for r in d["selection"]])]
+        md += [
+            f"### digits: teacher CNN ({d['teacher']['params']:,} params, accuracy {d['teacher']['accuracy']}) → "
+            f"student ({d['student_params']:,} params, {d['param_ratio']}× fewer), {d['steps']} steps, "
+            f"mean of {len(d['seeds'])} seeds\n",
+            md_table(
+                ["student", "accuracy (mean)", "per seed", "seconds per run"],
+                [[r["student"], r["accuracy_mean"], r["accuracy_per_seed"], r["seconds_mean"]] for r in d["rows"]],
+            ),
+            "\nData selection (distilled student, same steps):\n\n",
+            md_table(
+                ["training data", "accuracy (mean)", "per seed", "seconds per run"],
+                [[r["training data"], r["accuracy_mean"], r["accuracy_per_seed"], r["seconds_mean"]] for r in d["selection"]],
+            ),
+        ]
     if "llm-ffn" in sec:
         f = sec["llm-ffn"]
-        md += [f"### SmolLM2-135M after ffn-25, recovered by distillation (recovered {f['recovered_fraction']:.0%} of the "
-               "perplexity lost)\n",
-               md_table(["model", "Lee perplexity", "seconds"], [[r["model"], r["perplexity"], r["seconds"]] for r in f["rows"]])]
+        md += [
+            f"### SmolLM2-135M after ffn-25, recovered by distillation (recovered {f['recovered_fraction']:.0%} of the "
+            "perplexity lost)\n",
+            md_table(["model", "Lee perplexity", "seconds"], [[r["model"], r["perplexity"], r["seconds"]] for r in f["rows"]]),
+        ]
     if "llm-layers" in sec:
         s = sec["llm-layers"]
-        md += ["### SmolLM2-135M → 24 layers (6 dropped by block influence)\n",
-               md_table(["model", "Lee perplexity", "seconds"], [[r["model"], r["perplexity"], r["seconds"]] for r in s["rows"]])]
+        md += [
+            "### SmolLM2-135M → 24 layers (6 dropped by block influence)\n",
+            md_table(["model", "Lee perplexity", "seconds"], [[r["model"], r["perplexity"], r["seconds"]] for r in s["rows"]]),
+        ]
     targets = {f"{name}: {k}": v for name, s in sec.items() for k, v in s.get("targets", {}).items()}
     md += ["\nTargets: " + "; ".join(f"{k} — {'met' if v else 'MISSED'}" for k, v in targets.items()) + "\n"]
     return "\n".join(md)
@@ -245,8 +364,12 @@ def markdown(payload: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["encoder", "digits", "llm-ffn", "llm-layers"],
-                        choices=["encoder", "digits", "llm-ffn", "llm-layers"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["encoder", "digits", "llm-ffn", "llm-layers"],
+        choices=["encoder", "digits", "llm-ffn", "llm-layers"],
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--enc-student", default="drop-layers:3:every")
     parser.add_argument("--enc-steps", type=int, default=600)
@@ -267,8 +390,12 @@ def main() -> None:
     lee = leanml.load_data("lee")
     wiki = leanml.load_data("enwiki")
     for name in args.sections:
-        fn = {"encoder": lambda: encoder(args, wiki), "digits": lambda: digits(args),
-              "llm-ffn": lambda: llm_ffn(args, lee, wiki), "llm-layers": lambda: llm_layers(args, lee, wiki)}[name]
+        fn = {
+            "encoder": lambda: encoder(args, wiki),
+            "digits": lambda: digits(args),
+            "llm-ffn": lambda: llm_ffn(args, lee, wiki),
+            "llm-layers": lambda: llm_layers(args, lee, wiki),
+        }[name]
         payload["sections"][name] = fn()
         write_results("distill", copy.deepcopy(payload), markdown(payload))
 

@@ -36,10 +36,20 @@ from leanml.search.study import clone
 
 OUT = Path(__file__).parent / "out"
 SECTIONS = {
-    "smollm2": {"model": "smollm2-135m", "data": "lee", "max_drop": "5%", "drop_type": "relative",
-                "builtins": ["w8", "w4-g64", "ffn-25"]},
-    "minilm": {"model": "minilm-l6", "data": "lee-sim", "max_drop": "0.01", "drop_type": "absolute",
-               "builtins": ["int8-dynamic", "int8-static", "w8"]},
+    "smollm2": {
+        "model": "smollm2-135m",
+        "data": "lee",
+        "max_drop": "5%",
+        "drop_type": "relative",
+        "builtins": ["w8", "w4-g64", "ffn-25"],
+    },
+    "minilm": {
+        "model": "minilm-l6",
+        "data": "lee-sim",
+        "max_drop": "0.01",
+        "drop_type": "absolute",
+        "builtins": ["int8-dynamic", "int8-static", "w8"],
+    },
 }
 
 
@@ -67,9 +77,17 @@ def best_builtin(spec: dict, budget: Budget, threads: int, hardware: str) -> dic
                 rows.append({"recipe": name, "runtime": rt_name, "error": f"{type(exc).__name__}: {exc}"[:200]})
                 continue
             q = m["quality"]["value"]
-            rows.append({"recipe": name, "runtime": rt_name, "quality": round(q, 4),
-                         "drop": round(budget.drop(q0, q, hib), 5), "meets": budget.meets(q0, q, hib),
-                         "usd_per_million": objective_value("usd", m), "seconds": round(time.perf_counter() - t0, 1)})
+            rows.append(
+                {
+                    "recipe": name,
+                    "runtime": rt_name,
+                    "quality": round(q, 4),
+                    "drop": round(budget.drop(q0, q, hib), 5),
+                    "meets": budget.meets(q0, q, hib),
+                    "usd_per_million": objective_value("usd", m),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(rows[-1], flush=True)
             ok = [r for r in rows if r.get("meets")]
             if rows[-1] in ok and rows[-1] is min(ok, key=lambda r: r["usd_per_million"]):
@@ -97,8 +115,17 @@ def section(name: str, args) -> dict:
     budget = Budget(parse_drop(spec["max_drop"]), spec["drop_type"])
     out = OUT / f"optimize-{spec['model']}"
     t0 = time.perf_counter()
-    res = leanml.optimize(spec["model"], spec["data"], budget=budget, objective="usd", hardware=args.hardware,
-                          time_budget=getattr(args, f"{name}_time"), out=out, force=True, threads=args.threads)
+    res = leanml.optimize(
+        spec["model"],
+        spec["data"],
+        budget=budget,
+        objective="usd",
+        hardware=args.hardware,
+        time_budget=getattr(args, f"{name}_time"),
+        out=out,
+        force=True,
+        threads=args.threads,
+    )
     seconds = round(time.perf_counter() - t0, 1)
     s = res.summary
     before_usd = objective_value("usd", s["before"])
@@ -110,8 +137,13 @@ def section(name: str, args) -> dict:
         if (out / f).exists():
             shutil.copy(out / f, copy_to / f)
     base = best_builtin(spec, budget, args.threads, args.hardware) if not args.no_baseline else None
-    trials = [{k: r.get(k) for k in ("number", "label", "status", "reason", "quality", "quality_drop", "meets_budget",
-                                     "objective", "seconds")} for r in res.trials]
+    trials = [
+        {
+            k: r.get(k)
+            for k in ("number", "label", "status", "reason", "quality", "quality_drop", "meets_budget", "objective", "seconds")
+        }
+        for r in res.trials
+    ]
     targets = {"cost <= 0.4x fp32 torch eager": ratio is not None and s["met"] and ratio <= 0.4}
     h2h = None
     if base is not None:
@@ -119,8 +151,11 @@ def section(name: str, args) -> dict:
         builtin_rt = base.pop("_runtime")
         if chosen and s["met"] and b is not None and builtin_rt is not None and res.handle is not None:
             data = leanml.load_data(spec["data"])
-            chosen_rt = (res.handle if chosen["runtime"] == "torch"
-                         else prepare(res.handle, chosen["runtime"], threads=args.threads, data=data))
+            chosen_rt = (
+                res.handle
+                if chosen["runtime"] == "torch"
+                else prepare(res.handle, chosen["runtime"], threads=args.threads, data=data)
+            )
             h2h = head_to_head(chosen_rt, builtin_rt, data, args.hardware, args.threads)
             print({"head_to_head": h2h}, flush=True)
             del chosen_rt, builtin_rt
@@ -128,45 +163,92 @@ def section(name: str, args) -> dict:
         in_search = b is None or bool(chosen and chosen["objective"] <= b["usd_per_million"] * 1.02)
         cheap = h2h["ratio"] <= 1.02 if h2h else in_search
         targets["at least as cheap as the best built-in recipe within budget"] = bool(chosen and s["met"] and cheap)
-    return {"spec": spec, "seconds": seconds, "time_budget": getattr(args, f"{name}_time"), "before_usd": before_usd,
-            "before_quality": s["budget"]["base"],
-            "chosen": chosen and {k: chosen[k] for k in ("label", "quality", "quality_drop", "objective", "runtime")},
-            "met": s["met"], "cost_ratio": ratio, "why": s["why"], "trials": trials, "baseline": base, "head_to_head": h2h,
-            "targets": targets}
+    return {
+        "spec": spec,
+        "seconds": seconds,
+        "time_budget": getattr(args, f"{name}_time"),
+        "before_usd": before_usd,
+        "before_quality": s["budget"]["base"],
+        "chosen": chosen and {k: chosen[k] for k in ("label", "quality", "quality_drop", "objective", "runtime")},
+        "met": s["met"],
+        "cost_ratio": ratio,
+        "why": s["why"],
+        "trials": trials,
+        "baseline": base,
+        "head_to_head": h2h,
+        "targets": targets,
+    }
 
 
 def markdown(payload: dict) -> str:
-    md = [f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), {payload['threads']} threads, "
-          f"priced as {payload['hardware']}.\n"]
+    md = [
+        f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), {payload['threads']} threads, "
+        f"priced as {payload['hardware']}.\n"
+    ]
     for sec in payload["sections"].values():
         spec = sec["spec"]
         c = sec["chosen"] or {}
-        md.append(f"### {spec['model']} on {spec['data']}: max drop {spec['max_drop']} ({spec['drop_type']}), "
-                  f"objective $ per million items, time budget {sec['time_budget']}\n")
-        md.append(f"Chosen: **{c.get('label', '-')}**, {sec['spec']['data']} quality {c.get('quality', float('nan')):.4g} "
-                  f"(original {sec['before_quality']:.4g}); cost {c.get('objective', float('nan')):.4g} vs "
-                  f"{sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** the fp32 torch-eager model; "
-                  f"search wall-clock {sec['seconds']:.0f} s.\n")
-        md.append(md_table(["trial", "candidate", "status", "quality", "drop", "$ / M", "seconds", "reason"],
-                           [[t["number"], t["label"], t["status"], _f(t["quality"]), _f(t["quality_drop"]), _f(t["objective"]),
-                             t["seconds"], (t["reason"] or "")[:80]] for t in sec["trials"]]))
+        md.append(
+            f"### {spec['model']} on {spec['data']}: max drop {spec['max_drop']} ({spec['drop_type']}), "
+            f"objective $ per million items, time budget {sec['time_budget']}\n"
+        )
+        md.append(
+            f"Chosen: **{c.get('label', '-')}**, {sec['spec']['data']} quality {c.get('quality', float('nan')):.4g} "
+            f"(original {sec['before_quality']:.4g}); cost {c.get('objective', float('nan')):.4g} vs "
+            f"{sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** the fp32 torch-eager model; "
+            f"search wall-clock {sec['seconds']:.0f} s.\n"
+        )
+        md.append(
+            md_table(
+                ["trial", "candidate", "status", "quality", "drop", "$ / M", "seconds", "reason"],
+                [
+                    [
+                        t["number"],
+                        t["label"],
+                        t["status"],
+                        _f(t["quality"]),
+                        _f(t["quality_drop"]),
+                        _f(t["objective"]),
+                        t["seconds"],
+                        (t["reason"] or "")[:80],
+                    ]
+                    for t in sec["trials"]
+                ],
+            )
+        )
         if sec.get("baseline"):
             b = sec["baseline"]
             md.append("\nBuilt-in recipes, same measurement:\n")
-            md.append(md_table(["recipe", "runtime", "quality", "drop", "meets budget", "$ / M", "× fp32"],
-                               [[r["recipe"], r["runtime"], _f(r.get("quality")), _f(r.get("drop")),
-                                 r.get("meets", r.get("error")),
-                                 _f(r.get("usd_per_million")),
-                                 _f(r["usd_per_million"] / b["before_usd"]) if r.get("usd_per_million") else "-"]
-                                for r in b["rows"]]))
+            md.append(
+                md_table(
+                    ["recipe", "runtime", "quality", "drop", "meets budget", "$ / M", "× fp32"],
+                    [
+                        [
+                            r["recipe"],
+                            r["runtime"],
+                            _f(r.get("quality")),
+                            _f(r.get("drop")),
+                            r.get("meets", r.get("error")),
+                            _f(r.get("usd_per_million")),
+                            _f(r["usd_per_million"] / b["before_usd"]) if r.get("usd_per_million") else "-",
+                        ]
+                        for r in b["rows"]
+                    ],
+                )
+            )
             best = b["best"]
-            md.append(f"\nBest built-in within budget: {best['recipe']} on {best['runtime']} at "
-                      f"{best['usd_per_million']:.4g} $/M\n" if best else "\nNo built-in recipe met the budget.\n")
+            md.append(
+                f"\nBest built-in within budget: {best['recipe']} on {best['runtime']} at {best['usd_per_million']:.4g} $/M\n"
+                if best
+                else "\nNo built-in recipe met the budget.\n"
+            )
         if sec.get("head_to_head"):
             h = sec["head_to_head"]
-            md.append(f"Head to head (measured alternately, {h['rounds']} times each, medians): chosen "
-                      f"{h['median']['chosen']:.4g} $/M vs best built-in {h['median']['builtin']:.4g} $/M = "
-                      f"**{h['ratio']:.3f}×**\n")
+            md.append(
+                f"Head to head (measured alternately, {h['rounds']} times each, medians): chosen "
+                f"{h['median']['chosen']:.4g} $/M vs best built-in {h['median']['builtin']:.4g} $/M = "
+                f"**{h['ratio']:.3f}×**\n"
+            )
     targets = {f"{n}: {k}": v for n, s in payload["sections"].items() for k, v in s["targets"].items()}
     md.append("\nTargets: " + "; ".join(f"{k} — {'met' if v else 'MISSED'}" for k, v in targets.items()) + "\n")
     return "\n".join(md)

@@ -57,30 +57,73 @@ def main() -> None:
         torch.set_num_threads(n)
         peer_decode = generate_tokens_per_s(lm, lee.tokens(lm.tokenizer)[:64][None], 32, args.repeats)
         peer_ppl = hf_loss_perplexity(lm, lee)
-        records.append({"measurement": m.to_dict(), "peer": {"generate_decode_tokens_per_s": peer_decode,
-                        "hf_loss_perplexity": peer_ppl}, "wall_s": wall})
-        rows.append(["smollm2-135m", "lee", n, f"ppl {m.quality['value']:.3f} (HF loss: {peer_ppl:.3f})",
-                     f"{m.params / 1e6:.1f} M", f"{m.weight_bytes / 1e6:.0f} MB",
-                     f"{m.flops_per_item / 1e6:.0f} M/token", f"{m.latency_ms['p50']:.1f} / {m.latency_ms['p95']:.1f}",
-                     f"decode {m.decode_tokens_per_s:.1f} tok/s ({m.decode_tokens_per_s / peer_decode:.2f}× generate); "
-                     f"prefill {m.prefill_tokens_per_s:.0f} tok/s",
-                     f"{m.decode_roofline_tokens_per_s:.1f} ({100 * m.roofline_fraction:.0f}%)",
-                     f"{m.peak_memory_bytes / 1e6:.0f} MB", f"{m.energy_j_per_item:.3f} J", f"{m.usd_per_million:.3f}"])
+        records.append(
+            {
+                "measurement": m.to_dict(),
+                "peer": {"generate_decode_tokens_per_s": peer_decode, "hf_loss_perplexity": peer_ppl},
+                "wall_s": wall,
+            }
+        )
+        rows.append(
+            [
+                "smollm2-135m",
+                "lee",
+                n,
+                f"ppl {m.quality['value']:.3f} (HF loss: {peer_ppl:.3f})",
+                f"{m.params / 1e6:.1f} M",
+                f"{m.weight_bytes / 1e6:.0f} MB",
+                f"{m.flops_per_item / 1e6:.0f} M/token",
+                f"{m.latency_ms['p50']:.1f} / {m.latency_ms['p95']:.1f}",
+                f"decode {m.decode_tokens_per_s:.1f} tok/s ({m.decode_tokens_per_s / peer_decode:.2f}× generate); "
+                f"prefill {m.prefill_tokens_per_s:.0f} tok/s",
+                f"{m.decode_roofline_tokens_per_s:.1f} ({100 * m.roofline_fraction:.0f}%)",
+                f"{m.peak_memory_bytes / 1e6:.0f} MB",
+                f"{m.energy_j_per_item:.3f} J",
+                f"{m.usd_per_million:.3f}",
+            ]
+        )
         t0 = time.perf_counter()
         e = profile(enc, data=lee_sim, threads=n, repeats=args.repeats * 2)
         wall = time.perf_counter() - t0
         records.append({"measurement": e.to_dict(), "wall_s": wall})
-        rows.append(["minilm-l6", "lee-sim", n, f"Spearman {e.quality['value']:.4f}", f"{e.params / 1e6:.1f} M",
-                     f"{e.weight_bytes / 1e6:.0f} MB", f"{e.flops_per_item / 1e9:.2f} G/sequence",
-                     f"{e.latency_ms['p50']:.0f} / {e.latency_ms['p95']:.0f} (batch {e.batch_size}×{e.seq_len or 128})",
-                     f"{e.throughput_per_s:.1f} sequences/s", "-", f"{e.peak_memory_bytes / 1e6:.0f} MB",
-                     f"{e.energy_j_per_item:.3f} J", f"{e.usd_per_million:.3f}"])
+        rows.append(
+            [
+                "minilm-l6",
+                "lee-sim",
+                n,
+                f"Spearman {e.quality['value']:.4f}",
+                f"{e.params / 1e6:.1f} M",
+                f"{e.weight_bytes / 1e6:.0f} MB",
+                f"{e.flops_per_item / 1e9:.2f} G/sequence",
+                f"{e.latency_ms['p50']:.0f} / {e.latency_ms['p95']:.0f} (batch {e.batch_size}×{e.seq_len or 128})",
+                f"{e.throughput_per_s:.1f} sequences/s",
+                "-",
+                f"{e.peak_memory_bytes / 1e6:.0f} MB",
+                f"{e.energy_j_per_item:.3f} J",
+                f"{e.usd_per_million:.3f}",
+            ]
+        )
     host = records[0]["measurement"]["host"]
-    header = ["model", "data", "threads", "quality", "params", "weights", "FLOPs", "latency p50 / p95 ms", "speed",
-              "decode roofline tok/s", "peak RSS", "energy / item", "$ / M items"]
-    md = (f"Measured on {host['cpu']} ({host['cores']} cores), torch {host['torch']}, torch eager, priced as "
-          f"{records[0]['measurement']['hardware']} (${records[0]['measurement']['usd_per_hour']}/h, power model). "
-          "Items are decoded tokens for SmolLM2 and sentences for MiniLM.\n\n" + md_table(header, rows))
+    header = [
+        "model",
+        "data",
+        "threads",
+        "quality",
+        "params",
+        "weights",
+        "FLOPs",
+        "latency p50 / p95 ms",
+        "speed",
+        "decode roofline tok/s",
+        "peak RSS",
+        "energy / item",
+        "$ / M items",
+    ]
+    md = (
+        f"Measured on {host['cpu']} ({host['cores']} cores), torch {host['torch']}, torch eager, priced as "
+        f"{records[0]['measurement']['hardware']} (${records[0]['measurement']['usd_per_hour']}/h, power model). "
+        "Items are decoded tokens for SmolLM2 and sentences for MiniLM.\n\n" + md_table(header, rows)
+    )
     write_results("profile", {"records": records}, md)
 
 

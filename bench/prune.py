@@ -66,9 +66,13 @@ def torch_prune_peer(handle, amount: float) -> None:
 
 def decode_speed(handle, lee, threads: int, repeats: int) -> dict:
     m = profile(handle, data=lee, threads=threads, repeats=repeats, measure_quality=False)
-    return {"decode_tok_s": round(m.decode_tokens_per_s, 2), "prefill_tok_s": round(m.prefill_tokens_per_s, 1),
-            "decode_p50_ms": m.latency_ms["p50"], "decode_spread_ms": [m.latency_ms.get("min"), m.latency_ms["p95"]],
-            "params": m.params}
+    return {
+        "decode_tok_s": round(m.decode_tokens_per_s, 2),
+        "prefill_tok_s": round(m.prefill_tokens_per_s, 1),
+        "decode_p50_ms": m.latency_ms["p50"],
+        "decode_spread_ms": [m.latency_ms.get("min"), m.latency_ms["p95"]],
+        "params": m.params,
+    }
 
 
 def llm_unstructured(args, lee) -> dict:
@@ -113,17 +117,29 @@ def llm_unstructured(args, lee) -> dict:
             exact = bool(torch.equal(best.module(input_ids=ids).logits, again.module(input_ids=ids).logits))
         file_bytes = (Path(tmp) / "m" / "model.safetensors").stat().st_size
     dense_file = _safetensors_bytes(dense)
-    storage = {"model": label, "sparse_layers_dense_bytes": acc["dense_bytes"],
-               "sparse_layers_stored_bytes": acc["stored_bytes"], "stored_vs_dense": acc["stored_vs_dense"],
-               "reload_logits_identical": exact, "file_bytes": file_bytes, "dense_file_bytes": dense_file,
-               "file_vs_dense": round(file_bytes / dense_file, 4)}
-    speed = {"dense": decode_speed(dense, lee, args.threads, args.repeats),
-             "sparse-50": decode_speed(best, lee, args.threads, args.repeats)}
+    storage = {
+        "model": label,
+        "sparse_layers_dense_bytes": acc["dense_bytes"],
+        "sparse_layers_stored_bytes": acc["stored_bytes"],
+        "stored_vs_dense": acc["stored_vs_dense"],
+        "reload_logits_identical": exact,
+        "file_bytes": file_bytes,
+        "dense_file_bytes": dense_file,
+        "file_vs_dense": round(file_bytes / dense_file, 4),
+    }
+    speed = {
+        "dense": decode_speed(dense, lee, args.threads, args.repeats),
+        "sparse-50": decode_speed(best, lee, args.threads, args.repeats),
+    }
     speed["sparse_vs_dense_decode"] = round(speed["sparse-50"]["decode_tok_s"] / speed["dense"]["decode_tok_s"], 3)
     by = {(r["method"], r["pattern"]): r["perplexity"] for r in rows}
     best24 = min(v for (m, p), v in by.items() if p == "2:4")
-    targets = {"best 50% unstructured ppl <= 50": ppl <= 50, "best 2:4 ppl <= 120": best24 <= 120,
-               "stored weights <= 0.6x dense": acc["stored_vs_dense"] <= 0.6, "reload exact": exact}
+    targets = {
+        "best 50% unstructured ppl <= 50": ppl <= 50,
+        "best 2:4 ppl <= 120": best24 <= 120,
+        "stored weights <= 0.6x dense": acc["stored_vs_dense"] <= 0.6,
+        "reload exact": exact,
+    }
     return {"rows": rows, "storage": storage, "speed": speed, "targets": targets}
 
 
@@ -136,16 +152,20 @@ def _safetensors_bytes(handle) -> int:
 
 
 def llm_table(sec: dict) -> str:
-    rows = [[r["method"], r["tool"], r["pattern"], f"{r['perplexity']:.2f}", r.get("sparsity", "–"), r["seconds"]]
-            for r in sec["rows"]]
+    rows = [
+        [r["method"], r["tool"], r["pattern"], f"{r['perplexity']:.2f}", r.get("sparsity", "–"), r["seconds"]]
+        for r in sec["rows"]
+    ]
     st, sp = sec["storage"], sec["speed"]
     out = md_table(["method", "tool", "pattern", "Lee perplexity", "sparsity", "seconds"], rows)
-    out += (f"\nStorage of the best 50% model ({st['model']}): pruned layers {st['stored_vs_dense']:.3f}x their dense "
-            f"bytes (bitmask + values); whole safetensors file {st['file_vs_dense']:.3f}x the dense file "
-            f"(embeddings stay dense); reload gives identical logits: {st['reload_logits_identical']}.\n"
-            f"Measured decode (dense kernels, {sec.get('threads', '?')} threads): dense {sp['dense']['decode_tok_s']} tok/s, "
-            f"50% sparse {sp['sparse-50']['decode_tok_s']} tok/s ({sp['sparse_vs_dense_decode']}x): unstructured "
-            "sparsity saves storage, not time, on dense kernels.\n")
+    out += (
+        f"\nStorage of the best 50% model ({st['model']}): pruned layers {st['stored_vs_dense']:.3f}x their dense "
+        f"bytes (bitmask + values); whole safetensors file {st['file_vs_dense']:.3f}x the dense file "
+        f"(embeddings stay dense); reload gives identical logits: {st['reload_logits_identical']}.\n"
+        f"Measured decode (dense kernels, {sec.get('threads', '?')} threads): dense {sp['dense']['decode_tok_s']} tok/s, "
+        f"50% sparse {sp['sparse-50']['decode_tok_s']} tok/s ({sp['sparse_vs_dense_decode']}x): unstructured "
+        "sparsity saves storage, not time, on dense kernels.\n"
+    )
     return out
 
 
@@ -160,24 +180,43 @@ def llm_structured(args, lee, wiki) -> dict:
     from leanml.recipe import load_recipe
 
     dense = leanml.load(MODEL)
-    rows = [{"model": "dense", "perplexity": round(evaluate(dense, lee)["value"], 3), "seconds": 0.0,
-             **decode_speed(dense, lee, args.threads, args.repeats)}]
+    rows = [
+        {
+            "model": "dense",
+            "perplexity": round(evaluate(dense, lee)["value"], 3),
+            "seconds": 0.0,
+            **decode_speed(dense, lee, args.threads, args.repeats),
+        }
+    ]
     print(rows[-1], flush=True)
     pruned = leanml.load(MODEL)
     _, seconds = timed(lambda: apply_recipe(pruned, "ffn-25", wiki))
-    rows.append({"model": "ffn-25 (no recovery)", "perplexity": round(evaluate(pruned, lee)["value"], 3),
-                 "seconds": seconds, **decode_speed(pruned, lee, args.threads, args.repeats)})
+    rows.append(
+        {
+            "model": "ffn-25 (no recovery)",
+            "perplexity": round(evaluate(pruned, lee)["value"], 3),
+            "seconds": seconds,
+            **decode_speed(pruned, lee, args.threads, args.repeats),
+        }
+    )
     print(rows[-1], flush=True)
     tuned = leanml.load(MODEL)
     steps = 10 if args.quick else args.ft_steps
-    recipe = Recipe(name="ffn-25+ft", steps=[*load_recipe("ffn-25").steps,
-                                              Finetune(steps=steps, lr=1e-4, batch_size=4, window=256, loss="distill")])
+    recipe = Recipe(
+        name="ffn-25+ft",
+        steps=[*load_recipe("ffn-25").steps, Finetune(steps=steps, lr=1e-4, batch_size=4, window=256, loss="distill")],
+    )
     _, seconds = timed(lambda: apply_recipe(tuned, recipe, wiki))
     ft = tuned.meta["reports"]["finetune.json"]
-    rows.append({"model": f"ffn-25 + {steps} distillation steps on enwiki", "perplexity":
-                 round(evaluate(tuned, lee)["value"], 3), "seconds": seconds,
-                 **decode_speed(tuned, lee, args.threads, args.repeats),
-                 "finetune_loss_first_last": [ft["first_loss"], ft["last_loss"]]})
+    rows.append(
+        {
+            "model": f"ffn-25 + {steps} distillation steps on enwiki",
+            "perplexity": round(evaluate(tuned, lee)["value"], 3),
+            "seconds": seconds,
+            **decode_speed(tuned, lee, args.threads, args.repeats),
+            "finetune_loss_first_last": [ft["first_loss"], ft["last_loss"]],
+        }
+    )
     print(rows[-1], flush=True)
     base = rows[0]
     for r in rows:
@@ -192,8 +231,10 @@ def encoder_structured(args, wiki) -> dict:
 
     sim = leanml.load_data("lee-sim")
     dense = leanml.load("minilm-l6")
-    batch = {k: v for k, v in dense.tokenizer(sim.texts, padding="max_length", truncation=True, max_length=128,
-                                              return_tensors="pt").items()}
+    batch = {
+        k: v
+        for k, v in dense.tokenizer(sim.texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt").items()
+    }
 
     def speed(h) -> dict:
         m = profile(h, threads=args.threads, repeats=args.repeats, measure_quality=False)
@@ -209,16 +250,29 @@ def encoder_structured(args, wiki) -> dict:
     prune_step = StructuredPrune(unit="neurons", ratio=0.5, criterion="activation")
     pruned = leanml.load("minilm-l6")
     _, seconds = timed(lambda: apply_recipe(pruned, Recipe(name="ffn-50", steps=[prune_step]), wiki))
-    rows.append({"model": "50% FFN neurons removed", "spearman": round(evaluate(pruned, sim)["value"], 4),
-                 "seconds": seconds, **speed(pruned)})
+    rows.append(
+        {
+            "model": "50% FFN neurons removed",
+            "spearman": round(evaluate(pruned, sim)["value"], 4),
+            "seconds": seconds,
+            **speed(pruned),
+        }
+    )
     print(rows[-1], flush=True)
     steps = 10 if args.quick else args.enc_steps
     tuned = leanml.load("minilm-l6")
-    recipe = Recipe(name="ffn-50+ft", steps=[prune_step, Finetune(steps=steps, lr=1e-4, batch_size=16, window=128,
-                                                                    loss="distill")])
+    recipe = Recipe(
+        name="ffn-50+ft", steps=[prune_step, Finetune(steps=steps, lr=1e-4, batch_size=16, window=128, loss="distill")]
+    )
     _, seconds = timed(lambda: apply_recipe(tuned, recipe, wiki))
-    rows.append({"model": f"50% FFN neurons removed + {steps} distillation steps", "spearman":
-                 round(evaluate(tuned, sim)["value"], 4), "seconds": seconds, **speed(tuned)})
+    rows.append(
+        {
+            "model": f"50% FFN neurons removed + {steps} distillation steps",
+            "spearman": round(evaluate(tuned, sim)["value"], 4),
+            "seconds": seconds,
+            **speed(tuned),
+        }
+    )
     print(rows[-1], flush=True)
     base = rows[0]
     for r in rows:
@@ -235,7 +289,7 @@ def _train(net, x, y, epochs: int, lr: float = 3e-3, seed: int = 0) -> None:
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -255,8 +309,9 @@ def torch_pruning_peer(model, example, ratio: float, ignored) -> str | None:
     except ImportError:
         return "torch-pruning is not installed (make bench installs it)"
     try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=ignored)
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=ignored
+        )
         pruner.step()
     except Exception as exc:  # noqa: BLE001 - a peer failing is a result, not a crash
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -294,19 +349,43 @@ def cnn_structured(args) -> dict:
     ours = copy.deepcopy(net)
     handle = ModelHandle(module=ours, task="image-classification", name="digits-cnn")
     apply_recipe(handle, Recipe(name="filters-50", steps=[step]), digits)
-    rows.append({"model": "50% filters removed", "tool": "leanml", "accuracy": _accuracy(handle.module, xe, ye),
-                 "params": count_params(handle.module)})
+    rows.append(
+        {
+            "model": "50% filters removed",
+            "tool": "leanml",
+            "accuracy": _accuracy(handle.module, xe, ye),
+            "params": count_params(handle.module),
+        }
+    )
     recover(net, handle.module, digits, args)
-    rows.append({"model": f"50% filters removed + {args.cnn_steps} distillation steps", "tool": "leanml",
-                 "accuracy": _accuracy(handle.module, xe, ye), "params": count_params(handle.module)})
+    rows.append(
+        {
+            "model": f"50% filters removed + {args.cnn_steps} distillation steps",
+            "tool": "leanml",
+            "accuracy": _accuracy(handle.module, xe, ye),
+            "params": count_params(handle.module),
+        }
+    )
     peer = copy.deepcopy(net)
     why = torch_pruning_peer(peer, x[:2], 0.5, [peer.head[-1]])
     if why is None:
-        rows.append({"model": "50% filters removed", "tool": "torch-pruning", "accuracy": _accuracy(peer, xe, ye),
-                     "params": count_params(peer)})
+        rows.append(
+            {
+                "model": "50% filters removed",
+                "tool": "torch-pruning",
+                "accuracy": _accuracy(peer, xe, ye),
+                "params": count_params(peer),
+            }
+        )
         recover(net, peer, digits, args)
-        rows.append({"model": f"50% filters removed + {args.cnn_steps} distillation steps", "tool": "torch-pruning",
-                     "accuracy": _accuracy(peer, xe, ye), "params": count_params(peer)})
+        rows.append(
+            {
+                "model": f"50% filters removed + {args.cnn_steps} distillation steps",
+                "tool": "torch-pruning",
+                "accuracy": _accuracy(peer, xe, ye),
+                "params": count_params(peer),
+            }
+        )
     for r in rows:
         r["accuracy_delta_points"] = round(100 * (r["accuracy"] - dense_acc), 2)
     # ResNet-18-style speed at 224x224, batch 8
@@ -326,19 +405,29 @@ def cnn_structured(args) -> dict:
     speed = []
     for k, t in times.items():
         mod = {"dense": big, "leanml 50% filters": h.module, "torch-pruning 50% filters": peer_big}[k]
-        speed.append({"model": k, **t, "params": count_params(mod),
-                      "speedup": round(times["dense"]["p50_ms"] / t["p50_ms"], 3)})
+        speed.append({"model": k, **t, "params": count_params(mod), "speedup": round(times["dense"]["p50_ms"] / t["p50_ms"], 3)})
     ours_ft = next(r for r in rows if r["tool"] == "leanml" and "distillation" in r["model"])
-    targets = {"digits accuracy within 1 point": ours_ft["accuracy_delta_points"] >= -1.0,
-               "resnet 50% filters >= 1.6x": speed[1]["speedup"] >= 1.6}
-    return {"digits": rows, "resnet": speed, "peer_errors": {"digits": why, "resnet": why_big},
-            "batch": [BATCH, 3, SIZE, SIZE], "targets": targets}
+    targets = {
+        "digits accuracy within 1 point": ours_ft["accuracy_delta_points"] >= -1.0,
+        "resnet 50% filters >= 1.6x": speed[1]["speedup"] >= 1.6,
+    }
+    return {
+        "digits": rows,
+        "resnet": speed,
+        "peer_errors": {"digits": why, "resnet": why_big},
+        "batch": [BATCH, 3, SIZE, SIZE],
+        "targets": targets,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["llm", "llm-structured", "encoder", "cnn"],
-                        choices=["llm", "llm-structured", "encoder", "cnn"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["llm", "llm-structured", "encoder", "cnn"],
+        choices=["llm", "llm-structured", "encoder", "cnn"],
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=64, help="calibration windows of 512 tokens")
     parser.add_argument("--ft-steps", type=int, default=50, help="distillation steps after ffn-25 on SmolLM2")
@@ -355,8 +444,12 @@ def main() -> None:
     started = time.time()
     lee = leanml.load_data("lee")
     wiki = leanml.load_data("enwiki") if {"llm-structured", "encoder"} & set(args.sections) else None
-    runs = {"llm": lambda: llm_unstructured(args, lee), "llm-structured": lambda: llm_structured(args, lee, wiki),
-            "encoder": lambda: encoder_structured(args, wiki), "cnn": lambda: cnn_structured(args)}
+    runs = {
+        "llm": lambda: llm_unstructured(args, lee),
+        "llm-structured": lambda: llm_structured(args, lee, wiki),
+        "encoder": lambda: encoder_structured(args, wiki),
+        "cnn": lambda: cnn_structured(args),
+    }
     for name in args.sections:
         sec = runs[name]()
         sec["threads"] = args.threads
@@ -372,27 +465,60 @@ def markdown(payload: dict) -> str:
         md += ["### SmolLM2-135M: unstructured and 2:4 sparsity\n", llm_table(sections["llm"])]
     if "llm-structured" in sections:
         sec = sections["llm-structured"]
-        md += ["### SmolLM2-135M: 25% of FFN neurons removed (structured)\n",
-               md_table(["model", "Lee perplexity", "params", "× dense", "decode tok/s", "× dense", "seconds"],
-                        [[r["model"], f"{r['perplexity']:.2f}", f"{r['params'] / 1e6:.1f} M", r["params_vs_dense"],
-                          r["decode_tok_s"], r["decode_vs_dense"], r["seconds"]] for r in sec["rows"]])]
+        md += [
+            "### SmolLM2-135M: 25% of FFN neurons removed (structured)\n",
+            md_table(
+                ["model", "Lee perplexity", "params", "× dense", "decode tok/s", "× dense", "seconds"],
+                [
+                    [
+                        r["model"],
+                        f"{r['perplexity']:.2f}",
+                        f"{r['params'] / 1e6:.1f} M",
+                        r["params_vs_dense"],
+                        r["decode_tok_s"],
+                        r["decode_vs_dense"],
+                        r["seconds"],
+                    ]
+                    for r in sec["rows"]
+                ],
+            ),
+        ]
     if "encoder" in sections:
         sec = sections["encoder"]
-        md += ["### MiniLM-L6: 50% of FFN neurons removed (structured)\n",
-               md_table(["model", "lee-sim Spearman", "Δ vs dense", "params", "batch 50×128 p50 ms (min–max)",
-                         "speed-up", "seconds"],
-                        [[r["model"], r["spearman"], r["spearman_delta"], f"{r['params'] / 1e6:.1f} M",
-                          f"{r['batch50x128_p50_ms']} ({r['spread_ms'][0]}–{r['spread_ms'][1]})", f"{r['speedup']}×",
-                          r["seconds"]] for r in sec["rows"]])]
+        md += [
+            "### MiniLM-L6: 50% of FFN neurons removed (structured)\n",
+            md_table(
+                ["model", "lee-sim Spearman", "Δ vs dense", "params", "batch 50×128 p50 ms (min–max)", "speed-up", "seconds"],
+                [
+                    [
+                        r["model"],
+                        r["spearman"],
+                        r["spearman_delta"],
+                        f"{r['params'] / 1e6:.1f} M",
+                        f"{r['batch50x128_p50_ms']} ({r['spread_ms'][0]}–{r['spread_ms'][1]})",
+                        f"{r['speedup']}×",
+                        r["seconds"],
+                    ]
+                    for r in sec["rows"]
+                ],
+            ),
+        ]
     if "cnn" in sections:
         sec = sections["cnn"]
-        md += ["### CNNs: 50% of conv filters removed (structured)\n",
-               md_table(["digits CNN", "tool", "accuracy", "Δ points", "params"],
-                        [[r["model"], r["tool"], r["accuracy"], r["accuracy_delta_points"], r["params"]]
-                         for r in sec["digits"]]),
-               md_table(["ResNet-18-style, batch 8×3×224×224", "p50 ms (min–max)", "speed-up", "params"],
-                        [[r["model"], f"{r['p50_ms']} ({r['min_ms']}–{r['max_ms']})", f"{r['speedup']}×",
-                          f"{r['params'] / 1e6:.2f} M"] for r in sec["resnet"]])]
+        md += [
+            "### CNNs: 50% of conv filters removed (structured)\n",
+            md_table(
+                ["digits CNN", "tool", "accuracy", "Δ points", "params"],
+                [[r["model"], r["tool"], r["accuracy"], r["accuracy_delta_points"], r["params"]] for r in sec["digits"]],
+            ),
+            md_table(
+                ["ResNet-18-style, batch 8×3×224×224", "p50 ms (min–max)", "speed-up", "params"],
+                [
+                    [r["model"], f"{r['p50_ms']} ({r['min_ms']}–{r['max_ms']})", f"{r['speedup']}×", f"{r['params'] / 1e6:.2f} M"]
+                    for r in sec["resnet"]
+                ],
+            ),
+        ]
         if any(sec["peer_errors"].values()):
             md.append(f"Torch-Pruning: {sec['peer_errors']}\n")
     targets = {f"{name}: {k}": v for name, sec in sections.items() for k, v in sec.get("targets", {}).items()}

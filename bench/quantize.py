@@ -37,8 +37,11 @@ def torchao_config(name: str):
         PerGroup,
     )
 
-    return {"int8-weight-only": Int8WeightOnlyConfig(), "int8-dynamic": Int8DynamicActivationInt8WeightConfig(),
-            "int4-g64": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))}[name]
+    return {
+        "int8-weight-only": Int8WeightOnlyConfig(),
+        "int8-dynamic": Int8DynamicActivationInt8WeightConfig(),
+        "int4-g64": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)),
+    }[name]
 
 
 def run_torchao(handle: ModelHandle, name: str, skip: str | None) -> None:
@@ -61,29 +64,50 @@ def smollm2_rows(args, lee) -> list[dict]:
     if not args.gptq_only:
         fp32 = evaluate(leanml.load("smollm2-135m"), lee)["value"]
         rows.append({"model": "smollm2-135m", "method": "fp32", "tool": "-", "quality": fp32, "seconds": 0.0})
-    plans = [] if args.gptq_only else [
-        ("w8 (RTN per-channel)", "w8", "int8-weight-only"),
-        ("w4 g64 RTN", [WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False)], None),
-        ("w3 g64 RTN", [WeightOnly(bits=3, group_size=64, method="rtn", mse_clip=False)], None),
-        ("w8a8 SmoothQuant (dynamic)", "w8a8", "int8-dynamic"),
-        ("int8 dynamic (no smoothing)", [Int8Dynamic()], None)]
+    plans = (
+        []
+        if args.gptq_only
+        else [
+            ("w8 (RTN per-channel)", "w8", "int8-weight-only"),
+            ("w4 g64 RTN", [WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False)], None),
+            ("w3 g64 RTN", [WeightOnly(bits=3, group_size=64, method="rtn", mse_clip=False)], None),
+            ("w8a8 SmoothQuant (dynamic)", "w8a8", "int8-dynamic"),
+            ("int8 dynamic (no smoothing)", [Int8Dynamic()], None),
+        ]
+    )
     if not args.skip_gptq:
-        plans += [("w4 g64 leanml best (recipe w4-g64)", "w4-g64", "int4-g64"),
-                  ("w3 g64 leanml best (recipe w3-g64)", "w3-g64", None)]
+        plans += [
+            ("w4 g64 leanml best (recipe w4-g64)", "w4-g64", "int4-g64"),
+            ("w3 g64 leanml best (recipe w3-g64)", "w3-g64", None),
+        ]
     for label, recipe, peer in plans:
         handle = leanml.load("smollm2-135m")
         _, seconds = timed(lambda h=handle, r=recipe: apply_recipe(h, r, lee))
         value = evaluate(handle, lee)["value"]
-        row = {"model": "smollm2-135m", "method": label, "tool": "leanml", "quality": value, "seconds": seconds,
-               "recipe": load_recipe(recipe).to_dict()}
+        row = {
+            "model": "smollm2-135m",
+            "method": label,
+            "tool": "leanml",
+            "quality": value,
+            "seconds": seconds,
+            "recipe": load_recipe(recipe).to_dict(),
+        }
         rows.append(row)
         print(row, flush=True)
         if peer:
             handle = leanml.load("smollm2-135m")
             _, seconds = timed(lambda h=handle, p=peer: run_torchao(h, p, "lm_head"))
             peer_value = evaluate(handle, lee)["value"]
-            rows.append({"model": "smollm2-135m", "method": f"torchao {peer}", "tool": "torchao", "quality": peer_value,
-                         "seconds": seconds, "peer_of": label})
+            rows.append(
+                {
+                    "model": "smollm2-135m",
+                    "method": f"torchao {peer}",
+                    "tool": "torchao",
+                    "quality": peer_value,
+                    "seconds": seconds,
+                    "peer_of": label,
+                }
+            )
             row["vs_peer"] = value / peer_value
             print(rows[-1], flush=True)
     return rows
@@ -93,26 +117,50 @@ def minilm_rows(sim) -> list[dict]:
     rows = []
     base = leanml.load("minilm-l6")
     rows.append({"model": "minilm-l6", "method": "fp32", "tool": "-", "quality": evaluate(base, sim)["value"], "seconds": 0.0})
-    for label, recipe in (("int8 static (minmax, calibrated)", [Int8Static(observer="minmax")]),
-                          ("int8 dynamic", [Int8Dynamic()])):
+    for label, recipe in (
+        ("int8 static (minmax, calibrated)", [Int8Static(observer="minmax")]),
+        ("int8 dynamic", [Int8Dynamic()]),
+    ):
         handle = leanml.load("minilm-l6")
         _, seconds = timed(lambda h=handle, r=recipe: apply_recipe(h, r, sim))
-        rows.append({"model": "minilm-l6", "method": label, "tool": "leanml", "quality": evaluate(handle, sim)["value"],
-                     "seconds": seconds})
+        rows.append(
+            {
+                "model": "minilm-l6",
+                "method": label,
+                "tool": "leanml",
+                "quality": evaluate(handle, sim)["value"],
+                "seconds": seconds,
+            }
+        )
     handle = leanml.load("minilm-l6")
     _, seconds = timed(lambda: run_torchao(handle, "int8-dynamic", None))
-    rows.append({"model": "minilm-l6", "method": "torchao int8-dynamic", "tool": "torchao",
-                 "quality": evaluate(handle, sim)["value"], "seconds": seconds})
+    rows.append(
+        {
+            "model": "minilm-l6",
+            "method": "torchao int8-dynamic",
+            "tool": "torchao",
+            "quality": evaluate(handle, sim)["value"],
+            "seconds": seconds,
+        }
+    )
     return rows
 
 
 def digits_cnn(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(128, 10))
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    )
 
 
 def cnn_rows(digits) -> list[dict]:
@@ -134,8 +182,15 @@ def cnn_rows(digits) -> list[dict]:
     for observer in ("minmax", "percentile", "kl"):
         handle = ModelHandle(module=copy.deepcopy(net), task="generic", name="digits-cnn")
         _, seconds = timed(lambda h=handle, o=observer: apply_recipe(h, [Int8Static(observer=o)], digits))
-        rows.append({"model": "digits-cnn", "method": f"int8 static ({observer})", "tool": "leanml",
-                     "quality": evaluate(handle, digits)["value"], "seconds": seconds})
+        rows.append(
+            {
+                "model": "digits-cnn",
+                "method": f"int8 static ({observer})",
+                "tool": "leanml",
+                "quality": evaluate(handle, digits)["value"],
+                "seconds": seconds,
+            }
+        )
     return rows
 
 
@@ -154,12 +209,22 @@ def main() -> None:
         rows = cnn_rows(leanml.load_data("digits")) + minilm_rows(leanml.load_data("lee-sim"))
         rows += smollm2_rows(args, leanml.load_data("lee"))
     metric = {"smollm2-135m": "perplexity ↓", "minilm-l6": "Spearman ↑", "digits-cnn": "accuracy ↑"}
-    table = [[r["model"], r["method"], f"{metric[r['model']]} {r['quality']:.4f}",
-              f"{r['vs_peer']:.3f}" if "vs_peer" in r else "", f"{r['seconds']:.0f}"] for r in rows]
-    md = (f"Quality after quantization ({args.threads} threads; compute simulated in float, integers stored). "
-          "`vs torchao` = leanml's metric ÷ torchao's corresponding config on the same data "
-          "(for perplexity lower is better).\n\n"
-          + md_table(["model", "method", "quality", "vs torchao", "seconds to quantize"], table))
+    table = [
+        [
+            r["model"],
+            r["method"],
+            f"{metric[r['model']]} {r['quality']:.4f}",
+            f"{r['vs_peer']:.3f}" if "vs_peer" in r else "",
+            f"{r['seconds']:.0f}",
+        ]
+        for r in rows
+    ]
+    md = (
+        f"Quality after quantization ({args.threads} threads; compute simulated in float, integers stored). "
+        "`vs torchao` = leanml's metric ÷ torchao's corresponding config on the same data "
+        "(for perplexity lower is better).\n\n"
+        + md_table(["model", "method", "quality", "vs torchao", "seconds to quantize"], table)
+    )
     write_results("quantize", {"rows": rows, "threads": args.threads}, md)
 
 

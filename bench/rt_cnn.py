@@ -133,14 +133,27 @@ def ort_session(path: str, threads: int):
 
 
 def export(model: nn.Module, x: torch.Tensor, path: str) -> None:
-    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (x,),
+        path,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
 
 
 def _stats(samples: list[float]) -> dict:
     s = summarize(samples)
-    return {"p50_ms": round(s["p50"] * 1e3, 2), "min_ms": round(s["min"] * 1e3, 2), "max_ms": round(s["max"] * 1e3, 2),
-            "spread_pct": round(100 * (s["p95"] - s["min"]) / s["p50"], 1), "n": s["n"]}
+    return {
+        "p50_ms": round(s["p50"] * 1e3, 2),
+        "min_ms": round(s["min"] * 1e3, 2),
+        "max_ms": round(s["max"] * 1e3, 2),
+        "spread_pct": round(100 * (s["p95"] - s["min"]) / s["p50"], 1),
+        "n": s["n"],
+    }
 
 
 def timing_interleaved(fns: dict, warmup: int, repeats: int) -> dict:
@@ -153,7 +166,7 @@ def timing_interleaved(fns: dict, warmup: int, repeats: int) -> dict:
             fns[k]()
     samples: dict = {k: [] for k in keys}
     for r in range(repeats):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append(time.perf_counter() - t0)
@@ -213,10 +226,19 @@ class DigitsNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.head = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        self.conv = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        )
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 10),
+        )
 
     def forward(self, x):
         x = self.stem(x)
@@ -258,8 +280,13 @@ def run(threads: int, quick: bool = False) -> dict:
         ops = optimized_op_counts(q8, threads)
         peer_ops = optimized_op_counts(peer, threads)
         digits = digits_accuracy(threads, tmp, 3.0 if quick else 8.0)
-    labels = {"a": "torch fp32 eager", "b": "torch fp32 BN folded", "c": "ORT fp32 (folded)", "d": "ORT int8 leanml",
-              "e": "ORT int8 peer quantize_static"}
+    labels = {
+        "a": "torch fp32 eager",
+        "b": "torch fp32 BN folded",
+        "c": "ORT fp32 (folded)",
+        "d": "ORT int8 leanml",
+        "e": "ORT int8 peer quantize_static",
+    }
     base = times["a"]["p50_ms"]
     rows = []
     for k, label in labels.items():
@@ -274,11 +301,20 @@ def run(threads: int, quick: bool = False) -> dict:
 
     return {
         "host": {**host_info(), "onnxruntime": ort.__version__},
-        "threads": threads, "batch": BATCH, "input": [BATCH, 3, SIZE, SIZE], "quick": quick,
-        "rows": rows, "fusions": fusions, "folded_max_abs_diff": float(np.abs(ref - ref_folded).max()),
-        "quantize_report": report, "quantize_seconds": round(quant_s, 2), "peer_quantize_seconds": round(peer_s, 2),
+        "threads": threads,
+        "batch": BATCH,
+        "input": [BATCH, 3, SIZE, SIZE],
+        "quick": quick,
+        "rows": rows,
+        "fusions": fusions,
+        "folded_max_abs_diff": float(np.abs(ref - ref_folded).max()),
+        "quantize_report": report,
+        "quantize_seconds": round(quant_s, 2),
+        "peer_quantize_seconds": round(peer_s, 2),
         "ort_settings": "CPUExecutionProvider, ORT_ENABLE_ALL, sequential, inter_op 1, intra_op spinning off",
-        "ort_ops_leanml_int8": ops, "ort_ops_peer_int8": peer_ops, "digits": digits,
+        "ort_ops_leanml_int8": ops,
+        "ort_ops_peer_int8": peer_ops,
+        "digits": digits,
     }
 
 

@@ -117,8 +117,17 @@ def _setup() -> dict:
     seconds["peer_quantize"] = time.perf_counter() - t0
     # on the fused graph the peer cannot type the contrib ops' outputs by itself: it asks for DefaultTensorType
     quantize_dynamic(p["c"], p["e_fused"], extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return {"handle": handle, "data": data, "enc": enc, "paths": p, "fusions": fusions, "report": report, "allocator": allocator,
-            "report_full": report_full, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    return {
+        "handle": handle,
+        "data": data,
+        "enc": enc,
+        "paths": p,
+        "fusions": fusions,
+        "report": report,
+        "allocator": allocator,
+        "report_full": report_full,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
 
 
 def ort_session(path: str, threads: int, spinning: bool = True):
@@ -146,9 +155,14 @@ def timing(fn, warmup: int, repeats: int) -> dict:
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     s = summarize(wall)
-    return {"p50_ms": round(s["p50"] * 1e3, 1), "min_ms": round(s["min"] * 1e3, 1), "max_ms": round(s["max"] * 1e3, 1),
-            "spread_pct": round(100 * (s["p95"] - s["min"]) / s["p50"], 1), "cpu_p50_ms": round(summarize(cpu)["p50"] * 1e3, 1),
-            "n": s["n"]}
+    return {
+        "p50_ms": round(s["p50"] * 1e3, 1),
+        "min_ms": round(s["min"] * 1e3, 1),
+        "max_ms": round(s["max"] * 1e3, 1),
+        "spread_pct": round(100 * (s["p95"] - s["min"]) / s["p50"], 1),
+        "cpu_p50_ms": round(summarize(cpu)["p50"] * 1e3, 1),
+        "n": s["n"],
+    }
 
 
 def pooled(hidden: np.ndarray, mask: np.ndarray) -> torch.Tensor:
@@ -195,10 +209,18 @@ def run(threads: int, quick: bool = False) -> dict:
     rows = []
     for key, label in LABELS.items():
         cos = float(torch.nn.functional.cosine_similarity(embeddings[key], ref, dim=-1).mean())
-        rows.append({"variant": key, "label": label, **times[key], "speedup_vs_a": round(base / times[key]["p50_ms"], 2),
-                     "cpu_speedup_vs_a": round(times["a"]["cpu_p50_ms"] / times[key]["cpu_p50_ms"], 2),
-                     "mean_cosine_vs_fp32": round(cos, 5), "spearman": round(spearman[key], 4),
-                     "spearman_delta": round(spearman[key] - spearman["a"], 4)})
+        rows.append(
+            {
+                "variant": key,
+                "label": label,
+                **times[key],
+                "speedup_vs_a": round(base / times[key]["p50_ms"], 2),
+                "cpu_speedup_vs_a": round(times["a"]["cpu_p50_ms"] / times[key]["cpu_p50_ms"], 2),
+                "mean_cosine_vs_fp32": round(cos, 5),
+                "spearman": round(spearman[key], 4),
+                "spearman_delta": round(spearman[key] - spearman["a"], 4),
+            }
+        )
     by = {r["variant"]: r for r in rows}
     d, e = by["d"], by["e"]
     targets = {
@@ -208,11 +230,19 @@ def run(threads: int, quick: bool = False) -> dict:
         "d_spearman_within_0.005": abs(d["spearman_delta"]) <= 0.005,
     }
     return {
-        "threads": threads, "batch": [len(data.texts), SEQ], "quick": quick, "rows": rows, "targets": targets,
-        "d_vs_e_speed": round(e["p50_ms"] / d["p50_ms"], 3), "d_vs_e_cpu": round(e["cpu_p50_ms"] / d["cpu_p50_ms"], 3),
+        "threads": threads,
+        "batch": [len(data.texts), SEQ],
+        "quick": quick,
+        "rows": rows,
+        "targets": targets,
+        "d_vs_e_speed": round(e["p50_ms"] / d["p50_ms"], 3),
+        "d_vs_e_cpu": round(e["cpu_p50_ms"] / d["cpu_p50_ms"], 3),
         "d_no_spinning": {**no_spin, "speedup_vs_a": round(base / no_spin["p50_ms"], 2)},
-        "fusions": setup["fusions"], "quantize_report": setup["report"], "quantize_report_full": setup["report_full"],
-        "ort_kernels": {k: fused_ops_report(paths[k]) for k in ("d", "e")}, "setup_seconds": setup["seconds"],
+        "fusions": setup["fusions"],
+        "quantize_report": setup["report"],
+        "quantize_report_full": setup["report_full"],
+        "ort_kernels": {k: fused_ops_report(paths[k]) for k in ("d", "e")},
+        "setup_seconds": setup["seconds"],
         "allocator": setup["allocator"],
         "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},

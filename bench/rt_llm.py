@@ -70,24 +70,34 @@ def ort_quantizer_peer(work: Path, threads: int) -> ModelHandle:
 
     base = leanml.load(MODEL)
     build_llm_onnx(base, work / "fp32.onnx")
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(work / "fp32.onnx")), block_size=64, is_symmetric=False,
-                                     accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(work / "fp32.onnx")), block_size=64, is_symmetric=False, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(work / "ort-q4.onnx"), use_external_data_format=True)
     module = OrtCausalLM(work / "ort-q4.onnx", threads=threads)
     handle = ModelHandle(module=module, task="causal-lm", name=MODEL, tokenizer=base.tokenizer, runtime="onnxruntime")
     handle.meta["torch_handle"] = base
-    handle.meta["runtime_report"] = {"bytes": path_bytes(work / "ort-q4.onnx") + path_bytes(work / "ort-q4.onnx.data"),
-                                     "fusions": ["ORT MatMulNBitsQuantizer (block 64, asym, accuracy level 4)"]}
+    handle.meta["runtime_report"] = {
+        "bytes": path_bytes(work / "ort-q4.onnx") + path_bytes(work / "ort-q4.onnx.data"),
+        "fusions": ["ORT MatMulNBitsQuantizer (block 64, asym, accuracy level 4)"],
+    }
     return handle
 
 
 def _row(label: str, tool: str, runtime: str, m, base=None) -> dict:
-    row = {"model": MODEL, "variant": label, "tool": tool, "runtime": runtime, "threads": m.threads,
-           "perplexity": m.quality["value"] if m.quality else None,
-           "decode_tok_s": m.decode_tokens_per_s, "decode_spread": m.decode["decode_tokens_per_s_spread"],
-           "prefill_tok_s": m.prefill_tokens_per_s, "roofline_tok_s": m.decode_roofline_tokens_per_s,
-           "roofline_fraction": m.roofline_fraction, "disk_bytes": m.disk_bytes}
+    row = {
+        "model": MODEL,
+        "variant": label,
+        "tool": tool,
+        "runtime": runtime,
+        "threads": m.threads,
+        "perplexity": m.quality["value"] if m.quality else None,
+        "decode_tok_s": m.decode_tokens_per_s,
+        "decode_spread": m.decode["decode_tokens_per_s_spread"],
+        "prefill_tok_s": m.prefill_tokens_per_s,
+        "roofline_tok_s": m.decode_roofline_tokens_per_s,
+        "roofline_fraction": m.roofline_fraction,
+        "disk_bytes": m.disk_bytes,
+    }
     if base is not None:
         row["decode_vs_fp32_eager"] = m.decode_tokens_per_s / base.decode_tokens_per_s
         row["prefill_vs_fp32_eager"] = m.prefill_tokens_per_s / base.prefill_tokens_per_s
@@ -109,8 +119,9 @@ def run(threads: int, quick: bool = False, quality: bool = True) -> dict:
     print(rows[-1], flush=True)
     for recipe in ("w8", "w4-g64"):
         handle = quantized(recipe)
-        rows.append(_row(f"leanml {recipe}", "leanml", "onnxruntime",
-                         leanml.profile(handle, data=lee, runtime="onnxruntime", **kw), base))
+        rows.append(
+            _row(f"leanml {recipe}", "leanml", "onnxruntime", leanml.profile(handle, data=lee, runtime="onnxruntime", **kw), base)
+        )
         print(rows[-1], flush=True)
         if quality:
             sim = leanml.profile(handle, data=lee, **{**kw, "repeats": 1, "new_tokens": 4})
@@ -126,8 +137,9 @@ def run(threads: int, quick: bool = False, quality: bool = True) -> dict:
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         peer = ort_quantizer_peer(Path(tmp), threads)
-        rows.append(_row("ORT MatMulNBitsQuantizer 4-bit g64", "onnxruntime", "onnxruntime",
-                         leanml.profile(peer, data=lee, **kw), base))
+        rows.append(
+            _row("ORT MatMulNBitsQuantizer 4-bit g64", "onnxruntime", "onnxruntime", leanml.profile(peer, data=lee, **kw), base)
+        )
         # its torch twin is the fp32 model, so the profile's roofline would be the fp32 one: use its own bytes
         # (every weight read once per token; the 4-bit head and the fp32 embedding it indexes are counted)
         rows[-1]["roofline_tok_s"] = base.memory_bandwidth_gbs * 1e9 / rows[-1]["disk_bytes"]

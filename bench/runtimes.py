@@ -33,17 +33,22 @@ def _f(x, spec=".1f") -> str:
 
 
 def llm_table(sections: list[dict]) -> str:
-    lines = ["| variant | runtime | threads | decode tok/s (spread) | × fp32 eager | prefill tok/s | × | roofline tok/s "
-             "| perplexity | vs simulated |", "|" + "---|" * 10]
+    lines = [
+        "| variant | runtime | threads | decode tok/s (spread) | × fp32 eager | prefill tok/s | × | roofline tok/s "
+        "| perplexity | vs simulated |",
+        "|" + "---|" * 10,
+    ]
     for sec in sections:
         for r in sec["rows"]:
             spread = r.get("decode_spread") or [None, None]
             sim = r.get("perplexity_vs_simulated")
-            lines.append(f"| {r['variant']} | {r['runtime']} | {r['threads']} | {_f(r['decode_tok_s'])} "
-                         f"({_f(spread[0])}–{_f(spread[1])}) | {_f(r.get('decode_vs_fp32_eager'), '.2f')}× | "
-                         f"{_f(r['prefill_tok_s'], '.0f')} | {_f(r.get('prefill_vs_fp32_eager'), '.2f')}× | "
-                         f"{_f(r.get('roofline_tok_s'))} | {_f(r.get('perplexity'), '.3f')} | "
-                         f"{'–' if sim is None else f'{sim * 100:+.2f}%'} |")
+            lines.append(
+                f"| {r['variant']} | {r['runtime']} | {r['threads']} | {_f(r['decode_tok_s'])} "
+                f"({_f(spread[0])}–{_f(spread[1])}) | {_f(r.get('decode_vs_fp32_eager'), '.2f')}× | "
+                f"{_f(r['prefill_tok_s'], '.0f')} | {_f(r.get('prefill_vs_fp32_eager'), '.2f')}× | "
+                f"{_f(r.get('roofline_tok_s'))} | {_f(r.get('perplexity'), '.3f')} | "
+                f"{'–' if sim is None else f'{sim * 100:+.2f}%'} |"
+            )
     return "\n".join(lines)
 
 
@@ -61,8 +66,12 @@ def generic_table(sections: list[dict], title_key: str = "label") -> str:
         for r in sec["rows"]:
             speed = next((v for k, v in r.items() if k.startswith("speedup")), None)
             lo, hi = r.get("min_ms"), r.get("max_ms")
-            cells = [str(r.get(title_key) or r.get("variant")), str(sec["threads"]),
-                     f"{_f(r.get('p50_ms'))} ({_f(lo)}–{_f(hi)})", f"{_f(speed, '.2f')}×"]
+            cells = [
+                str(r.get(title_key) or r.get("variant")),
+                str(sec["threads"]),
+                f"{_f(r.get('p50_ms'))} ({_f(lo)}–{_f(hi)})",
+                f"{_f(speed, '.2f')}×",
+            ]
             cells += [_f(r.get(k), ".4f") if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in quality_keys]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -76,17 +85,23 @@ def main() -> None:
     args = parser.parse_args()
     payload: dict = {"host": host_info(), "threads": args.threads, "sections": {}}
     started = time.time()
-    md = [f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), medians of repeated runs "
-          f"with min–max spreads; threads {', '.join(map(str, args.threads))}.\n"]
+    md = [
+        f"Measured on {payload['host']['cpu']} ({payload['host']['cores']} cores), medians of repeated runs "
+        f"with min–max spreads; threads {', '.join(map(str, args.threads))}.\n"
+    ]
     if "llm" in args.sections:
         import rt_llm
 
         runs = [rt_llm.run(t, quick=args.quick, quality=(i == 0)) for i, t in enumerate(args.threads)]
         sizes = rt_llm.sizes()
         payload["sections"]["llm"] = {"runs": runs, "sizes": sizes}
-        md += ["### SmolLM2-135M decode (greedy, KV cache, 128-token prompt, 64 new tokens)\n", llm_table(runs), "",
-               f"Artifact sizes (safetensors, embeddings as stored): fp32 {sizes['fp32_safetensors_bytes'] / 1e6:.1f} MB; "
-               f"W8 {sizes['w8_vs_fp32']:.3f}×; W4 g64 {sizes['w4-g64_vs_fp32']:.3f}× of fp32.\n"]
+        md += [
+            "### SmolLM2-135M decode (greedy, KV cache, 128-token prompt, 64 new tokens)\n",
+            llm_table(runs),
+            "",
+            f"Artifact sizes (safetensors, embeddings as stored): fp32 {sizes['fp32_safetensors_bytes'] / 1e6:.1f} MB; "
+            f"W8 {sizes['w8_vs_fp32']:.3f}×; W4 g64 {sizes['w4-g64_vs_fp32']:.3f}× of fp32.\n",
+        ]
     if "encoder" in args.sections:
         import rt_encoder
 

@@ -45,5 +45,20 @@ def runtime(model, name: str = "onnxruntime", **kwargs) -> ModelHandle:
     return prepare(handle, name, **kwargs)
 
 
-__all__ = ["LeanmlError", "Measurement", "ModelHandle", "__version__", "compress", "distill", "export", "load", "load_data",
-           "load_model", "optimize", "profile", "prune", "quantize", "runtime"]
+__all__ = [
+    "LeanmlError",
+    "Measurement",
+    "ModelHandle",
+    "__version__",
+    "compress",
+    "distill",
+    "export",
+    "load",
+    "load_data",
+    "load_model",
+    "optimize",
+    "profile",
+    "prune",
+    "quantize",
+    "runtime",
+]

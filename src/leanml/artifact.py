@@ -53,8 +53,9 @@ def check_target(out: Path, force: bool) -> None:
         raise LeanmlError(f"{out} exists and is not empty; pass --force to replace it")
 
 
-def save_artifact(handle: ModelHandle, out: str | os.PathLike, recipe=None, extra: dict[str, str] | None = None,
-                  force: bool = False) -> Path:
+def save_artifact(
+    handle: ModelHandle, out: str | os.PathLike, recipe=None, extra: dict[str, str] | None = None, force: bool = False
+) -> Path:
     """Write ``handle`` to the folder ``out`` atomically (a temporary folder renamed into place)."""
     out = Path(out)
     check_target(out, force)
@@ -96,9 +97,16 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
     if handle.tokenizer is not None and hasattr(handle.tokenizer, "save_pretrained"):
         handle.tokenizer.save_pretrained(tmp)
     meta = {
-        "format": "leanml", "format_version": FORMAT_VERSION, "name": handle.name, "task": handle.task,
-        "base": base, "model_class": type(model).__name__, "max_length": handle.max_length,
-        "source": handle.source, "layers": _layer_specs(model), "tied": aliases,
+        "format": "leanml",
+        "format_version": FORMAT_VERSION,
+        "name": handle.name,
+        "task": handle.task,
+        "base": base,
+        "model_class": type(model).__name__,
+        "max_length": handle.max_length,
+        "source": handle.source,
+        "layers": _layer_specs(model),
+        "tied": aliases,
         "recipe": recipe.to_dict() if recipe is not None else None,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -150,8 +158,15 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError):
             tokenizer = None
-    handle = ModelHandle(module=model.eval(), task=meta["task"], name=meta["name"], tokenizer=tokenizer,
-                         source=str(folder), artifact=folder, max_length=meta.get("max_length", 512))
+    handle = ModelHandle(
+        module=model.eval(),
+        task=meta["task"],
+        name=meta["name"],
+        tokenizer=tokenizer,
+        source=str(folder),
+        artifact=folder,
+        max_length=meta.get("max_length", 512),
+    )
     handle.meta["recipe"] = meta.get("recipe")
     from .models.inputs import default_example_inputs
 
@@ -173,8 +188,11 @@ def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(folder)
-    auto = {"causal-lm": tf.AutoModelForCausalLM, "sequence-classification": tf.AutoModelForSequenceClassification,
-            "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    auto = {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+    }.get(task, tf.AutoModel)
     if task == "sentence-embedding":
         config._attn_implementation = "eager"
     return auto.from_config(config)  # weights are overwritten by the saved ones

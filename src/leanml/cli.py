@@ -14,8 +14,12 @@ from rich.table import Table
 from .errors import LeanmlError
 
 app = typer.Typer(
-    name="leanml", help="Make models cheaper to run, and prove it with measurements.",
-    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True,
+    name="leanml",
+    help="Make models cheaper to run, and prove it with measurements.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
 )
 console = Console()
 
@@ -55,20 +59,33 @@ def measurement_table(m, title: str | None = None) -> Table:
         ("parameters", f"{m.params / 1e6:.2f} M" if m.params else "-"),
         ("weights in memory", _fmt_bytes(m.weight_bytes)),
         ("on disk", _fmt_bytes(m.disk_bytes)),
-        *([("sparse layers (dense → stored)", f"{m.sparse['sparsity']:.1%} zero; {_fmt_bytes(m.sparse['dense_bytes'])}"
-            f" → {_fmt_bytes(m.sparse['stored_bytes'])}")] if getattr(m, "sparse", None) else []),
+        *(
+            [
+                (
+                    "sparse layers (dense → stored)",
+                    f"{m.sparse['sparsity']:.1%} zero; {_fmt_bytes(m.sparse['dense_bytes'])}"
+                    f" → {_fmt_bytes(m.sparse['stored_bytes'])}",
+                )
+            ]
+            if getattr(m, "sparse", None)
+            else []
+        ),
         (f"FLOPs per {m.item}", _fmt(m.flops_per_item and m.flops_per_item / 1e9, ".3f") + " G"),
-        (f"latency p50 / p95 ({'per decoded token' if m.item == 'token' else f'batch of {m.batch_size}'})",
-         f"{m.latency_ms['p50']:.2f} / {m.latency_ms['p95']:.2f} ms"),
+        (
+            f"latency p50 / p95 ({'per decoded token' if m.item == 'token' else f'batch of {m.batch_size}'})",
+            f"{m.latency_ms['p50']:.2f} / {m.latency_ms['p95']:.2f} ms",
+        ),
         (f"throughput ({m.item}s/s)", _fmt(m.throughput_per_s, ".1f")),
     ]
     if m.decode_tokens_per_s is not None:
         rows += [
             ("prefill tokens/s", _fmt(m.prefill_tokens_per_s, ".1f")),
             ("decode tokens/s (greedy, KV cache)", _fmt(m.decode_tokens_per_s, ".1f")),
-            ("decode roofline tokens/s (measured bandwidth)",
-             f"{_fmt(m.decode_roofline_tokens_per_s, '.1f')} ({_fmt(m.memory_bandwidth_gbs, '.1f')} GB/s); "
-             f"{_fmt(m.roofline_fraction and 100 * m.roofline_fraction, '.0f')}% reached"),
+            (
+                "decode roofline tokens/s (measured bandwidth)",
+                f"{_fmt(m.decode_roofline_tokens_per_s, '.1f')} ({_fmt(m.memory_bandwidth_gbs, '.1f')} GB/s); "
+                f"{_fmt(m.roofline_fraction and 100 * m.roofline_fraction, '.0f')}% reached",
+            ),
         ]
     rows += [
         ("peak resident memory", _fmt_bytes(m.peak_memory_bytes)),
@@ -113,9 +130,20 @@ def profile(
 
     if json_path is not None:
         _refuse_clobber(json_path, force)
-    m = run_profile(model, data=data, hardware=hardware, threads=threads, batch=batch, seq_len=seq_len,
-                    new_tokens=new_tokens, repeats=repeats, reference=reference, price_per_hour=price_per_hour,
-                    runtime=runtime, device=device)
+    m = run_profile(
+        model,
+        data=data,
+        hardware=hardware,
+        threads=threads,
+        batch=batch,
+        seq_len=seq_len,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        reference=reference,
+        price_per_hour=price_per_hour,
+        runtime=runtime,
+        device=device,
+    )
     console.print(measurement_table(m))
     for note in m.notes:
         console.print(f"note: {note}", style="dim")
@@ -134,8 +162,9 @@ def compress(
     hardware: Annotated[str | None, typer.Option(help="hardware profile for $ and energy")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
     repeats: Annotated[int | None, typer.Option(help="timed repeats")] = None,
-    runtime: Annotated[str, typer.Option(help="runtime the before/after measurements run on: torch, torch-compile, "
-                                               "onnxruntime")] = "torch",
+    runtime: Annotated[
+        str, typer.Option(help="runtime the before/after measurements run on: torch, torch-compile, onnxruntime")
+    ] = "torch",
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
 ) -> None:
     """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out."""
@@ -143,23 +172,34 @@ def compress(
     from .pipeline import compress as run_compress
 
     check_runtime(runtime)
-    result = run_compress(model, recipe, data=data, calib=calib, out=out, force=force, hardware=hardware,
-                          threads=threads, repeats=repeats, runtime=runtime)
+    result = run_compress(
+        model,
+        recipe,
+        data=data,
+        calib=calib,
+        out=out,
+        force=force,
+        hardware=hardware,
+        threads=threads,
+        repeats=repeats,
+        runtime=runtime,
+    )
     b, a = result.before, result.after
     table = Table(title=f"{b.model}: recipe {result.recipe.name}")
     for col in ("measure", "before", "after", "after / before"):
         table.add_column(col, justify="right" if col != "measure" else "left")
-    rows = [("weights in memory", b.weight_bytes, a.weight_bytes, _fmt_bytes),
-            ("on disk", b.disk_bytes, a.disk_bytes, _fmt_bytes),
-            (f"throughput ({b.item}s/s)", b.throughput_per_s, a.throughput_per_s, lambda v: f"{v:.1f}"),
-            (f"$ per million {b.item}s", b.usd_per_million, a.usd_per_million, lambda v: f"{v:.4g}")]
+    rows = [
+        ("weights in memory", b.weight_bytes, a.weight_bytes, _fmt_bytes),
+        ("on disk", b.disk_bytes, a.disk_bytes, _fmt_bytes),
+        (f"throughput ({b.item}s/s)", b.throughput_per_s, a.throughput_per_s, lambda v: f"{v:.1f}"),
+        (f"$ per million {b.item}s", b.usd_per_million, a.usd_per_million, lambda v: f"{v:.4g}"),
+    ]
     if b.quality and b.quality.get("metric"):
         rows.append((b.quality["metric"], b.quality["value"], a.quality["value"], lambda v: f"{v:.4f}"))
     for name, x, y, fmt in rows:
         table.add_row(name, fmt(x), fmt(y), f"{y / x:.3f}" if x else "-")
     console.print(table)
-    where = ("quantized compute is simulated in float on the torch runtime" if runtime == "torch"
-             else f"measured on {runtime}")
+    where = "quantized compute is simulated in float on the torch runtime" if runtime == "torch" else f"measured on {runtime}"
     console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); {where}")
 
 
@@ -196,8 +236,9 @@ def distill(
     model: Annotated[str, typer.Argument(help="the teacher: built-in name, model path or leanml artifact folder")],
     data: Annotated[str, typer.Option(help="training data: built-in name (enwiki, lee, digits, ...) or a path")],
     out: Annotated[Path, typer.Option(help="output folder for the student (refused if it exists, unless --force)")],
-    student: Annotated[str, typer.Option(help="drop-layers:R[:influence|every], keep-layers:I,J,.., width:R, "
-                                              "joined by '+', or same")] = "drop-layers:0.5",
+    student: Annotated[
+        str, typer.Option(help="drop-layers:R[:influence|every], keep-layers:I,J,.., width:R, joined by '+', or same")
+    ] = "drop-layers:0.5",
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
     loss: Annotated[str, typer.Option(help="terms joined by '+': kd, task, hidden, relation, attention")] = "kd",
     batch_size: Annotated[int, typer.Option(help="items per optimizer step (all processes together)")] = 8,
@@ -227,17 +268,36 @@ def distill(
     from .recipe import Recipe
 
     check_target(out, force)
-    cfg = Distill(student=student, loss=loss, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                  temperature=temperature, alpha=alpha, window=window, top_k=top_k, cache_teacher=cache_teacher,
-                  select_fraction=select_fraction, select_by=select_by, seed=seed, checkpoint_every=checkpoint_every)
+    cfg = Distill(
+        student=student,
+        loss=loss,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        temperature=temperature,
+        alpha=alpha,
+        window=window,
+        top_k=top_k,
+        cache_teacher=cache_teacher,
+        select_fraction=select_fraction,
+        select_by=select_by,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
     ckpt = out.with_name(out.name + ".checkpoints")
     teacher = load_model(model)
     result = run_distill(teacher, cfg, load_data_arg(data), checkpoint_dir=ckpt, resume=resume)
     if world()[0] != 0:
         return
     report = result.meta["reports"]["distill.json"]
-    save_artifact(result, out, recipe=Recipe(name=f"distill {student}", steps=[cfg]), force=force,
-                  extra={"distill.json": json.dumps(report, indent=2, default=str) + "\n"})
+    save_artifact(
+        result,
+        out,
+        recipe=Recipe(name=f"distill {student}", steps=[cfg]),
+        force=force,
+        extra={"distill.json": json.dumps(report, indent=2, default=str) + "\n"},
+    )
     shutil.rmtree(ckpt, ignore_errors=True)
     table = Table(title=f"{teacher.name} -> student {student}")
     table.add_column("measure")
@@ -255,8 +315,9 @@ def optimize(
     model: Annotated[str, typer.Argument(help="built-in name, model path or leanml artifact folder")],
     data: Annotated[str, typer.Option(help="data that judges quality: built-in name (lee, lee-sim, digits) or a path")],
     max_drop: Annotated[str, typer.Option(help="quality the result may lose: 1% or 0.01")] = "1%",
-    drop_type: Annotated[str, typer.Option(help="relative (fraction of the original's value) or absolute (metric units)")]
-    = "relative",
+    drop_type: Annotated[
+        str, typer.Option(help="relative (fraction of the original's value) or absolute (metric units)")
+    ] = "relative",
     objective: Annotated[str, typer.Option(help="usd, latency, size or energy")] = "usd",
     hardware: Annotated[str | None, typer.Option(help="hardware profile for prices and power (see `leanml hardware`)")] = None,
     runtime: Annotated[str, typer.Option(help="auto (search onnxruntime and torch), torch or onnxruntime")] = "auto",
@@ -265,8 +326,9 @@ def optimize(
     candidates: Annotated[str | None, typer.Option(help="other models to consider, comma-separated names or paths")] = None,
     out: Annotated[Path, typer.Option(help="output folder (study, chosen model, report)")] = Path("leanml-optimize"),
     resume: Annotated[bool, typer.Option(help="continue the study in --out (or --storage)")] = False,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by several workers "
-                                                     "(default: sqlite in --out)")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL shared by several workers (default: sqlite in --out)")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for measurements")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
 ) -> None:
@@ -274,17 +336,37 @@ def optimize(
     from .search import optimize as run_optimize
 
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
-    result = run_optimize(model, load_data_arg(data), budget=max_drop, objective=objective, drop_type=drop_type,
-                          hardware=hardware, runtime=runtime, time_budget=time_budget, trials=trials, candidates=cands,
-                          out=out, resume=resume, storage=storage, force=force, threads=threads)
+    result = run_optimize(
+        model,
+        load_data_arg(data),
+        budget=max_drop,
+        objective=objective,
+        drop_type=drop_type,
+        hardware=hardware,
+        runtime=runtime,
+        time_budget=time_budget,
+        trials=trials,
+        candidates=cands,
+        out=out,
+        resume=resume,
+        storage=storage,
+        force=force,
+        threads=threads,
+    )
     s = result.summary
     table = Table(title=f"{s['model']} on {s['data']}: {len(result.trials)} trials in {s['elapsed_s']:.0f} s")
     for col in ("trial", "candidate", "status", s["metric"], "drop", s["objective_label"]):
         table.add_column(col, justify="right" if col not in ("candidate", "status") else "left")
     for r in result.trials:
         mark = " *" if r["number"] == s["chosen"] else ""
-        table.add_row(f"{r['number']}{mark}", r.get("label", ""), r["status"], _fmt(r.get("quality"), ".4g"),
-                      _fmt(r.get("quality_drop"), ".3g"), _fmt(r.get("objective"), ".4g"))
+        table.add_row(
+            f"{r['number']}{mark}",
+            r.get("label", ""),
+            r["status"],
+            _fmt(r.get("quality"), ".4g"),
+            _fmt(r.get("quality_drop"), ".3g"),
+            _fmt(r.get("objective"), ".4g"),
+        )
     console.print(table)
     if result.chosen is None:
         console.print("no trial completed: nothing chosen (see trials.json for the reasons)")

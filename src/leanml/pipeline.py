@@ -47,8 +47,16 @@ def apply_recipe(handle: ModelHandle, recipe, data=None) -> ModelHandle:
     return handle
 
 
-def compress(model: str | ModelHandle, recipe, data=None, calib=None, out: str | os.PathLike | None = None,
-             force: bool = False, measure: bool = True, **profile_kwargs) -> CompressResult:
+def compress(
+    model: str | ModelHandle,
+    recipe,
+    data=None,
+    calib=None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    measure: bool = True,
+    **profile_kwargs,
+) -> CompressResult:
     """Load ``model``, measure it, apply ``recipe``, measure again, and save everything to ``out``."""
     recipe = load_recipe(recipe)  # a bad recipe fails here, before anything is loaded or written
     out_path = Path(out) if out is not None else None

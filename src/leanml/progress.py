@@ -31,8 +31,7 @@ def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterat
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         for item in items:
@@ -51,8 +50,14 @@ class StepBar:
 
     def __enter__(self) -> StepBar:
         if enabled():
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
             self._bar = Progress(*columns, transient=True, console=Console(stderr=True))
             self._bar.__enter__()
             self._task = self._bar.add_task(self.label, total=self.total, completed=self.completed, status="")

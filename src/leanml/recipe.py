@@ -25,8 +25,7 @@ class Recipe(BaseModel):
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version,
-                "steps": [s.model_dump(exclude_defaults=False) for s in self.steps]}
+        return {"name": self.name, "version": self.version, "steps": [s.model_dump(exclude_defaults=False) for s in self.steps]}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -54,10 +53,31 @@ class Recipe(BaseModel):
 
 BUILTIN_RECIPES: dict[str, list[TechniqueConfig]] = {
     "w8": [WeightOnly(bits=8, group_size=None, symmetric=True, method="rtn", mse_clip=False, head_bits=8)],
-    "w4-g64": [WeightOnly(bits=4, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,
-                          refine_scales=True, calib_windows=32, head_bits=8)],
-    "w3-g64": [WeightOnly(bits=3, group_size=64, method="awq+gptq", act_order=True, mse_clip=True, outlier_factor=8.0,
-                          refine_scales=True, calib_windows=32)],
+    "w4-g64": [
+        WeightOnly(
+            bits=4,
+            group_size=64,
+            method="awq+gptq",
+            act_order=True,
+            mse_clip=True,
+            outlier_factor=8.0,
+            refine_scales=True,
+            calib_windows=32,
+            head_bits=8,
+        )
+    ],
+    "w3-g64": [
+        WeightOnly(
+            bits=3,
+            group_size=64,
+            method="awq+gptq",
+            act_order=True,
+            mse_clip=True,
+            outlier_factor=8.0,
+            refine_scales=True,
+            calib_windows=32,
+        )
+    ],
     "w8a8": [SmoothQuant(alpha=0.5, activations="dynamic")],
     "int8-static": [Int8Static(observer="minmax")],
     "int8-dynamic": [Int8Dynamic()],

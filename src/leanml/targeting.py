@@ -21,8 +21,14 @@ def default_ignore(task: str) -> list[str]:
     return ["re:(^|\\.)lm_head$"] if task == "causal-lm" else []
 
 
-def select_layers(model: torch.nn.Module, types: tuple[type, ...], targets: list[str] | None,
-                  ignore: list[str] | None, task: str = "generic", what: str = "layer") -> list[str]:
+def select_layers(
+    model: torch.nn.Module,
+    types: tuple[type, ...],
+    targets: list[str] | None,
+    ignore: list[str] | None,
+    task: str = "generic",
+    what: str = "layer",
+) -> list[str]:
     """Names of the modules of ``types`` chosen by ``targets`` (all when empty) minus ``ignore``.
 
     A pattern that matches no module of those types is an error, so a typo never silently does nothing.
@@ -32,8 +38,10 @@ def select_layers(model: torch.nn.Module, types: tuple[type, ...], targets: list
     kinds = "/".join(t.__name__ for t in types)
     for pattern in list(targets or []) + [p for p in ignore if p not in default_ignore(task)]:
         if not any(_matches(n, pattern) for n in candidates):
-            raise LeanmlError(f"layer pattern {pattern!r} matches no {kinds} layer of this model "
-                              f"(e.g. {', '.join(candidates[:3]) or 'none'}); use a module name or 're:REGEX'")
+            raise LeanmlError(
+                f"layer pattern {pattern!r} matches no {kinds} layer of this model "
+                f"(e.g. {', '.join(candidates[:3]) or 'none'}); use a module name or 're:REGEX'"
+            )
     chosen = [n for n in candidates if not targets or any(_matches(n, p) for p in targets)]
     chosen = [n for n in chosen if not any(_matches(n, p) for p in ignore)]
     if not chosen:

@@ -67,8 +67,11 @@ def test_pure_function_matches_torch_reference():
         w, b = torch.randn(shape), torch.randn(6)
         mean, var, gamma, beta = torch.randn(6), torch.rand(6) + 0.1, torch.randn(6), torch.randn(6)
         ours = fold_conv_bn_weights(w, b, mean, var, gamma, beta, 1e-5)
-        ref = (fuse_conv_bn_weights(w, b, mean, var, 1e-5, gamma, beta) if len(shape) > 2
-               else fuse_linear_bn_weights(w, b, mean, var, 1e-5, gamma, beta))
+        ref = (
+            fuse_conv_bn_weights(w, b, mean, var, 1e-5, gamma, beta)
+            if len(shape) > 2
+            else fuse_linear_bn_weights(w, b, mean, var, 1e-5, gamma, beta)
+        )
         for a, r in zip(ours, ref, strict=True):
             assert a.dtype == r.dtype == torch.float32
             torch.testing.assert_close(a, r.detach(), rtol=1e-6, atol=1e-6)
@@ -85,8 +88,9 @@ def test_pure_function_matches_torch_reference():
 def test_sequential_conv_bn_is_exact(dims):
     conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
     torch.manual_seed(dims)
-    model = randomize_bn(nn.Sequential(conv(3, 8, 3, padding=1), bn(8), nn.ReLU(), conv(8, 4, 3, bias=False, groups=4),
-                                       bn(4, affine=False)))
+    model = randomize_bn(
+        nn.Sequential(conv(3, 8, 3, padding=1), bn(8), nn.ReLU(), conv(8, 4, 3, bias=False, groups=4), bn(4, affine=False))
+    )
     x = torch.randn(2, 3, *([7] * dims))
     folded, fusions = fold_batchnorm(model)
     assert fusions == ["conv+bn: 0 + 1", "conv+bn: 3 + 4"]
@@ -105,9 +109,14 @@ def test_residual_network_and_original_unchanged():
         folded, fusions = fold_batchnorm(model)
         out = folded(x)
     assert_close_to_scale(out, ref)
-    assert fusions == ["conv+bn: stem.0 + stem.1", "conv+bn: layer1.0.conv1 + layer1.0.bn1",
-                       "conv+bn: layer1.0.conv2 + layer1.0.bn2", "conv+bn: layer1.1.conv1 + layer1.1.bn1",
-                       "conv+bn: layer1.1.conv2 + layer1.1.bn2", "conv+bn: layer1.1.down.0 + layer1.1.down.1"]
+    assert fusions == [
+        "conv+bn: stem.0 + stem.1",
+        "conv+bn: layer1.0.conv1 + layer1.0.bn1",
+        "conv+bn: layer1.0.conv2 + layer1.0.bn2",
+        "conv+bn: layer1.1.conv1 + layer1.1.bn1",
+        "conv+bn: layer1.1.conv2 + layer1.1.bn2",
+        "conv+bn: layer1.1.down.0 + layer1.1.down.1",
+    ]
     assert isinstance(folded, TinyResNet) and isinstance(folded.layer1[0].bn1, nn.Identity)
     assert not folded.training
     # the user's module: same object types, same tensors, still has its BatchNorms
@@ -118,8 +127,9 @@ def test_residual_network_and_original_unchanged():
 
 def test_linear_bn1d():
     torch.manual_seed(1)
-    model = randomize_bn(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5, bias=False),
-                                       nn.BatchNorm1d(5)))
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5, bias=False), nn.BatchNorm1d(5))
+    )
     x = torch.randn(32, 12)
     folded, fusions = fold_batchnorm(model)
     assert fusions == ["linear+bn: 0 + 1", "linear+bn: 3 + 4"]
@@ -175,8 +185,9 @@ def test_fallback_when_fx_fails():
 
 
 def test_training_mode_bn_without_running_stats_kept():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1),
-                          nn.BatchNorm2d(3))  # mismatched channels: not a pair either
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(3)
+    )  # mismatched channels: not a pair either
     folded, fusions = fold_batchnorm(model.train())
     assert fusions == []
     assert model.training  # the user's module keeps its mode

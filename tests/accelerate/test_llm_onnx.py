@@ -22,8 +22,16 @@ def _llama(seed: int = 0):
 
     torch.manual_seed(seed)
     # head_dim 16: GroupQueryAttention needs a multiple of 16
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -57,12 +65,16 @@ def test_fp32_graph_matches_torch_prefill_and_cached_decode(llama, tmp_path):
     assert ort.runtime == "onnxruntime" and ort.meta["runtime_report"]["ops"]["GroupQueryAttention"] == 2
 
 
-@pytest.mark.parametrize("cfg", [
-    WeightOnly(bits=4, group_size=32, method="rtn", head_bits=8),
-    WeightOnly(bits=4, group_size=16, method="gptq", act_order=True, head_bits=8, calib_windows=4, window=64),
-    WeightOnly(bits=3, group_size=32, method="rtn", symmetric=True, head_bits=4),
-    WeightOnly(bits=8, group_size=None, method="rtn", head_bits=8),
-], ids=["w4-rtn", "w4-gptq-act-order", "w3-sym", "w8-channel"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        WeightOnly(bits=4, group_size=32, method="rtn", head_bits=8),
+        WeightOnly(bits=4, group_size=16, method="gptq", act_order=True, head_bits=8, calib_windows=4, window=64),
+        WeightOnly(bits=3, group_size=32, method="rtn", symmetric=True, head_bits=4),
+        WeightOnly(bits=8, group_size=None, method="rtn", head_bits=8),
+    ],
+    ids=["w4-rtn", "w4-gptq-act-order", "w3-sym", "w8-channel"],
+)
 def test_quantized_graph_runs_leanml_integers(llama, tiny_text, tmp_path, cfg):
     handle = _handle(llama)
     leanml.quantize(handle, cfg, tiny_text)
@@ -82,8 +94,9 @@ def test_quantized_graph_runs_leanml_integers(llama, tiny_text, tmp_path, cfg):
 
 def test_nbits_layout_dequantizes_to_the_layer(llama, tiny_text):
     handle = _handle(llama)
-    leanml.quantize(handle, WeightOnly(bits=4, group_size=16, method="gptq", act_order=True, calib_windows=4, window=64),
-                    tiny_text)
+    leanml.quantize(
+        handle, WeightOnly(bits=4, group_size=16, method="gptq", act_order=True, calib_windows=4, window=64), tiny_text
+    )
     layer = handle.module.model.layers[0].mlp.down_proj
     q = nbits_weight(layer)
     assert q.order is not None  # act-order groups are gathered into order

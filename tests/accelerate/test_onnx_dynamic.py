@@ -78,8 +78,11 @@ def test_int8_weights_are_leanml_primitives(graphs, per_channel, tmp_path):
     for node in model.graph.node:
         if node.op_type not in checked:
             continue
-        b_name, s_name, z_name = (node.input[1], node.input[2], node.input[3]) if node.op_type == "DynamicQuantizeMatMul" else (
-            node.input[1], node.input[4], node.input[7])
+        b_name, s_name, z_name = (
+            (node.input[1], node.input[2], node.input[3])
+            if node.op_type == "DynamicQuantizeMatMul"
+            else (node.input[1], node.input[4], node.input[7])
+        )
         codes, scale, zero = inits[b_name], inits[s_name], inits[z_name]
         w = torch.from_numpy(originals[b_name].copy())
         if per_channel:
@@ -138,10 +141,14 @@ def test_bad_inputs_give_one_line_errors(graphs, tmp_path):
     one_line_error(quantize_dynamic_onnx, paths["plain"], tmp_path / "q.onnx", per_channel="yes", match="per_channel")
     one_line_error(quantize_dynamic_onnx, paths["plain"], tmp_path / "q.onnx", attention="int4", match="attention 'int4'")
     one_line_error(quantize_dynamic_onnx, paths["plain"], tmp_path / "q.onnx", exclude="name", match="exclude")
-    relu = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]))
+    relu = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        )
+    )
     onnx.save(relu, tmp_path / "relu.onnx")
     one_line_error(quantize_dynamic_onnx, tmp_path / "relu.onnx", tmp_path / "q.onnx", match="nothing|no MatMul")
     assert not (tmp_path / "q.onnx").exists()

@@ -21,8 +21,15 @@ def tiny_bert_handle(seed: int = 0, initializer_range: float = 0.1) -> ModelHand
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                        max_position_embeddings=64, initializer_range=initializer_range)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        initializer_range=initializer_range,
+    )
     module = BertModel(config, add_pooling_layer=False).eval()
     handle = ModelHandle(module=module, task="sentence-embedding", name="tiny-bert")
     handle.example_inputs = text_batch(3, 16, seed=1)
@@ -128,8 +135,15 @@ def test_sequence_classifier_exports_logits(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     module = BertForSequenceClassification(config).eval()
     feed = text_batch(2, 10, seed=9)
     handle = ModelHandle(module=module, task="sequence-classification", name="tiny-cls", example_inputs=feed)

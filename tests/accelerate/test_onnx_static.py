@@ -26,10 +26,23 @@ class TinyCNN(nn.Module):
     def __init__(self, cin: int = 3, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(cin, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                   nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
-        self.head = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes))
+        self.block = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+        )
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, classes),
+        )
 
     def forward(self, x):
         x = self.stem(x)
@@ -50,8 +63,16 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def export(model: nn.Module, x: torch.Tensor, path, opset: int = 17) -> None:
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )
 
 
 def run_ort(path, x: np.ndarray) -> np.ndarray:
@@ -82,8 +103,7 @@ def tiny(tmp_path_factory):
 def test_report(tiny):
     r = tiny["report"]
     assert len(tiny["fusions"]) == 4
-    assert r["ops_quantized"] == {"Add": 1, "Conv": 4, "Flatten": 1, "Gemm": 1, "GlobalAveragePool": 1, "MaxPool": 1,
-                                  "Relu": 4}
+    assert r["ops_quantized"] == {"Add": 1, "Conv": 4, "Flatten": 1, "Gemm": 1, "GlobalAveragePool": 1, "MaxPool": 1, "Relu": 4}
     assert r["relu_fused"] == 4 and r["float_ops"] == {} and r["calibration_items"] == 8
     assert r["per_channel"] is True and r["weight_bits"] == 8 and r["observer"] == "minmax" and r["bias_clipped"] == 0
     leftovers = [p for p in os.listdir(tiny["dir"]) if p.endswith(".tmp")]
@@ -186,8 +206,15 @@ def test_matmul_pool_reshape(tmp_path):
     torch.onnx.export(net, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17, input_names=["x"])
     feeds = [{"x": torch.randn(4, 3, 8, 8, generator=gen)} for _ in range(8)]  # torch tensors are accepted too
     report = quantize_static_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", feeds)
-    assert report["ops_quantized"] == {"AveragePool": 1, "Conv": 1, "Gemm": 1, "MatMul": 2, "Relu": 2, "Reshape": 1,
-                                      "Transpose": 2}
+    assert report["ops_quantized"] == {
+        "AveragePool": 1,
+        "Conv": 1,
+        "Gemm": 1,
+        "MatMul": 2,
+        "Relu": 2,
+        "Reshape": 1,
+        "Transpose": 2,
+    }
     ops = optimized_op_counts(tmp_path / "q.onnx")
     assert ops.get("QLinearMatMul") == 1 and ops.get("com.microsoft.QLinearAveragePool") == 1, ops
     with torch.no_grad():

@@ -21,8 +21,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(config, add_pooling_layer=False).eval()
 
 
@@ -71,13 +77,21 @@ def test_stages_group_shared_inputs_in_call_order() -> None:
 
     llama = tiny_llama_module()
     run_sequential(llama, windows(1), linears(llama, "model.layers."), record)
-    assert seen["model.layers.1"] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert seen["model.layers.1"] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
     bert = tiny_bert()
     seen.clear()
     run_sequential(bert, windows(1), linears(bert, "encoder.layer."), record)
-    assert seen["encoder.layer.0"] == [["attention.self.query", "attention.self.key", "attention.self.value"],
-                                       ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]]
+    assert seen["encoder.layer.0"] == [
+        ["attention.self.query", "attention.self.key", "attention.self.value"],
+        ["attention.output.dense"],
+        ["intermediate.dense"],
+        ["output.dense"],
+    ]
 
 
 def reference_hessians(model: torch.nn.Module, names: list[str], ws: list[torch.Tensor]) -> dict[str, torch.Tensor]:

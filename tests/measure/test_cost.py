@@ -26,8 +26,9 @@ def test_mlp_flops_match_formula(mlp):
 
 
 def test_conv_flops_match_formula():
-    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, kernel_size=3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(8, 4, kernel_size=3, stride=2))
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, kernel_size=3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, kernel_size=3, stride=2)
+    )
     handle = ModelHandle(module=conv, task="generic", name="cnn")
     b, h, w = 2, 16, 16
     out1 = h * w  # padding 1 keeps 16×16

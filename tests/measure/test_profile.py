@@ -15,9 +15,23 @@ from leanml.measure import profile
 from leanml.measure.system import RaplMeter, memory_bandwidth_gbs
 from leanml.models import ModelHandle
 
-REQUIRED = ["model", "runtime", "hardware", "params", "weight_bytes", "flops_per_item", "latency_ms.p50",
-            "latency_ms.p95", "throughput_per_s", "peak_memory_bytes", "energy_j_per_item", "energy_source",
-            "usd_per_million", "quality.metric", "quality.value"]
+REQUIRED = [
+    "model",
+    "runtime",
+    "hardware",
+    "params",
+    "weight_bytes",
+    "flops_per_item",
+    "latency_ms.p50",
+    "latency_ms.p95",
+    "throughput_per_s",
+    "peak_memory_bytes",
+    "energy_j_per_item",
+    "energy_source",
+    "usd_per_million",
+    "quality.metric",
+    "quality.value",
+]
 LM_KEYS = ["decode_tokens_per_s", "prefill_tokens_per_s", "decode_roofline_tokens_per_s"]
 
 
@@ -55,8 +69,15 @@ def test_reference_gives_fidelity(tiny_llama, tiny_text):
     assert m.fidelity["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("kwargs, message", [({"threads": 0}, "threads 0"), ({"batch": -2}, "batch -2"),
-                                             ({"new_tokens": 1}, "new_tokens 1"), ({"hardware": "x"}, "unknown hardware")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threads": 0}, "threads 0"),
+        ({"batch": -2}, "batch -2"),
+        ({"new_tokens": 1}, "new_tokens 1"),
+        ({"hardware": "x"}, "unknown hardware"),
+    ],
+)
 def test_bad_arguments(mlp, kwargs, message):
     with pytest.raises(LeanmlError, match=message):
         profile(ModelHandle(module=mlp, task="generic", name="mlp"), **kwargs)

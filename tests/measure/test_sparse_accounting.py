@@ -21,9 +21,13 @@ def test_sparse_layers_are_counted_dense_and_stored():
     acc = sparse_accounting(model)
     dense = (32 * 64 + 32) * 4
     stored = 32 * 64 // 8 + 32 * 32 * 4 + 32 * 4  # mask bits, kept values, bias
-    assert acc == {"layers": 1, "sparsity": 0.5, "dense_bytes": dense, "stored_bytes": stored,
-                   "stored_vs_dense": round(stored / dense, 4)}
-    m = profile(ModelHandle(module=model, task="generic", name="mlp", example_inputs=(torch.randn(4, 64),)),
-                repeats=3)
+    assert acc == {
+        "layers": 1,
+        "sparsity": 0.5,
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "stored_vs_dense": round(stored / dense, 4),
+    }
+    m = profile(ModelHandle(module=model, task="generic", name="mlp", example_inputs=(torch.randn(4, 64),)), repeats=3)
     assert m.sparse["sparsity"] == pytest.approx(0.5)
     assert any("bitmask" in n for n in m.notes)

@@ -31,8 +31,7 @@ def test_torchscript_file(tmp_path, mlp):
 
 def test_onnx_file_runs_on_onnxruntime(tmp_path, mlp):
     path = tmp_path / "mlp.onnx"
-    torch.onnx.export(mlp, (torch.randn(2, 20),), str(path), input_names=["x"], dynamic_axes={"x": {0: "batch"}},
-                      dynamo=False)
+    torch.onnx.export(mlp, (torch.randn(2, 20),), str(path), input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     handle = load_model(path)
     assert handle.runtime == "onnxruntime"
     x = torch.randn(3, 20)

@@ -42,8 +42,7 @@ def test_unstructured_exact_sparsity_per_layer(tiny_llama, tiny_text, method):
         assert isinstance(layer, SparseLinear), name
         removed = int((~layer.weight_mask).sum())
         if method == "wanda":  # per output row (Wanda's comparison group)
-            assert torch.equal((~layer.weight_mask).sum(1), torch.full((layer.out_features,),
-                                                                       n_removed(0.5, layer.in_features)))
+            assert torch.equal((~layer.weight_mask).sum(1), torch.full((layer.out_features,), n_removed(0.5, layer.in_features)))
         else:
             assert removed == n_removed(0.5, layer.weight.numel()), name
         assert bool((layer.weight[~layer.weight_mask] == 0).all())
@@ -102,10 +101,15 @@ def test_targets_and_bad_input(tiny_llama, tiny_text):
         leanml.prune(tiny_llama, Prune(method="wanda"))
     with pytest.raises(LeanmlError, match="multiple of 3"):
         leanml.prune(tiny_llama, Prune(method="magnitude", pattern="1:3"))
-    for bad, match in (({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.5}, "sparsity"),
-                       ({"pattern": "4:4"}, "n < m"), ({"pattern": "5:4"}, "n < m"),
-                       ({"pattern": "n:m", "n": 2}, "needs integers"), ({"pattern": "sparse"}, "pattern 'sparse'"),
-                       ({"method": "sparsegpt", "scope": "global"}, "per layer")):
+    for bad, match in (
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.5}, "sparsity"),
+        ({"pattern": "4:4"}, "n < m"),
+        ({"pattern": "5:4"}, "n < m"),
+        ({"pattern": "n:m", "n": 2}, "needs integers"),
+        ({"pattern": "sparse"}, "pattern 'sparse'"),
+        ({"method": "sparsegpt", "scope": "global"}, "per layer"),
+    ):
         with pytest.raises(LeanmlError, match=match) as err:
             Prune(**bad)
         assert "\n" not in str(err.value)
@@ -114,8 +118,9 @@ def test_targets_and_bad_input(tiny_llama, tiny_text):
 
 
 def test_configs_round_trip_through_recipes():
-    recipe = Recipe.from_yaml("steps:\n- {kind: prune, method: sparsegpt, pattern: '2:4'}\n"
-                              "- {kind: gradual-prune, final_sparsity: 0.7, steps: 3}\n")
+    recipe = Recipe.from_yaml(
+        "steps:\n- {kind: prune, method: sparsegpt, pattern: '2:4'}\n- {kind: gradual-prune, final_sparsity: 0.7, steps: 3}\n"
+    )
     assert isinstance(recipe.steps[0], Prune) and (recipe.steps[0].n, recipe.steps[0].m) == (2, 4)
     assert recipe.steps[0].target_sparsity == 0.5 and isinstance(recipe.steps[1], GradualPrune)
     again = Recipe.from_yaml(recipe.to_yaml())
@@ -138,8 +143,16 @@ def test_gradual_prune_masks_fixed_and_final_sparsity(tiny_llama, tiny_text):
 
 
 def test_gradual_taylor_global(tiny_llama, tiny_text):
-    cfg = GradualPrune(method="taylor", final_sparsity=0.5, steps=2, finetune_steps_per_step=1, scope="global",
-                       calib_windows=2, window=32, distill=False)
+    cfg = GradualPrune(
+        method="taylor",
+        final_sparsity=0.5,
+        steps=2,
+        finetune_steps_per_step=1,
+        scope="global",
+        calib_windows=2,
+        window=32,
+        distill=False,
+    )
     leanml.prune(tiny_llama, cfg, tiny_text)
     layers = targeted(tiny_llama)
     total = sum(m.weight.numel() for m in layers.values())

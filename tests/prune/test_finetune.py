@@ -41,8 +41,11 @@ def test_kd_kl_matches_torch_composition_and_scales_with_t_squared():
     gen = torch.Generator().manual_seed(1)
     s, t = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
     for temp in (1.0, 2.0, 4.0):
-        ref = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
-                       reduction="sum") / (3 * 5) * temp**2
+        ref = (
+            F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True, reduction="sum")
+            / (3 * 5)
+            * temp**2
+        )
         assert float(kd_kl(s, t, temp)) == pytest.approx(float(ref), rel=1e-5)
     assert float(kd_kl(t, t, 3.0)) == pytest.approx(0.0, abs=1e-6)
 
@@ -82,8 +85,9 @@ def test_recipe_distills_from_the_model_before_pruning():
     x, _ = data.tensors("eval")
     with torch.no_grad():
         ref = model(x)
-    recipe = Recipe(name="t", steps=[Prune(method="magnitude", sparsity=0.7),
-                                     Finetune(steps=80, lr=5e-3, batch_size=32, loss="distill")])
+    recipe = Recipe(
+        name="t", steps=[Prune(method="magnitude", sparsity=0.7), Finetune(steps=80, lr=5e-3, batch_size=32, loss="distill")]
+    )
     pruned = ModelHandle(module=_mlp(1), task="image-classification", name="mlp")
     apply_recipe(pruned, Recipe(name="p", steps=[Prune(method="magnitude", sparsity=0.7)]), data)
     apply_recipe(handle, recipe, data)

@@ -74,8 +74,11 @@ def test_nm_mask_rejects_bad_patterns():
 
 def test_global_masks_match_brute_force():
     gen = torch.Generator().manual_seed(3)
-    scores = {"a": torch.rand(4, 5, generator=gen), "b": torch.rand(3, 2, generator=gen) * 0.5,
-              "c": torch.rand(6, generator=gen) * 2}
+    scores = {
+        "a": torch.rand(4, 5, generator=gen),
+        "b": torch.rand(3, 2, generator=gen) * 0.5,
+        "c": torch.rand(6, generator=gen) * 2,
+    }
     for sparsity in (0.2, 0.5, 0.8):
         masks = global_masks(scores, sparsity)
         flat = [(float(v), name, i) for name, t in scores.items() for i, v in enumerate(t.reshape(-1).tolist())]

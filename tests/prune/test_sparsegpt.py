@@ -17,8 +17,9 @@ def correlated_layer(seed: int, out: int = 24, inp: int = 48, tokens: int = 400)
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(out, inp, generator=gen, dtype=torch.float64)
     A = torch.randn(inp, inp, generator=gen, dtype=torch.float64) * torch.rand(inp, generator=gen, dtype=torch.float64)
-    X = torch.randn(tokens, inp, generator=gen, dtype=torch.float64) @ A + 0.3 * torch.randn(inp, generator=gen,
-                                                                                             dtype=torch.float64)
+    X = torch.randn(tokens, inp, generator=gen, dtype=torch.float64) @ A + 0.3 * torch.randn(
+        inp, generator=gen, dtype=torch.float64
+    )
     return W, X
 
 
@@ -116,7 +117,7 @@ def reference_sparsegpt_nm(W, H, prunen, prunem, blocksize, percdamp=0.01):
             w = W1[:, i]
             d = Hinv1[i, i]
             if i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0

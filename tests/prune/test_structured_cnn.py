@@ -134,14 +134,30 @@ def test_dependency_groups_couple_residual_channels():
     res = groups[tuple(RESIDUAL)]
     assert res.coupled and res.prunable and res.channels == 8
     assert {(m.layer, m.role) for m in res.members} == {
-        ("stem.0", OUT), ("stem.1", THROUGH), ("b1.conv2", OUT), ("b1.bn2", THROUGH), ("b2.conv2", OUT),
-        ("b2.bn2", THROUGH), ("b1.conv1", IN), ("b2.conv1", IN), ("down", IN)}
+        ("stem.0", OUT),
+        ("stem.1", THROUGH),
+        ("b1.conv2", OUT),
+        ("b1.bn2", THROUGH),
+        ("b2.conv2", OUT),
+        ("b2.bn2", THROUGH),
+        ("b1.conv1", IN),
+        ("b2.conv1", IN),
+        ("down", IN),
+    }
     inner = groups[("b1.conv1",)]
     assert not inner.coupled and {(m.layer, m.role) for m in inner.members} == {
-        ("b1.conv1", OUT), ("b1.bn1", THROUGH), ("b1.conv2", IN)}
+        ("b1.conv1", OUT),
+        ("b1.bn1", THROUGH),
+        ("b1.conv2", IN),
+    }
     down = groups[("down",)]
     assert {(m.layer, m.role) for m in down.members} == {
-        ("down", OUT), ("bn", THROUGH), ("dw", THROUGH), ("dwbn", THROUGH), ("fc", IN)}
+        ("down", OUT),
+        ("bn", THROUGH),
+        ("dw", THROUGH),
+        ("dwbn", THROUGH),
+        ("fc", IN),
+    }
     assert groups[("fc",)].frozen == ["model output"]  # the logits stay
 
 
@@ -149,13 +165,15 @@ def test_dependency_groups_couple_residual_channels():
 def test_removing_zeroed_filters_keeps_outputs(criterion):
     x = images()
     model = make_resnet()
-    zeroed = {"stem.0": [1, 4, 5, 6], "b1.conv1": [0, 3, 5, 7], "b2.conv1": [2, 3, 4, 6],
-              "down": [0, 2, 3, 5, 8, 9, 12, 15]}
+    zeroed = {"stem.0": [1, 4, 5, 6], "b1.conv1": [0, 3, 5, 7], "b2.conv1": [2, 3, 4, 6], "down": [0, 2, 3, 5, 8, 9, 12, 15]}
     zero_units(model, x, zeroed)
     before = model(x)
     handle = handle_of(model, x)
-    leanml.prune(handle, StructuredPrune(unit="filters", ratio=0.5, criterion=criterion, calib_windows=2),
-                 data_of() if criterion in ("taylor", "activation") else None)
+    leanml.prune(
+        handle,
+        StructuredPrune(unit="filters", ratio=0.5, criterion=criterion, calib_windows=2),
+        data_of() if criterion in ("taylor", "activation") else None,
+    )
     report = handle.meta["reports"]["prune.json"]
     removed = {g["producers"][0]: g["removed_indices"] for g in report["groups"]}
     assert removed == zeroed
@@ -177,10 +195,10 @@ def test_parameter_count_drops_by_the_exact_amount():
     leanml.prune(handle, StructuredPrune(unit="filters", ratio=0.5, criterion="l1"))
     after = sum(p.numel() for p in model.parameters())
     # 8 -> 4 residual channels, 8 -> 4 in each block's inner conv, 16 -> 8 after the strided conv.
-    expected_before = (3 * 8 * 9 + 8) + 16 + 2 * (2 * 8 * 8 * 9 + 2 * 16) + (8 * 16 * 9 + 16) + 32 + (16 * 9 + 16) + 32 \
-        + (16 * 10 + 10)
-    expected_after = (3 * 4 * 9 + 4) + 8 + 2 * (2 * 4 * 4 * 9 + 2 * 8) + (4 * 8 * 9 + 8) + 16 + (8 * 9 + 8) + 16 \
-        + (8 * 10 + 10)
+    expected_before = (
+        (3 * 8 * 9 + 8) + 16 + 2 * (2 * 8 * 8 * 9 + 2 * 16) + (8 * 16 * 9 + 16) + 32 + (16 * 9 + 16) + 32 + (16 * 10 + 10)
+    )
+    expected_after = (3 * 4 * 9 + 4) + 8 + 2 * (2 * 4 * 4 * 9 + 2 * 8) + (4 * 8 * 9 + 8) + 16 + (8 * 9 + 8) + 16 + (8 * 10 + 10)
     assert (before, after) == (expected_before, expected_after) == (4170, 1226)
     report = handle.meta["reports"]["prune.json"]
     assert (report["params_before"], report["params_after"]) == (4170, 1226)
@@ -198,8 +216,7 @@ def test_residual_group_keeps_the_same_channels_in_every_member():
     removed = groups[tuple(RESIDUAL)]["removed_indices"]
     assert len(removed) == 2
     keep = torch.tensor([i for i in range(8) if i not in removed])
-    inner = {b: torch.tensor([i for i in range(8) if i not in groups[(f"{b}.conv1",)]["removed_indices"]])
-             for b in ("b1", "b2")}
+    inner = {b: torch.tensor([i for i in range(8) if i not in groups[(f"{b}.conv1",)]["removed_indices"]]) for b in ("b1", "b2")}
     state = model.state_dict()
     for bn in ("stem.1", "b1.bn2", "b2.bn2"):  # every BatchNorm on the residual stream keeps the same channels
         for key in ("weight", "bias", "running_mean", "running_var"):
@@ -252,8 +269,9 @@ def test_flatten_into_a_linear_removes_whole_feature_blocks(criterion):
     zero_units(model, x, {"conv": [0, 2, 3]})
     before = model(x)
     handle = handle_of(model, x)
-    leanml.prune(handle, StructuredPrune(unit="filters", ratio=0.5, criterion=criterion),
-                 data_of(4) if criterion == "activation" else None)
+    leanml.prune(
+        handle, StructuredPrune(unit="filters", ratio=0.5, criterion=criterion), data_of(4) if criterion == "activation" else None
+    )
     assert model.conv.out_channels == 3 and model.head.in_features == 3 * 16
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
 
@@ -296,17 +314,23 @@ def test_filters_50_recipe_through_apply_recipe():
     assert model.down.out_channels == 12 and model.stem[0].out_channels == 6
 
 
-@pytest.mark.parametrize("make, cfg, message", [
-    (make_resnet, {"unit": "filters", "ratio": 1.0}, "field 'ratio' = 1.0"),
-    (make_resnet, {"unit": "filters", "ratio": -0.1}, "field 'ratio' = -0.1"),
-    (make_resnet, {"unit": "filters", "criterion": "random"}, "field 'criterion' = 'random'"),
-    (make_resnet, {"unit": "heads"}, "unit 'heads' does not apply to model 'TinyResNet'"),
-    (make_resnet, {"unit": "layers"}, "unit 'layers' does not apply"),
-    (make_resnet, {"unit": "filters", "targets": ["re:nothing_here"]}, "'re:nothing_here' matches no"),
-    (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), {"unit": "filters"}, "has no Conv layers"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 1, 3), nn.BatchNorm2d(1), nn.ReLU(), nn.Conv2d(1, 4, 3)).eval(),
-     {"unit": "filters", "ratio": 0.5}, "ratio 0.5 would remove all 1 units of layer '0'"),
-])
+@pytest.mark.parametrize(
+    "make, cfg, message",
+    [
+        (make_resnet, {"unit": "filters", "ratio": 1.0}, "field 'ratio' = 1.0"),
+        (make_resnet, {"unit": "filters", "ratio": -0.1}, "field 'ratio' = -0.1"),
+        (make_resnet, {"unit": "filters", "criterion": "random"}, "field 'criterion' = 'random'"),
+        (make_resnet, {"unit": "heads"}, "unit 'heads' does not apply to model 'TinyResNet'"),
+        (make_resnet, {"unit": "layers"}, "unit 'layers' does not apply"),
+        (make_resnet, {"unit": "filters", "targets": ["re:nothing_here"]}, "'re:nothing_here' matches no"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), {"unit": "filters"}, "has no Conv layers"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 1, 3), nn.BatchNorm2d(1), nn.ReLU(), nn.Conv2d(1, 4, 3)).eval(),
+            {"unit": "filters", "ratio": 0.5},
+            "ratio 0.5 would remove all 1 units of layer '0'",
+        ),
+    ],
+)
 def test_bad_input_is_a_one_line_error(make, cfg, message):
     with pytest.raises(LeanmlError, match=message) as info:
         model = make()

@@ -23,16 +23,30 @@ CALIB = {"calib_windows": 2, "window": 32}
 
 def make_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def make_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-                        intermediate_size=FFN, max_position_embeddings=64, attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     return BertModel(config).eval()
 
 
@@ -40,8 +54,9 @@ IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
 def llama_handle(model) -> ModelHandle:
-    return ModelHandle(module=model, task="causal-lm", name="tiny-llama", tokenizer=CharTokenizer(),
-                       example_inputs={"input_ids": IDS})
+    return ModelHandle(
+        module=model, task="causal-lm", name="tiny-llama", tokenizer=CharTokenizer(), example_inputs={"input_ids": IDS}
+    )
 
 
 def bert_handle(model) -> ModelHandle:
@@ -91,8 +106,9 @@ def test_llama_ffn_zeroed_neurons_removed_exactly(criterion, tiny_text):
     zero_ffn(model, FFN_ZEROED)
     before, params = logits(model), n_params(model)
     handle = llama_handle(model)
-    leanml.prune(handle, StructuredPrune(unit="neurons", ratio=0.25, criterion=criterion, **CALIB),
-                 needs_data(criterion, tiny_text))
+    leanml.prune(
+        handle, StructuredPrune(unit="neurons", ratio=0.25, criterion=criterion, **CALIB), needs_data(criterion, tiny_text)
+    )
     report = handle.meta["reports"]["prune.json"]
     assert [report["layers"][f"model.layers.{i}"]["removed_indices"] for i in range(LAYERS)] == FFN_ZEROED
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
@@ -123,8 +139,7 @@ def test_llama_kv_groups_zeroed_removed_exactly(criterion, tiny_text):
     zero_query_heads(model, [[2 * g, 2 * g + 1] for (g,) in groups], groups)
     before, params = logits(model), n_params(model)
     handle = llama_handle(model)
-    leanml.prune(handle, StructuredPrune(unit="heads", ratio=0.5, criterion=criterion, **CALIB),
-                 needs_data(criterion, tiny_text))
+    leanml.prune(handle, StructuredPrune(unit="heads", ratio=0.5, criterion=criterion, **CALIB), needs_data(criterion, tiny_text))
     report = handle.meta["reports"]["prune.json"]
     assert [report["layers"][f"model.layers.{i}"]["removed_kv_heads"] for i in range(LAYERS)] == groups
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
@@ -169,8 +184,9 @@ def test_llama_layer_drop_is_exact_and_generation_uses_the_cache(criterion, tiny
     prompt = IDS[:1, :6]
     generated = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     handle = llama_handle(model)
-    leanml.prune(handle, StructuredPrune(unit="layers", ratio=0.34, criterion=criterion, **CALIB),
-                 needs_data(criterion, tiny_text))
+    leanml.prune(
+        handle, StructuredPrune(unit="layers", ratio=0.34, criterion=criterion, **CALIB), needs_data(criterion, tiny_text)
+    )
     report = handle.meta["reports"]["prune.json"]
     assert report["removed_layers"] == ["model.layers.1"] and report["num_hidden_layers"] == 2
     assert model.config.num_hidden_layers == len(model.model.layers) == 2
@@ -183,12 +199,15 @@ def test_llama_layer_drop_is_exact_and_generation_uses_the_cache(criterion, tiny
     assert torch.equal(with_cache, without) and torch.equal(with_cache, generated)
 
 
-@pytest.mark.parametrize("cfg", [
-    {"unit": "neurons", "ratio": 0.25},
-    {"unit": "heads", "ratio": 0.5},
-    {"unit": "heads", "ratio": 0.5, "gqa": "queries"},
-    {"unit": "layers", "ratio": 0.5},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"unit": "neurons", "ratio": 0.25},
+        {"unit": "heads", "ratio": 0.5},
+        {"unit": "heads", "ratio": 0.5, "gqa": "queries"},
+        {"unit": "layers", "ratio": 0.5},
+    ],
+)
 def test_pruned_llama_round_trips_through_the_artifact(tmp_path, cfg):
     model = make_llama()
     handle = llama_handle(model)
@@ -205,8 +224,7 @@ def test_ffn_25_recipe_step_from_yaml_on_llama(tiny_text):
     from leanml.pipeline import apply_recipe
     from leanml.recipe import Recipe, load_recipe
 
-    assert load_recipe("ffn-25").steps == [StructuredPrune(unit="neurons", ratio=0.25, criterion="activation",
-                                                           calib_windows=16)]
+    assert load_recipe("ffn-25").steps == [StructuredPrune(unit="neurons", ratio=0.25, criterion="activation", calib_windows=16)]
     model = make_llama()
     apply_recipe(llama_handle(model), "ffn-25", tiny_text)
     assert model.config.intermediate_size == 96
@@ -250,8 +268,7 @@ def test_bert_ffn_zeroed_neurons_removed_exactly(criterion):
         leanml.prune(handle, cfg)
     torch.testing.assert_close(states(model), before, atol=1e-5, rtol=1e-5)
     assert model.config.intermediate_size == 96
-    assert all(layer.intermediate.dense.out_features == layer.output.dense.in_features == 96
-               for layer in model.encoder.layer)
+    assert all(layer.intermediate.dense.out_features == layer.output.dense.in_features == 96 for layer in model.encoder.layer)
     assert params - n_params(model) == 2 * 32 * (HIDDEN + 1 + HIDDEN)
 
 

@@ -57,8 +57,9 @@ def test_unit_activation_is_the_mean_over_a_units_features():
     assert torch.equal(per_feature, torch.tensor([2.0, 1.0, 2.0, 2.0]))
     assert torch.equal(unit_activation([per_feature], 2), torch.tensor([1.5, 2.0], dtype=torch.float64))
     # two readers of the same units: averaged
-    assert torch.equal(unit_activation([per_feature, torch.tensor([0.5, 0.5])], 2),
-                       torch.tensor([1.0, 1.25], dtype=torch.float64))
+    assert torch.equal(
+        unit_activation([per_feature, torch.tensor([0.5, 0.5])], 2), torch.tensor([1.0, 1.25], dtype=torch.float64)
+    )
     with pytest.raises(LeanmlError, match="equal units"):
         unit_activation([per_feature], 3)
 

@@ -32,8 +32,9 @@ def test_pack_unpack_round_trip(bits):
 @pytest.fixture
 def cnn_and_data():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(8 * 64, 10)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10)
+    ).eval()
     x = torch.rand(64, 1, 8, 8)
     return net, TensorData(name="toy", x=x, y=net(x).argmax(-1))
 
@@ -50,15 +51,18 @@ def test_int8_static_on_a_cnn(cnn_and_data):
     assert float(conv.act_zero_point) == 0 and abs(float(conv.act_scale) * 255 - 1.0) < 0.02
 
 
-@pytest.mark.parametrize("config, layer_type, min_db", [
-    (Int8Dynamic(), Int8ActLinear, 30),  # observed ≈ 40 dB
-    (WeightOnly(bits=8, group_size=None, method="rtn", mse_clip=False), QuantLinear, 35),  # observed ≈ 45 dB
-    (WeightOnly(bits=4, group_size=4, method="rtn"), QuantLinear, 15),  # observed ≈ 21 dB
-    (Codebook(method="kmeans", bits=4), CodebookLinear, 18),  # observed ≈ 24 dB
-    (Codebook(method="nf4", block_size=4), CodebookLinear, 15),  # observed ≈ 20 dB
-    (Codebook(method="log2", bits=5), CodebookLinear, 7),  # observed 9.7 dB: power-of-two levels are coarse
-    (FloatCast(dtype="bf16"), CastLinear, 35),  # observed ≈ 48 dB
-])
+@pytest.mark.parametrize(
+    "config, layer_type, min_db",
+    [
+        (Int8Dynamic(), Int8ActLinear, 30),  # observed ≈ 40 dB
+        (WeightOnly(bits=8, group_size=None, method="rtn", mse_clip=False), QuantLinear, 35),  # observed ≈ 45 dB
+        (WeightOnly(bits=4, group_size=4, method="rtn"), QuantLinear, 15),  # observed ≈ 21 dB
+        (Codebook(method="kmeans", bits=4), CodebookLinear, 18),  # observed ≈ 24 dB
+        (Codebook(method="nf4", block_size=4), CodebookLinear, 15),  # observed ≈ 20 dB
+        (Codebook(method="log2", bits=5), CodebookLinear, 7),  # observed 9.7 dB: power-of-two levels are coarse
+        (FloatCast(dtype="bf16"), CastLinear, 35),  # observed ≈ 48 dB
+    ],
+)
 def test_linear_techniques_keep_outputs_close(mlp, config, layer_type, min_db):
     x = torch.randn(32, 20)
     ref = mlp(x)
@@ -68,20 +72,27 @@ def test_linear_techniques_keep_outputs_close(mlp, config, layer_type, min_db):
 
 
 def test_targets_and_ignore(mlp):
-    handle = quantize(ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"),
-                      WeightOnly(bits=8, method="rtn", group_size=None, targets=["re:^0$"]))
+    handle = quantize(
+        ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"),
+        WeightOnly(bits=8, method="rtn", group_size=None, targets=["re:^0$"]),
+    )
     assert isinstance(handle.module[0], QuantLinear) and isinstance(handle.module[2], torch.nn.Linear)
-    handle = quantize(ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"),
-                      WeightOnly(bits=8, method="rtn", group_size=None, ignore=["0"]))
+    handle = quantize(
+        ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"),
+        WeightOnly(bits=8, method="rtn", group_size=None, ignore=["0"]),
+    )
     assert isinstance(handle.module[0], torch.nn.Linear) and isinstance(handle.module[2], QuantLinear)
 
 
-@pytest.mark.parametrize("config, message", [
-    (WeightOnly(bits=4, group_size=7, method="rtn"), "group_size 7 does not divide the 20 inputs"),
-    (WeightOnly(method="rtn", targets=["re:attn"]), "layer pattern 're:attn' matches no Linear"),
-    (WeightOnly(method="rtn", ignore=["decoder"]), "layer pattern 'decoder' matches no Linear"),
-    (Int8Static(), "needs calibration data"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (WeightOnly(bits=4, group_size=7, method="rtn"), "group_size 7 does not divide the 20 inputs"),
+        (WeightOnly(method="rtn", targets=["re:attn"]), "layer pattern 're:attn' matches no Linear"),
+        (WeightOnly(method="rtn", ignore=["decoder"]), "layer pattern 'decoder' matches no Linear"),
+        (Int8Static(), "needs calibration data"),
+    ],
+)
 def test_bad_targets_and_groups(mlp, config, message):
     with pytest.raises(LeanmlError, match=message):
         quantize(ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"), config)
@@ -99,8 +110,10 @@ def test_smoothquant_folds_into_rms_norms_without_changing_float_outputs(tiny_ll
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.o_proj"]
     ids = {"input_ids": torch.randint(0, 128, (1, 12))}
     producers = norm_producers(tiny_llama, names, ids)
-    assert producers == {"model.layers.0.self_attn.q_proj": "model.layers.0.input_layernorm",
-                         "model.layers.0.mlp.up_proj": "model.layers.0.post_attention_layernorm"}
+    assert producers == {
+        "model.layers.0.self_attn.q_proj": "model.layers.0.input_layernorm",
+        "model.layers.0.mlp.up_proj": "model.layers.0.post_attention_layernorm",
+    }
     ref = output_tensor(tiny_llama.call(ids))
     quantize(tiny_llama, SmoothQuant(alpha=0.5, calib_windows=2), tiny_text)
     assert isinstance(tiny_llama.module.model.layers[1].mlp.gate_proj, Int8ActLinear)
@@ -110,8 +123,9 @@ def test_smoothquant_folds_into_rms_norms_without_changing_float_outputs(tiny_ll
 def test_compress_writes_everything_and_reloads_exactly(tmp_path, cnn_and_data):
     net, data = cnn_and_data
     out = tmp_path / "out"
-    result = compress(ModelHandle(module=net, task="generic", name="cnn"), "int8-static", data=data, out=out,
-                      threads=1, repeats=2)
+    result = compress(
+        ModelHandle(module=net, task="generic", name="cnn"), "int8-static", data=data, out=out, threads=1, repeats=2
+    )
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "leanml.json", "recipe.yaml", "before.json", "after.json"}
     again = leanml.load(out)
     x, _ = data.tensors("eval")

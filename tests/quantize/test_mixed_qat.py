@@ -60,8 +60,10 @@ def test_mixed_precision_end_to_end(tiny_llama, tiny_text):
     for name, bits in report["bits"].items():
         layer = tiny_llama.module.get_submodule(name)
         assert isinstance(layer, QuantLinear) and layer.bits == bits
-    sizes = {n: tiny_llama.module.get_submodule(n).in_features * tiny_llama.module.get_submodule(n).out_features
-             for n in report["bits"]}
+    sizes = {
+        n: tiny_llama.module.get_submodule(n).in_features * tiny_llama.module.get_submodule(n).out_features
+        for n in report["bits"]
+    }
     assert allocate_bits(report["sensitivity_mean_kl"], sizes, 4.0) == report["bits"]
     assert len(set(report["bits"].values())) > 1  # a real mix, not one width everywhere
 

@@ -26,8 +26,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(config, add_pooling_layer=False).eval()
 
 
@@ -54,8 +60,9 @@ def targets(model: torch.nn.Module, under: str) -> list[str]:
 def outputs(model: torch.nn.Module, ws: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         outs = [model(input_ids=w[None]) for w in ws]
-    return torch.cat([getattr(o, "logits", None) if getattr(o, "logits", None) is not None else o.last_hidden_state
-                      for o in outs])
+    return torch.cat(
+        [getattr(o, "logits", None) if getattr(o, "logits", None) is not None else o.last_hidden_state for o in outs]
+    )
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -83,13 +90,17 @@ def test_w8_per_channel_matches_float(method: str) -> None:
     assert_records_exact(model, records)
 
 
-@pytest.mark.parametrize("spec", [
-    WeightQuantSpec(bits=4, group_size=16, method="awq+gptq", act_order=True, mse_clip=True, refine_scales=True,
-                    outlier_factor=4.0),
-    WeightQuantSpec(bits=3, group_size=16, method="gptq", act_order=True, static_groups=True, true_sequential=False),
-    WeightQuantSpec(bits=4, group_size=None, method="awq", symmetric=True),
-    WeightQuantSpec(bits=4, group_size=8, method="awq+gptq", act_order=True, rotate=True),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WeightQuantSpec(
+            bits=4, group_size=16, method="awq+gptq", act_order=True, mse_clip=True, refine_scales=True, outlier_factor=4.0
+        ),
+        WeightQuantSpec(bits=3, group_size=16, method="gptq", act_order=True, static_groups=True, true_sequential=False),
+        WeightQuantSpec(bits=4, group_size=None, method="awq", symmetric=True),
+        WeightQuantSpec(bits=4, group_size=8, method="awq+gptq", act_order=True, rotate=True),
+    ],
+)
 def test_codes_dequantize_exactly_to_module_weights(spec: WeightQuantSpec) -> None:
     model = llama()
     names = targets(model, "model.layers.")
@@ -130,15 +141,20 @@ def test_llama_folds_leave_float_outputs_unchanged() -> None:
     kinds = {}
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}"
-        for k, stage in enumerate((["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                                   ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])):
+        for k, stage in enumerate(
+            (
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"],
+                ["mlp.down_proj"],
+            )
+        ):
             producer = find_producer(layer, prefix, [f"{prefix}.{n}" for n in stage])
             assert producer is not None
             kinds[stage[0]] = producer.kind
             n_src = producer.module.weight.shape[0]
             fold_scales(modules, producer, random_scales(n_src, 10 * i + k), {})
-    assert kinds == {"self_attn.q_proj": "norm", "self_attn.o_proj": "heads", "mlp.gate_proj": "norm",
-                     "mlp.down_proj": "rows"}
+    assert kinds == {"self_attn.q_proj": "norm", "self_attn.o_proj": "heads", "mlp.gate_proj": "norm", "mlp.down_proj": "rows"}
     torch.testing.assert_close(outputs(model, ws), ref, rtol=1e-5, atol=1e-5)
 
 

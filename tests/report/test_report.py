@@ -11,17 +11,37 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _measurement(runtime: str, scale: float, ppl: float) -> dict:
-    return {"runtime": runtime, "latency_ms": {"p50": 12.5 * scale, "p95": 15.0 * scale}, "throughput_per_s": 80 / scale,
-            "item": "token", "peak_memory_bytes": int(900e6 * scale), "disk_bytes": int(500e6 * scale),
-            "weight_bytes": int(490e6 * scale), "params": 124_000_000, "energy_j_per_item": 0.4 * scale,
-            "usd_per_million": 1.2 * scale, "quality": {"metric": "perplexity", "value": ppl}}
+    return {
+        "runtime": runtime,
+        "latency_ms": {"p50": 12.5 * scale, "p95": 15.0 * scale},
+        "throughput_per_s": 80 / scale,
+        "item": "token",
+        "peak_memory_bytes": int(900e6 * scale),
+        "disk_bytes": int(500e6 * scale),
+        "weight_bytes": int(490e6 * scale),
+        "params": 124_000_000,
+        "energy_j_per_item": 0.4 * scale,
+        "usd_per_million": 1.2 * scale,
+        "quality": {"metric": "perplexity", "value": ppl},
+    }
 
 
 def _trial(number, label, status, quality=None, drop=None, meets=None, objective=None, size=None, reason=None, kind="quantize"):
-    return {"number": number, "label": label, "runtime": label.split(" + ")[-1], "status": status, "reason": reason,
-            "recipe": {"name": f"r{number}", "steps": [{"kind": kind, "bits": 8}]}, "quality": quality,
-            "quality_drop": drop, "meets_budget": meets, "objective": objective, "size_bytes": size, "fidelity": None,
-            "seconds": 3.25 + number}
+    return {
+        "number": number,
+        "label": label,
+        "runtime": label.split(" + ")[-1],
+        "status": status,
+        "reason": reason,
+        "recipe": {"name": f"r{number}", "steps": [{"kind": kind, "bits": 8}]},
+        "quality": quality,
+        "quality_drop": drop,
+        "meets_budget": meets,
+        "objective": objective,
+        "size_bytes": size,
+        "fidelity": None,
+        "seconds": 3.25 + number,
+    }
 
 
 @pytest.fixture
@@ -34,13 +54,26 @@ def inputs():
         _trial(4, "distill + torch", "failed", reason="RuntimeError: out of memory"),
     ]
     summary = {
-        "model": "gpt2", "data": "wikitext", "metric": "perplexity", "higher_is_better": False,
+        "model": "gpt2",
+        "data": "wikitext",
+        "metric": "perplexity",
+        "higher_is_better": False,
         "budget": {"max_drop": 0.05, "drop_type": "relative", "threshold": 21.0, "text": "≤ 5% relative increase in perplexity"},
-        "objective": "usd", "objective_label": "$ per million tokens", "hardware": "cpu-x86", "runtime": "onnxruntime",
-        "before": _measurement("torch", 1.0, 20.0), "after": _measurement("onnxruntime", 0.5, 20.4), "chosen": 0,
-        "met": True, "shortfall": None, "why": "w8 + onnxruntime is the cheapest <within> budget & fast.", "pareto": [1, 0],
-        "baseline": {"recipe": "w8", "runtime": "torch", "objective": 0.7, "quality": 20.3}, "elapsed_s": 12.0,
-        "time_budget_s": 60.0, "trials_total": 5,
+        "objective": "usd",
+        "objective_label": "$ per million tokens",
+        "hardware": "cpu-x86",
+        "runtime": "onnxruntime",
+        "before": _measurement("torch", 1.0, 20.0),
+        "after": _measurement("onnxruntime", 0.5, 20.4),
+        "chosen": 0,
+        "met": True,
+        "shortfall": None,
+        "why": "w8 + onnxruntime is the cheapest <within> budget & fast.",
+        "pareto": [1, 0],
+        "baseline": {"recipe": "w8", "runtime": "torch", "objective": 0.7, "quality": 20.3},
+        "elapsed_s": 12.0,
+        "time_budget_s": 60.0,
+        "trials_total": 5,
     }
     return summary, trials
 
@@ -61,7 +94,7 @@ def _images(text: str) -> list[bytes]:
     parser.close()
     prefix = "data:image/png;base64,"
     assert all(src.startswith(prefix) for src in parser.srcs)
-    return [base64.b64decode(src[len(prefix):], validate=True) for src in parser.srcs]
+    return [base64.b64decode(src[len(prefix) :], validate=True) for src in parser.srcs]
 
 
 def _no_temp_files(folder):
@@ -111,10 +144,23 @@ def test_budget_not_met(tmp_path, inputs):
 
 def test_only_failed_trials(tmp_path, inputs):
     summary, trials = inputs
-    failed = [dict(t, status="failed", quality=None, quality_drop=None, meets_budget=None, objective=None, size_bytes=None,
-                   recipe=None, reason="ValueError: nope") for t in trials]
-    summary.update(chosen=None, after=None, met=False, shortfall=None, runtime=None, pareto=[], baseline=None,
-                   why="No trial completed.")
+    failed = [
+        dict(
+            t,
+            status="failed",
+            quality=None,
+            quality_drop=None,
+            meets_budget=None,
+            objective=None,
+            size_bytes=None,
+            recipe=None,
+            reason="ValueError: nope",
+        )
+        for t in trials
+    ]
+    summary.update(
+        chosen=None, after=None, met=False, shortfall=None, runtime=None, pareto=[], baseline=None, why="No trial completed."
+    )
     files = write_report(tmp_path, summary, failed, None)
     assert set(files) == {"report.md", "report.html", "pareto.png", "pareto_size.png"}
     md = files["report.md"].read_text()

@@ -16,8 +16,11 @@ def brute_front(points):
     """Non-dominated points by definition: no other point is <= everywhere and < somewhere."""
     out = []
     for i, p in enumerate(points):
-        if not any(all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
-                   for j, q in enumerate(points) if j != i):
+        if not any(
+            all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
+            for j, q in enumerate(points)
+            if j != i
+        ):
             out.append(i)
     return out
 
@@ -63,13 +66,16 @@ def test_parsing_drops_and_durations():
     assert parse_duration("45") == 45 and parse_duration(None) is None
 
 
-@pytest.mark.parametrize("bad, fn, words", [
-    ("-1%", parse_drop, "max drop '-1%' must be >= 0"),
-    ("lots", parse_drop, "max drop 'lots' is not a number"),
-    ("0s", parse_duration, "must be positive"),
-    ("soon", parse_duration, "time budget 'soon' is not a duration"),
-    ("money", check_objective, "objective 'money' is not one of usd, latency, size, energy"),
-])
+@pytest.mark.parametrize(
+    "bad, fn, words",
+    [
+        ("-1%", parse_drop, "max drop '-1%' must be >= 0"),
+        ("lots", parse_drop, "max drop 'lots' is not a number"),
+        ("0s", parse_duration, "must be positive"),
+        ("soon", parse_duration, "time budget 'soon' is not a duration"),
+        ("money", check_objective, "objective 'money' is not one of usd, latency, size, energy"),
+    ],
+)
 def test_bad_input_gets_one_line_errors(bad, fn, words):
     with pytest.raises(LeanmlError, match=words) as info:
         fn(bad)

@@ -40,8 +40,17 @@ def test_optimize_writes_the_chosen_model_and_every_output(tmp_path):
     handle, data = toy()
     out = tmp_path / "opt"
     res = optimize(handle, data, budget="2%", runtime="torch", trials=4, out=out, threads=1)
-    for name in ("model", "recipe.yaml", "before.json", "after.json", "trials.json", "report.md", "report.html",
-                 "summary.json", "study.db"):
+    for name in (
+        "model",
+        "recipe.yaml",
+        "before.json",
+        "after.json",
+        "trials.json",
+        "report.md",
+        "report.html",
+        "summary.json",
+        "study.db",
+    ):
         assert (out / name).exists(), name
     before, after = (json.loads((out / f).read_text()) for f in ("before.json", "after.json"))
     assert set(before) == set(after) == set(leanml.Measurement.__dataclass_fields__)
@@ -87,8 +96,16 @@ def llama128():
     from ..conftest import CharTokenizer
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     handle = ModelHandle(module=LlamaForCausalLM(cfg).eval(), task="causal-lm", name="llama128", tokenizer=CharTokenizer())
     handle.example_inputs = {"input_ids": torch.randint(0, 128, (1, 16))}
     return handle
@@ -98,8 +115,11 @@ def test_a_budget_no_candidate_meets_still_saves_the_closest(llama128, tiny_text
     from leanml.search import study as mod
 
     def only_quantized(handle, runtime="auto", **kw):
-        return Space(task=handle.task, choices={"quant": ["w8", "w4-g128-rtn"], "runtime": ["torch"]},
-                     seeds=[{"quant": "w8", "runtime": "torch"}])
+        return Space(
+            task=handle.task,
+            choices={"quant": ["w8", "w4-g128-rtn"], "runtime": ["torch"]},
+            seeds=[{"quant": "w8", "runtime": "torch"}],
+        )
 
     monkeypatch.setattr(mod, "build_space", only_quantized)
     monkeypatch.setattr(mod.Budget, "meets", lambda self, *a: False)  # the arithmetic is tested on its own
@@ -116,10 +136,22 @@ def test_a_budget_no_candidate_meets_still_saves_the_closest(llama128, tiny_text
 def test_cheap_fidelity_rejects_before_measuring(llama128, tiny_text, monkeypatch):
     from leanml.search import study as mod
 
-    monkeypatch.setattr(mod, "build_space", lambda handle, runtime="auto", **kw: Space(
-        task=handle.task, choices={"quant": ["w4-g128-rtn"], "runtime": ["torch"]}, seeds=[]))
-    monkeypatch.setattr(mod, "profile", lambda *a, **k: pytest.fail("a rejected candidate must not be measured")
-                        if k.get("hardware") and a and a[0] is not llama128 else _profile(*a, **k))
+    monkeypatch.setattr(
+        mod,
+        "build_space",
+        lambda handle, runtime="auto", **kw: Space(
+            task=handle.task, choices={"quant": ["w4-g128-rtn"], "runtime": ["torch"]}, seeds=[]
+        ),
+    )
+    monkeypatch.setattr(
+        mod,
+        "profile",
+        lambda *a, **k: (
+            pytest.fail("a rejected candidate must not be measured")
+            if k.get("hardware") and a and a[0] is not llama128
+            else _profile(*a, **k)
+        ),
+    )
     res = optimize(llama128, tiny_text, budget="0.01%", runtime="torch", threads=1, sensitivity=False)
     (r,) = res.trials
     assert r["status"] == "rejected" and "cheap fidelity" in r["reason"], r["reason"]
@@ -133,14 +165,17 @@ def _profile(*a, **k):
     return profile(*a, **k)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"budget": "-3%"}, "max drop '-3%' must be >= 0"),
-    ({"objective": "speed"}, "objective 'speed' is not one of"),
-    ({"time_budget": "0.001s"}, "too small for one trial"),
-    ({"trials": 0}, "trials 0 must be"),
-    ({"runtime": "tpu"}, "runtime 'tpu' is not one of"),
-    ({"resume": True, "out": "missing"}, "nothing to resume"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"budget": "-3%"}, "max drop '-3%' must be >= 0"),
+        ({"objective": "speed"}, "objective 'speed' is not one of"),
+        ({"time_budget": "0.001s"}, "too small for one trial"),
+        ({"trials": 0}, "trials 0 must be"),
+        ({"runtime": "tpu"}, "runtime 'tpu' is not one of"),
+        ({"resume": True, "out": "missing"}, "nothing to resume"),
+    ],
+)
 def test_bad_input_gets_a_one_line_error(kwargs, words, tmp_path):
     handle, data = toy()
     if "out" in kwargs:
@@ -221,9 +256,15 @@ def test_a_recipe_is_compressed_once_and_served_on_each_runtime(monkeypatch):
     """Two runtimes of one recipe: one compression, and each runtime measures what a fresh compression gives."""
     from leanml.search import study as mod
 
-    monkeypatch.setattr(mod, "build_space", lambda handle, runtime="auto", **kw: Space(
-        task=handle.task, choices={"quant": ["int8-dynamic"], "runtime": ["torch", "onnxruntime"]},
-        seeds=[{"quant": "int8-dynamic", "runtime": "torch"}, {"quant": "int8-dynamic", "runtime": "onnxruntime"}]))
+    monkeypatch.setattr(
+        mod,
+        "build_space",
+        lambda handle, runtime="auto", **kw: Space(
+            task=handle.task,
+            choices={"quant": ["int8-dynamic"], "runtime": ["torch", "onnxruntime"]},
+            seeds=[{"quant": "int8-dynamic", "runtime": "torch"}, {"quant": "int8-dynamic", "runtime": "onnxruntime"}],
+        ),
+    )
     calls = []
     real = mod.apply_recipe
     monkeypatch.setattr(mod, "apply_recipe", lambda h, r, d: (calls.append(r.to_dict()), real(h, r, d))[1])
@@ -241,9 +282,15 @@ def test_a_recipe_is_compressed_once_and_served_on_each_runtime(monkeypatch):
 def test_a_rejected_recipe_is_not_compressed_again_for_another_runtime(llama128, tiny_text, monkeypatch):
     from leanml.search import study as mod
 
-    monkeypatch.setattr(mod, "build_space", lambda handle, runtime="auto", **kw: Space(
-        task=handle.task, choices={"quant": ["w4-g128-rtn"], "runtime": ["torch", "onnxruntime"]},
-        seeds=[{"quant": "w4-g128-rtn", "runtime": "torch"}, {"quant": "w4-g128-rtn", "runtime": "onnxruntime"}]))
+    monkeypatch.setattr(
+        mod,
+        "build_space",
+        lambda handle, runtime="auto", **kw: Space(
+            task=handle.task,
+            choices={"quant": ["w4-g128-rtn"], "runtime": ["torch", "onnxruntime"]},
+            seeds=[{"quant": "w4-g128-rtn", "runtime": "torch"}, {"quant": "w4-g128-rtn", "runtime": "onnxruntime"}],
+        ),
+    )
     calls = []
     real = mod.apply_recipe
     monkeypatch.setattr(mod, "apply_recipe", lambda h, r, d: (calls.append(1), real(h, r, d))[1])

@@ -40,5 +40,6 @@ if __name__ == "__main__":
             except Exception:
                 pass
             time.sleep(0.1)
-    optimize(handle, data, budget="2%", runtime="torch", trials=int(sys.argv[2]), out=sys.argv[1],
-             resume=len(sys.argv) > 3, threads=1)
+    optimize(
+        handle, data, budget="2%", runtime="torch", trials=int(sys.argv[2]), out=sys.argv[1], resume=len(sys.argv) > 3, threads=1
+    )

@@ -13,8 +13,14 @@ from ..errors import LeanmlError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # preferred first; CPU is always appended as the fallback
-ORT_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
-                  "DmlExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider")
+ORT_PREFERENCE = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "DmlExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+)
 
 
 def torch_device(device: str = "auto") -> torch.device:
@@ -46,8 +52,11 @@ def ort_providers(device: str = "auto", available: list[str] | None = None) -> l
         available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    wanted = {"cuda": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider"),
-              "mps": ("CoreMLExecutionProvider",), "auto": ORT_PREFERENCE}[device]
+    wanted = {
+        "cuda": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider"),
+        "mps": ("CoreMLExecutionProvider",),
+        "auto": ORT_PREFERENCE,
+    }[device]
     chosen = [p for p in ORT_PREFERENCE if p in wanted and p in available]
     if device != "auto" and not chosen:
         raise LeanmlError(f"device {device!r} was asked for but onnxruntime offers only {', '.join(available)}")

@@ -109,8 +109,16 @@ def nbits_weight(layer: QuantLinear) -> NBits | None:
     zeros_b = np.repeat(zeros, reps, axis=1)
     cbits = container_bits(layer.bits)
     packed = _pack_rows(unsigned.reshape(n, n_blocks, block), cbits)
-    return NBits(packed=np.ascontiguousarray(packed), scales=scales_b.reshape(-1).astype(np.float32),
-                 zeros=_pack_rows(zeros_b, cbits).reshape(-1), bits=cbits, block=block, n=n, k=k, order=order)
+    return NBits(
+        packed=np.ascontiguousarray(packed),
+        scales=scales_b.reshape(-1).astype(np.float32),
+        zeros=_pack_rows(zeros_b, cbits).reshape(-1),
+        bits=cbits,
+        block=block,
+        n=n,
+        k=k,
+        order=order,
+    )
 
 
 def fuse_nbits(parts: list[NBits]) -> NBits | None:
@@ -120,20 +128,35 @@ def fuse_nbits(parts: list[NBits]) -> NBits | None:
         return first
     for p in parts[1:]:
         same_order = (p.order is None and first.order is None) or (
-            p.order is not None and first.order is not None and np.array_equal(p.order, first.order))
+            p.order is not None and first.order is not None and np.array_equal(p.order, first.order)
+        )
         if (p.bits, p.block, p.k) != (first.bits, first.block, first.k) or not same_order:
             return None
-    return NBits(packed=np.concatenate([p.packed for p in parts]), scales=np.concatenate([p.scales for p in parts]),
-                 zeros=np.concatenate([p.zeros for p in parts]), bits=first.bits, block=first.block,
-                 n=sum(p.n for p in parts), k=first.k, order=first.order)
+    return NBits(
+        packed=np.concatenate([p.packed for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        zeros=np.concatenate([p.zeros for p in parts]),
+        bits=first.bits,
+        block=first.block,
+        n=sum(p.n for p in parts),
+        k=first.k,
+        order=first.order,
+    )
 
 
 def permute_rows(q: NBits, rows: np.ndarray) -> NBits:
     """The same weight with its output features (rows) reordered: ``y[..., j] = old_y[..., rows[j]]``."""
     n_blocks = q.k // q.block
-    return NBits(packed=q.packed[rows], scales=q.scales.reshape(q.n, n_blocks)[rows].reshape(-1),
-                 zeros=q.zeros.reshape(q.n, -1)[rows].reshape(-1), bits=q.bits, block=q.block, n=q.n, k=q.k,
-                 order=q.order)
+    return NBits(
+        packed=q.packed[rows],
+        scales=q.scales.reshape(q.n, n_blocks)[rows].reshape(-1),
+        zeros=q.zeros.reshape(q.n, -1)[rows].reshape(-1),
+        bits=q.bits,
+        block=q.block,
+        n=q.n,
+        k=q.k,
+        order=q.order,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,14 +197,23 @@ def _float_linear(g: _Graph, x: str, weights: list[torch.Tensor], biases: list[t
     w = torch.cat([t.detach().float() for t in weights], 0)
     y = g.node("MatMul", [x, g.init(f"{name}.weight_t", w.t().contiguous().numpy())], 1, name)[0]
     if any(b is not None for b in biases):
-        b = torch.cat([bb.detach().float() if bb is not None else torch.zeros(t.shape[0])
-                       for bb, t in zip(biases, weights, strict=True)])
+        b = torch.cat(
+            [bb.detach().float() if bb is not None else torch.zeros(t.shape[0]) for bb, t in zip(biases, weights, strict=True)]
+        )
         y = g.node("Add", [y, g.init(f"{name}.bias", b.numpy())], 1, f"{name}/bias")[0]
     return y
 
 
-def _nbits_linear(g: _Graph, x: str, q: NBits, biases: list[torch.Tensor | None], sizes: list[int], name: str,
-                  opts: _Options, input_ordered: bool = False) -> str:
+def _nbits_linear(
+    g: _Graph,
+    x: str,
+    q: NBits,
+    biases: list[torch.Tensor | None],
+    sizes: list[int],
+    name: str,
+    opts: _Options,
+    input_ordered: bool = False,
+) -> str:
     if q.order is not None and not input_ordered:
         # gather whole rows of the transposed activations: 5x faster than a Gather on the last axis for a
         # 128-token prefill here, about 1 us slower for one token
@@ -192,20 +224,31 @@ def _nbits_linear(g: _Graph, x: str, q: NBits, biases: list[torch.Tensor | None]
     if any(b is not None for b in biases):
         b = torch.cat([bb.detach().float() if bb is not None else torch.zeros(n) for bb, n in zip(biases, sizes, strict=True)])
         inputs += ["", g.init(f"{name}.bias", b.numpy())]
-    return g.node("MatMulNBits", inputs, 1, name, MS, K=q.k, N=q.n, bits=q.bits, block_size=q.block,
-                  accuracy_level=opts.accuracy_level)[0]
+    return g.node(
+        "MatMulNBits", inputs, 1, name, MS, K=q.k, N=q.n, bits=q.bits, block_size=q.block, accuracy_level=opts.accuracy_level
+    )[0]
 
 
-def _linear(g: _Graph, x: str, layers: list[torch.nn.Module], name: str, opts: _Options, report: dict,
-            out_orders: list[np.ndarray | None] | None = None, input_ordered: bool = False) -> list[str]:
+def _linear(
+    g: _Graph,
+    x: str,
+    layers: list[torch.nn.Module],
+    name: str,
+    opts: _Options,
+    report: dict,
+    out_orders: list[np.ndarray | None] | None = None,
+    input_ordered: bool = False,
+) -> list[str]:
     """One product for ``layers`` (fused along N when their layouts allow), split back into one output each.
 
     ``out_orders``: per layer, a reordering of its output features (rows) or None. ``input_ordered``: the
     input already arrives in the act-order column order of the (single) layer, so no Gather is needed."""
     sizes = [m.out_features for m in layers]
     orders = out_orders or [None] * len(layers)
-    biases = [None if m.bias is None else (m.bias if o is None else m.bias[torch.from_numpy(o)])
-              for m, o in zip(layers, orders, strict=True)]
+    biases = [
+        None if m.bias is None else (m.bias if o is None else m.bias[torch.from_numpy(o)])
+        for m, o in zip(layers, orders, strict=True)
+    ]
     if all(isinstance(m, QuantLinear) for m in layers):
         parts = [nbits_weight(m) for m in layers]
         parts = [p if p is None or o is None else permute_rows(p, o) for p, o in zip(parts, orders, strict=True)]
@@ -215,17 +258,25 @@ def _linear(g: _Graph, x: str, layers: list[torch.nn.Module], name: str, opts: _
             y = _nbits_linear(g, x, fused, biases, sizes, name, opts, input_ordered)
             return _split(g, y, sizes, name)
         if len(layers) > 1:
-            return [out for i, (m, o) in enumerate(zip(layers, orders, strict=True))
-                    for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])]
+            return [
+                out
+                for i, (m, o) in enumerate(zip(layers, orders, strict=True))
+                for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])
+            ]
         report["dequantized"].append(name)
         return [_float_linear(g, x, [_rows(layers[0].weight, orders[0])], biases, name)]
     if any(isinstance(m, QuantLinear) for m in layers):
-        return [out for i, (m, o) in enumerate(zip(layers, orders, strict=True))
-                for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])]
+        return [
+            out
+            for i, (m, o) in enumerate(zip(layers, orders, strict=True))
+            for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])
+        ]
     for m in layers:
         if type(m) is not torch.nn.Linear:
-            raise LeanmlError(f"layer {name} is a {type(m).__name__}; the ONNX Runtime LLM graph takes Linear and "
-                              "QuantLinear layers (weight-only recipes)")
+            raise LeanmlError(
+                f"layer {name} is a {type(m).__name__}; the ONNX Runtime LLM graph takes Linear and "
+                "QuantLinear layers (weight-only recipes)"
+            )
     report["float"] += len(layers)
     y = _float_linear(g, x, [_rows(m.weight, o) for m, o in zip(layers, orders, strict=True)], biases, name)
     return _split(g, y, sizes, name)
@@ -265,9 +316,22 @@ def _embedding(g: _Graph, emb: torch.nn.Module, report: dict) -> str:
             # the same packed codes as the head's MatMulNBits (one copy in the file), viewed as
             # (rows, blocks, block bytes) and quantized along the last axis
             data = g.init(f"{emb.tied_to}.qweight", q.packed) if emb.tied_to == "lm_head" else g.init("embed.qweight", q.packed)
-            rows = g.node("GatherBlockQuantized", [data, "input_ids", g.init("embed.scales", q.scales.reshape(q.n, n_blocks, 1)),
-                                                   g.init("embed.zeros", q.zeros.reshape(q.n, n_blocks, -1))], 1, "embed", MS,
-                          bits=q.bits, block_size=q.block, gather_axis=0, quantize_axis=2)[0]
+            rows = g.node(
+                "GatherBlockQuantized",
+                [
+                    data,
+                    "input_ids",
+                    g.init("embed.scales", q.scales.reshape(q.n, n_blocks, 1)),
+                    g.init("embed.zeros", q.zeros.reshape(q.n, n_blocks, -1)),
+                ],
+                1,
+                "embed",
+                MS,
+                bits=q.bits,
+                block_size=q.block,
+                gather_axis=0,
+                quantize_axis=2,
+            )[0]
             shape = g.init("embed.shape", np.array([0, 0, q.k], np.int64))
             return g.node("Reshape", [rows, shape], 1, "embed/reshape")[0]
         report["embedding"] = "Gather float (dequantized head rows)"
@@ -285,8 +349,9 @@ def _check_model(handle: ModelHandle):
         raise LeanmlError(f"the ONNX Runtime LLM graph is for causal LMs; this model's task is {handle.task!r}")
     arch = type(handle.module).__name__
     if arch not in SUPPORTED:
-        raise LeanmlError(f"architecture {arch} is not supported by the ONNX Runtime LLM graph "
-                          f"(accepted: {', '.join(SUPPORTED)})")
+        raise LeanmlError(
+            f"architecture {arch} is not supported by the ONNX Runtime LLM graph (accepted: {', '.join(SUPPORTED)})"
+        )
     return handle.module.config
 
 
@@ -327,31 +392,51 @@ def build_llm_onnx(handle: ModelHandle, path: str | os.PathLike, *, accuracy_lev
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         inputs += [past_k, past_v]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
-        attn = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length",
-                                              "cos_cache", "sin_cache"],
-                      [f"l{i}/attn", f"present.{i}.key", f"present.{i}.value"], f"l{i}.gqa", MS,
-                      num_heads=n_heads, kv_num_heads=n_kv, do_rotary=1, rotary_interleaved=0,
-                      scale=1.0 / math.sqrt(head_dim))[0]
+        attn = g.node(
+            "GroupQueryAttention",
+            [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+            [f"l{i}/attn", f"present.{i}.key", f"present.{i}.value"],
+            f"l{i}.gqa",
+            MS,
+            num_heads=n_heads,
+            kv_num_heads=n_kv,
+            do_rotary=1,
+            rotary_interleaved=0,
+            scale=1.0 / math.sqrt(head_dim),
+        )[0]
         o = _linear(g, attn, [att.o_proj], f"l{i}.o", opts, report)[0]
         post = layer.post_attention_layernorm.weight.detach().float().numpy()
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, g.init(f"l{i}.ln_post", post)],
-                                        4, f"l{i}/ln_post", MS, epsilon=eps)
+        normed, _, _, residual = g.node(
+            "SkipSimplifiedLayerNormalization", [o, residual, g.init(f"l{i}.ln_post", post)], 4, f"l{i}/ln_post", MS, epsilon=eps
+        )
         mlp = layer.mlp
         # an act-order down projection reads its inputs in group order: emit the gate/up features in that
         # order (a row permutation of their weights, exact) instead of gathering the activations every call
         down_q = nbits_weight(mlp.down_proj) if isinstance(mlp.down_proj, QuantLinear) else None
         order = None if down_q is None else down_q.order
-        gate, up = _linear(g, normed, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", opts, report,
-                           out_orders=None if order is None else [order, order])
+        gate, up = _linear(
+            g,
+            normed,
+            [mlp.gate_proj, mlp.up_proj],
+            f"l{i}.gate_up",
+            opts,
+            report,
+            out_orders=None if order is None else [order, order],
+        )
         sig = g.node("Sigmoid", [gate], 1, f"l{i}/sigmoid")[0]
         act = g.node("Mul", [gate, sig], 1, f"l{i}/silu")[0]
         prod = g.node("Mul", [act, up], 1, f"l{i}/gated")[0]
         down = _linear(g, prod, [mlp.down_proj], f"l{i}.down", opts, report, input_ordered=order is not None)[0]
         nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight
         name = f"l{i + 1}.ln_in" if i + 1 < len(layers) else "final_norm"
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
-                                        [down, residual, g.init(name, nxt.detach().float().numpy())], 4, f"{name}/skip",
-                                        MS, epsilon=eps)
+        normed, _, _, residual = g.node(
+            "SkipSimplifiedLayerNormalization",
+            [down, residual, g.init(name, nxt.detach().float().numpy())],
+            4,
+            f"{name}/skip",
+            MS,
+            epsilon=eps,
+        )
     head = handle.module.lm_head
     logits = _linear(g, normed, [head], "lm_head", opts, report)[0]
     report["head"] = f"MatMulNBits {head.bits}-bit" if isinstance(head, QuantLinear) else "MatMul float"
@@ -360,16 +445,24 @@ def build_llm_onnx(handle: ModelHandle, path: str | os.PathLike, *, accuracy_lev
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     graph_inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"])]
     graph_inputs += [helper.make_tensor_value_info(n, f32, ["batch", n_kv, "past", head_dim]) for n in inputs]
-    graph_inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-                     helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    graph_inputs += [
+        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+    ]
     graph_outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", config.vocab_size])]
     graph_outputs += [helper.make_tensor_value_info(n, f32, ["batch", n_kv, "total", head_dim]) for n in outputs]
     graph = helper.make_graph(g.nodes, handle.name or "llm", graph_inputs, graph_outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="leanml")
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="leanml"
+    )
     proto.ir_version = 8
-    meta = {"num_layers": len(layers), "kv_heads": n_kv, "head_dim": head_dim, "vocab_size": config.vocab_size,
-            "max_positions": config.max_position_embeddings}
+    meta = {
+        "num_layers": len(layers),
+        "kv_heads": n_kv,
+        "head_dim": head_dim,
+        "vocab_size": config.vocab_size,
+        "max_positions": config.max_position_embeddings,
+    }
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"leanml.{key}", str(value)
@@ -394,8 +487,9 @@ def _save_atomic(onnx, proto, path: Path) -> None:
     data_name = path.name + ".data"
     tmp_data = path.parent / f".{data_name}.tmp"
     try:
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=tmp_data.name, size_threshold=1024)
+        onnx.save_model(
+            proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+        )
         os.replace(tmp_data, path.parent / data_name)
         # the graph names its data file; point it at the final name before the graph itself lands
         model = onnx.load(str(tmp), load_external_data=False)
@@ -456,8 +550,14 @@ class OrtCausalLM(torch.nn.Module):
         return [np.zeros(shape, np.float32) for _ in range(2 * self.n_layers)]
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: OrtKVCache | None = None, use_cache: bool = False, **_: object) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: OrtKVCache | None = None,
+        use_cache: bool = False,
+        **_: object,
+    ) -> SimpleNamespace:
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         batch, seq = ids.shape
         past = past_key_values.arrays if isinstance(past_key_values, OrtKVCache) else self._empty(batch)
@@ -467,8 +567,11 @@ class OrtCausalLM(torch.nn.Module):
             raise LeanmlError(f"{total} positions exceed the model's {self.max_positions}")
         if attention_mask is not None and not bool((attention_mask != 0).all()):
             raise LeanmlError("the ONNX Runtime LLM graph runs unpadded batches; attention_mask must be all ones")
-        feed = {"input_ids": ids, "seqlens_k": np.full((batch,), total - 1, np.int32),
-                "total_sequence_length": np.array(total, np.int32)}
+        feed = {
+            "input_ids": ids,
+            "seqlens_k": np.full((batch,), total - 1, np.int32),
+            "total_sequence_length": np.array(total, np.int32),
+        }
         for i in range(self.n_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = self.session.run(None, feed)
@@ -476,14 +579,23 @@ class OrtCausalLM(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=OrtKVCache(out[1:]) if use_cache else None)
 
 
-def ort_llm_handle(handle: ModelHandle, path: str | os.PathLike, *, threads: int | None = None,
-                   accuracy_level: int = 4) -> ModelHandle:
+def ort_llm_handle(
+    handle: ModelHandle, path: str | os.PathLike, *, threads: int | None = None, accuracy_level: int = 4
+) -> ModelHandle:
     """Build the graph of ``handle`` at ``path`` and return a handle that runs it on ONNX Runtime."""
     report = build_llm_onnx(handle, path, accuracy_level=accuracy_level)
     module = OrtCausalLM(path, threads=threads)
-    new = ModelHandle(module=module, task=handle.task, name=handle.name, tokenizer=handle.tokenizer,
-                      example_inputs=handle.example_inputs, source=handle.source, artifact=handle.artifact,
-                      runtime="onnxruntime", max_length=handle.max_length)
+    new = ModelHandle(
+        module=module,
+        task=handle.task,
+        name=handle.name,
+        tokenizer=handle.tokenizer,
+        example_inputs=handle.example_inputs,
+        source=handle.source,
+        artifact=handle.artifact,
+        runtime="onnxruntime",
+        max_length=handle.max_length,
+    )
     new.meta.update({k: v for k, v in handle.meta.items() if k != "reports"})
     new.meta["runtime_report"] = {"graph": str(path), "providers": module.providers, **report}
     return new

@@ -62,8 +62,10 @@ def _check_args(path, per_channel, weight_bits, attention, exclude) -> Path:
     if not p.is_file():
         raise LeanmlError(f"ONNX model {str(path)!r} does not exist; pass the path of a float .onnx file")
     if isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS:
-        raise LeanmlError(f"weight_bits {weight_bits!r} is not supported; use 8, or 7 for reduce-range codes "
-                          "(ONNX Runtime's dynamic kernels take int8 weights)")
+        raise LeanmlError(
+            f"weight_bits {weight_bits!r} is not supported; use 8, or 7 for reduce-range codes "
+            "(ONNX Runtime's dynamic kernels take int8 weights)"
+        )
     if not isinstance(per_channel, bool):
         raise LeanmlError(f"per_channel {per_channel!r} is not a bool; use True or False")
     if attention not in ATTENTION_MODES:
@@ -84,8 +86,13 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     """Float ``Constant`` nodes become initializers, so constant weights are found in one place."""
     keep = []
     for node in graph.node:
-        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
-                and node.attribute[0].name == "value" and node.attribute[0].t.data_type == TensorProto.FLOAT):
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and len(node.attribute) == 1
+            and node.attribute[0].name == "value"
+            and node.attribute[0].t.data_type == TensorProto.FLOAT
+        ):
             t = onnx.TensorProto()
             t.CopyFrom(node.attribute[0].t)
             t.name = node.output[0]
@@ -167,8 +174,13 @@ class _Rewriter:
             return [], None
         bias, out, absorbed = "", node.output[0], None
         users = self.consumers.get(out, [])
-        if len(users) == 1 and users[0].op_type == "Add" and _is_onnx(users[0]) and out not in self.outputs and (
-                users[0].name not in excluded and users[0].output[0] not in excluded):
+        if (
+            len(users) == 1
+            and users[0].op_type == "Add"
+            and _is_onnx(users[0])
+            and out not in self.outputs
+            and (users[0].name not in excluded and users[0].output[0] not in excluded)
+        ):
             add = users[0]
             other = add.input[1] if add.input[0] == out else add.input[0]
             b = self.float_const(other, 1)
@@ -177,8 +189,15 @@ class _Rewriter:
                 self.bias_folded += 1
         q, s, z = self.weight(self.resolve(node.input[1]), w)
         tag = node.name or node.output[0]
-        return [helper.make_node("DynamicQuantizeMatMul", [node.input[0], q, s, z, bias], [out],
-                                 name=self.fresh(f"{tag}_DynamicQuantizeMatMul"), domain=MS_DOMAIN)], absorbed
+        return [
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], q, s, z, bias],
+                [out],
+                name=self.fresh(f"{tag}_DynamicQuantizeMatMul"),
+                domain=MS_DOMAIN,
+            )
+        ], absorbed
 
     def gemm(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         w = self.float_const(node.input[1], 2)
@@ -193,8 +212,15 @@ class _Rewriter:
             return []
         q, s, z = self.weight(self.resolve(node.input[1]), w, transpose=trans_b)
         tag = node.name or node.output[0]
-        return [helper.make_node("DynamicQuantizeMatMul", [node.input[0], q, s, z, self.resolve(c)], [node.output[0]],
-                                 name=self.fresh(f"{tag}_DynamicQuantizeMatMul"), domain=MS_DOMAIN)]
+        return [
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], q, s, z, self.resolve(c)],
+                [node.output[0]],
+                name=self.fresh(f"{tag}_DynamicQuantizeMatMul"),
+                domain=MS_DOMAIN,
+            )
+        ]
 
     def attention(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         """DynamicQuantizeLinear + QAttention for a fused Attention with a packed constant QKV weight."""
@@ -205,16 +231,21 @@ class _Rewriter:
         q, s, z = self.weight(self.resolve(node.input[1]), w)
         tag = node.name or node.output[0]
         xq, xs, xz = (self.fresh(f"{tag}_input_{k}") for k in ("quantized", "scale", "zero_point"))
-        dql = helper.make_node("DynamicQuantizeLinear", [node.input[0]], [xq, xs, xz],
-                               name=self.fresh(f"{tag}_DynamicQuantizeLinear"))
+        dql = helper.make_node(
+            "DynamicQuantizeLinear", [node.input[0]], [xq, xs, xz], name=self.fresh(f"{tag}_DynamicQuantizeLinear")
+        )
         mask = node.input[3] if len(node.input) > 3 else ""
         past = node.input[4] if len(node.input) > 4 else ""
         inputs = [xq, q, node.input[2], xs, s, mask, xz, z, past]
         while not inputs[-1]:
             inputs.pop()
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        return [dql, helper.make_node("QAttention", inputs, list(node.output), name=self.fresh(f"{tag}_QAttention"),
-                                      domain=MS_DOMAIN, **attrs)]
+        return [
+            dql,
+            helper.make_node(
+                "QAttention", inputs, list(node.output), name=self.fresh(f"{tag}_QAttention"), domain=MS_DOMAIN, **attrs
+            ),
+        ]
 
 
 def quantize_dynamic_onnx(
@@ -285,9 +316,13 @@ def quantize_dynamic_onnx(
         graph.value_info.remove(v)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        "leanml.quantized": f"dynamic-int8 w{weight_bits} "
-                                                            f"{'per-channel' if per_channel else 'per-tensor'}"})
+    onnx.helper.set_model_props(
+        model,
+        {
+            **{p.key: p.value for p in model.metadata_props},
+            "leanml.quantized": f"dynamic-int8 w{weight_bits} {'per-channel' if per_channel else 'per-tensor'}",
+        },
+    )
     _save_atomic(model, Path(out_path))
     return {
         "out_path": str(out_path),

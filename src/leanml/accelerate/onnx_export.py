@@ -67,14 +67,18 @@ def _inputs(handle: ModelHandle) -> tuple[list[str], list[torch.Tensor], bool]:
         if accepted is not None:  # the order of forward()'s signature: input_ids, attention_mask, token_type_ids
             items.sort(key=lambda kv: accepted.index(kv[0]))
         if not items:
-            raise LeanmlError(f"model {handle.name!r}: none of its example inputs ({', '.join(example)}) is a tensor "
-                              "its forward() takes; give the handle example inputs to export it")
+            raise LeanmlError(
+                f"model {handle.name!r}: none of its example inputs ({', '.join(example)}) is a tensor "
+                "its forward() takes; give the handle example inputs to export it"
+            )
         return [k for k, _ in items], [v for _, v in items], True
     if isinstance(example, (tuple, list)) and example and all(isinstance(v, torch.Tensor) for v in example):
         names = ["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
         return names, list(example), False
-    raise LeanmlError(f"model {handle.name!r} has no example inputs (a dict or tuple of tensors) to trace the export with; "
-                      "load it with data or set handle.example_inputs")
+    raise LeanmlError(
+        f"model {handle.name!r} has no example inputs (a dict or tuple of tensors) to trace the export with; "
+        "load it with data or set handle.example_inputs"
+    )
 
 
 def _is_text_ids(name: str, t: torch.Tensor) -> bool:
@@ -107,11 +111,14 @@ def _check(handle: ModelHandle, opset: int, dtype: str) -> None:
     if not isinstance(handle, ModelHandle):
         raise LeanmlError(f"export_onnx takes a ModelHandle, not a {type(handle).__name__}")
     if handle.task == "causal-lm":
-        raise LeanmlError(f"model {handle.name!r} is a causal LM; export it with leanml.accelerate.llm_onnx.build_llm_onnx "
-                          "(it writes the decoder graph with a key/value cache), not export_onnx")
+        raise LeanmlError(
+            f"model {handle.name!r} is a causal LM; export it with leanml.accelerate.llm_onnx.build_llm_onnx "
+            "(it writes the decoder graph with a key/value cache), not export_onnx"
+        )
     if not handle.is_torch:
-        raise LeanmlError(f"model {handle.name!r} already runs on {handle.runtime} (from '{handle.source}'); "
-                          "only torch modules can be exported")
+        raise LeanmlError(
+            f"model {handle.name!r} already runs on {handle.runtime} (from '{handle.source}'); only torch modules can be exported"
+        )
     if dtype not in DTYPES:
         raise LeanmlError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -142,8 +149,11 @@ def export_onnx(handle: ModelHandle, path: str | os.PathLike, *, opset: int = 17
         probe = wrapper(*tensors)
         if not isinstance(probe, torch.Tensor):
             raise LeanmlError(f"model {handle.name!r} gives no tensor output to export")
-        out_name = "last_hidden_state" if handle.task == "sentence-embedding" else (
-            "logits" if handle.task in ("sequence-classification", "image-classification") else "output")
+        out_name = (
+            "last_hidden_state"
+            if handle.task == "sentence-embedding"
+            else ("logits" if handle.task in ("sequence-classification", "image-classification") else "output")
+        )
         out_axes = {0: "batch"} if probe.dim() >= 1 else {}
         if texty and probe.dim() >= 3:
             out_axes[1] = "sequence"
@@ -155,8 +165,17 @@ def export_onnx(handle: ModelHandle, path: str | os.PathLike, *, opset: int = 17
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(wrapper, tuple(tensors), tmp, dynamo=False, opset_version=opset, input_names=names,
-                                  output_names=[out_name], dynamic_axes=dynamic, do_constant_folding=True)
+                torch.onnx.export(
+                    wrapper,
+                    tuple(tensors),
+                    tmp,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=names,
+                    output_names=[out_name],
+                    dynamic_axes=dynamic,
+                    do_constant_folding=True,
+                )
             _finish(tmp, _metadata(handle), dtype)
             os.chmod(tmp, 0o644)
             os.replace(tmp, out)
@@ -183,7 +202,7 @@ def _metadata(handle: ModelHandle) -> dict[str, str]:
 
 def read_metadata(model) -> dict[str, str]:
     """The ``leanml.*`` metadata an exported model carries (task, name, model_type, num_heads, hidden_size)."""
-    return {p.key[len("leanml."):]: p.value for p in model.metadata_props if p.key.startswith("leanml.")}
+    return {p.key[len("leanml.") :]: p.value for p in model.metadata_props if p.key.startswith("leanml.")}
 
 
 def _finish(path: str, meta: dict[str, str], dtype: str) -> None:

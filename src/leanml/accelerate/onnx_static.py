@@ -50,8 +50,13 @@ from leanml.quantize.observers import (
 )
 from leanml.quantize.primitives import MAX_BITS, MIN_BITS, QParams, compute_qparams, quantize
 
-OBSERVERS = {"minmax": MinMaxObserver, "ema": MovingAverageMinMaxObserver, "percentile": PercentileObserver,
-             "mse": MSEObserver, "kl": KLObserver}
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "ema": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "kl": KLObserver,
+}
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 OWN_RANGE_OPS = ("Add", "AveragePool", "GlobalAveragePool")
 PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -68,13 +73,17 @@ def _check_args(model_path, calib_feeds, per_channel, observer, weight_bits) -> 
     if observer not in OBSERVERS:
         raise LeanmlError(f"observer {observer!r} is not supported; use one of {tuple(OBSERVERS)}")
     if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not MIN_BITS <= weight_bits <= MAX_BITS:
-        raise LeanmlError(f"weight_bits {weight_bits!r} is not supported; use an integer from {MIN_BITS} to {MAX_BITS} "
-                          "(codes are stored as int8)")
+        raise LeanmlError(
+            f"weight_bits {weight_bits!r} is not supported; use an integer from {MIN_BITS} to {MAX_BITS} "
+            "(codes are stored as int8)"
+        )
     if not isinstance(per_channel, bool):
         raise LeanmlError(f"per_channel {per_channel!r} is not a bool; use True or False")
     if calib_feeds is None or isinstance(calib_feeds, Mapping) or not isinstance(calib_feeds, Iterable):
-        raise LeanmlError(f"calib_feeds of type {type(calib_feeds).__name__} is not supported; pass an iterable of "
-                          "dicts mapping input names to arrays")
+        raise LeanmlError(
+            f"calib_feeds of type {type(calib_feeds).__name__} is not supported; pass an iterable of "
+            "dicts mapping input names to arrays"
+        )
     return path
 
 
@@ -192,8 +201,13 @@ class _Plan:
             self.alias[node.output[0]] = ins[0]
         elif op == "Relu" and self._is_float_act(ins[0]):
             prev = self.producer.get(ins[0])
-            if (prev is not None and self.nodes.get(id(prev)) in ("weighted", "matmul2", "own") and prev.op_type in RELU_PRODUCERS
-                    and len(self.consumers.get(ins[0], [])) == 1 and ins[0] not in self.outputs):
+            if (
+                prev is not None
+                and self.nodes.get(id(prev)) in ("weighted", "matmul2", "own")
+                and prev.op_type in RELU_PRODUCERS
+                and len(self.consumers.get(ins[0], [])) == 1
+                and ins[0] not in self.outputs
+            ):
                 self.fused.add(id(prev))
                 self.acts.remove(ins[0])
                 kind = "relu"
@@ -296,8 +310,10 @@ def quantize_static_onnx(
     _constants_to_initializers(graph)
     plan = _Plan(graph, _elem_types(model))
     if not plan.nodes:
-        raise LeanmlError(f"{str(path)!r} has no float op that can be quantized; supported: "
-                          f"{', '.join(WEIGHTED_OPS + OWN_RANGE_OPS + PASSTHROUGH_OPS)}, Relu")
+        raise LeanmlError(
+            f"{str(path)!r} has no float op that can be quantized; supported: "
+            f"{', '.join(WEIGHTED_OPS + OWN_RANGE_OPS + PASSTHROUGH_OPS)}, Relu"
+        )
     observers, n_items = _calibrate(model, plan.calibrated(), calib_feeds, observer)
     act_qp: dict[str, QParams] = {}
     for name in plan.acts:
@@ -312,9 +328,12 @@ def quantize_static_onnx(
         scale, zero = f"{t}_scale", f"{t}_zero_point"
         new_inits.append(_scalar_init(scale, qp.scale.item(), np.float32))
         new_inits.append(_scalar_init(zero, qp.zero_point.item(), np.uint8))
-        return [helper.make_node("QuantizeLinear", [t, scale, zero], [f"{t}_QuantizeLinear_Output"], name=f"{t}_QuantizeLinear"),
-                helper.make_node("DequantizeLinear", [f"{t}_QuantizeLinear_Output", scale, zero], [dq_name[t]],
-                                 name=f"{t}_DequantizeLinear")]
+        return [
+            helper.make_node("QuantizeLinear", [t, scale, zero], [f"{t}_QuantizeLinear_Output"], name=f"{t}_QuantizeLinear"),
+            helper.make_node(
+                "DequantizeLinear", [f"{t}_QuantizeLinear_Output", scale, zero], [dq_name[t]], name=f"{t}_DequantizeLinear"
+            ),
+        ]
 
     weight_done: dict[tuple[str, int | None], tuple[str, np.ndarray]] = {}
     replaced_inits: set[str] = set()
@@ -329,8 +348,13 @@ def quantize_static_onnx(
         codes, qp = quantize_weight(numpy_helper.to_array(plan.inits[w_name]), weight_bits, key[1])
         scale = qp.scale.reshape(-1).numpy().astype(np.float32) if per_channel else np.float32(qp.scale.item())
         q, s, z, out = f"{tag}_quantized", f"{tag}_scale", f"{tag}_zero_point", f"{tag}_DequantizeLinear_Output"
-        new_inits.extend([numpy_helper.from_array(codes, q), numpy_helper.from_array(np.asarray(scale, np.float32), s),
-                          numpy_helper.from_array(np.zeros_like(np.asarray(scale), dtype=np.int8), z)])
+        new_inits.extend(
+            [
+                numpy_helper.from_array(codes, q),
+                numpy_helper.from_array(np.asarray(scale, np.float32), s),
+                numpy_helper.from_array(np.zeros_like(np.asarray(scale), dtype=np.int8), z),
+            ]
+        )
         kwargs = {"axis": axis} if per_channel else {}
         replaced_inits.add(w_name)
         weight_done[key] = (out, scale)
@@ -346,8 +370,13 @@ def quantize_static_onnx(
         codes = np.clip(codes, INT32.min, INT32.max).astype(np.int32)
         tag = f"{b_name}_{node.name or node.output[0]}"
         q, s, z, out = f"{tag}_quantized", f"{tag}_scale", f"{tag}_zero_point", f"{tag}_DequantizeLinear_Output"
-        new_inits.extend([numpy_helper.from_array(codes, q), numpy_helper.from_array(np.asarray(b_scale, np.float32), s),
-                          numpy_helper.from_array(np.zeros(b_scale.shape, np.int32), z)])
+        new_inits.extend(
+            [
+                numpy_helper.from_array(codes, q),
+                numpy_helper.from_array(np.asarray(b_scale, np.float32), s),
+                numpy_helper.from_array(np.zeros(b_scale.shape, np.int32), z),
+            ]
+        )
         kwargs = {"axis": 0} if b_scale.ndim else {}
         replaced_inits.add(b_name)
         return [helper.make_node("DequantizeLinear", [q, s, z], [out], name=f"{tag}_DequantizeLinear", **kwargs)], out

@@ -66,7 +66,7 @@ def fusion_report(before: Counter, after: Counter) -> list[str]:
 
 
 def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key[len("leanml."):]: p.value for p in model.metadata_props if p.key.startswith("leanml.")}
+    return {p.key[len("leanml.") :]: p.value for p in model.metadata_props if p.key.startswith("leanml.")}
 
 
 def _const_ints(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -124,8 +124,9 @@ def detect_heads(model: onnx.ModelProto) -> tuple[int, int]:
 
 def _looks_like_encoder(model: onnx.ModelProto) -> bool:
     ops = op_histogram(model)
-    int_inputs = [i for i in model.graph.input
-                  if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)]
+    int_inputs = [
+        i for i in model.graph.input if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    ]
     has_norm = ops.get("LayerNormalization", 0) > 0 or ops.get("ReduceMean", 0) > 0
     return bool(int_inputs) and ops.get("Softmax", 0) > 0 and has_norm and ops.get("MatMul", 0) > 0
 
@@ -135,7 +136,8 @@ def _quiet_ort_optimizer() -> Iterator[None]:
     """ORT's fusion scripts log at INFO/WARNING through the standard logging module."""
     names = ["onnxruntime.transformers", "fusion_base", "onnx_model", "fusion_utils"]
     loggers = [logging.getLogger(n) for n in names] + [
-        logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("onnxruntime.transformers")]
+        logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("onnxruntime.transformers")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -207,8 +209,11 @@ def optimize_onnx(
     meta = _metadata(model)
     if model_type is None:
         hf_type = meta.get("model_type", "")
-        model_type = "bert" if hf_type in TEXT_ENCODERS or (not hf_type and _looks_like_encoder(model)) else (
-            hf_type if hf_type in MODEL_TYPES else "generic")
+        model_type = (
+            "bert"
+            if hf_type in TEXT_ENCODERS or (not hf_type and _looks_like_encoder(model))
+            else (hf_type if hf_type in MODEL_TYPES else "generic")
+        )
     if model_type not in MODEL_TYPES and model_type not in GENERIC:
         raise LeanmlError(f"model_type {model_type!r} is not supported; use one of {', '.join(GENERIC + tuple(MODEL_TYPES))}")
     before = op_histogram(model)
@@ -231,8 +236,15 @@ def optimize_onnx(
             num_heads, hidden_size = num_heads or heads, hidden_size or hidden
         with _quiet_ort_optimizer():
             try:
-                fused = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                                       optimization_options=options, opt_level=0, use_gpu=False)
+                fused = optimize_model(
+                    model,
+                    model_type=model_type,
+                    num_heads=num_heads,
+                    hidden_size=hidden_size,
+                    optimization_options=options,
+                    opt_level=0,
+                    use_gpu=False,
+                )
             except Exception as exc:  # noqa: BLE001 - the fusion scripts raise many types
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise LeanmlError(f"ONNX Runtime's {model_type} optimizer failed on '{src}': {first}") from None
@@ -242,8 +254,7 @@ def optimize_onnx(
         domains = {n.domain for n in optimized.graph.node if n.domain not in ("", "ai.onnx")}
         imported = {o.domain for o in optimized.opset_import}
         optimized.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - imported))
-        onnx.helper.set_model_props(optimized, {**{p.key: p.value for p in model.metadata_props},
-                                                "leanml.optimized": model_type})
+        onnx.helper.set_model_props(optimized, {**{p.key: p.value for p in model.metadata_props}, "leanml.optimized": model_type})
     _save_atomic(optimized, Path(out_path))
     return fusion_report(before, op_histogram(optimized))
 
@@ -255,7 +266,8 @@ def protect_layer_norm_adds(model: onnx.ModelProto) -> int:
     only matches ``Add``, so the pair keeps the fast ``LayerNormalization`` kernel. Returns how many.
     """
     constant = {t.name for t in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -266,8 +278,12 @@ def protect_layer_norm_adds(model: onnx.ModelProto) -> int:
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         after = users.get(node.output[0], [])
-        if (set(node.input) & constant) or node.output[0] in outputs or len(after) != 1 or (
-                after[0].op_type != "LayerNormalization"):
+        if (
+            (set(node.input) & constant)
+            or node.output[0] in outputs
+            or len(after) != 1
+            or (after[0].op_type != "LayerNormalization")
+        ):
             continue
         node.op_type = "Sum"
         count += 1
@@ -315,5 +331,14 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in model.graph.initializer))
 
 
-__all__ = ["CPU_INT8_SKIP", "FUSIONS", "detect_heads", "fused_ops_report", "fusion_report", "op_histogram", "optimize_onnx",
-           "protect_layer_norm_adds", "weight_bytes"]
+__all__ = [
+    "CPU_INT8_SKIP",
+    "FUSIONS",
+    "detect_heads",
+    "fused_ops_report",
+    "fusion_report",
+    "op_histogram",
+    "optimize_onnx",
+    "protect_layer_norm_adds",
+    "weight_bytes",
+]

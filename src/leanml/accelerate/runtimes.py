@@ -40,17 +40,33 @@ def check_runtime(name: str) -> str:
 
 
 def _twin(handle: ModelHandle, module: torch.nn.Module, runtime: str, report: dict) -> ModelHandle:
-    new = ModelHandle(module=module, task=handle.task, name=handle.name, tokenizer=handle.tokenizer,
-                      example_inputs=handle.example_inputs, source=handle.source, artifact=handle.artifact,
-                      runtime=runtime, max_length=handle.max_length)
+    new = ModelHandle(
+        module=module,
+        task=handle.task,
+        name=handle.name,
+        tokenizer=handle.tokenizer,
+        example_inputs=handle.example_inputs,
+        source=handle.source,
+        artifact=handle.artifact,
+        runtime=runtime,
+        max_length=handle.max_length,
+    )
     new.meta.update({k: v for k, v in handle.meta.items() if k not in ("reports", "torch_handle", "runtime_report")})
     new.meta["torch_handle"] = handle
     new.meta["runtime_report"] = report
     return new
 
 
-def prepare(handle: ModelHandle, runtime: str = "torch", *, threads: int | None = None, device: str = "auto",
-            data=None, workdir: str | os.PathLike | None = None, accuracy_level: int = 4) -> ModelHandle:
+def prepare(
+    handle: ModelHandle,
+    runtime: str = "torch",
+    *,
+    threads: int | None = None,
+    device: str = "auto",
+    data=None,
+    workdir: str | os.PathLike | None = None,
+    accuracy_level: int = 4,
+) -> ModelHandle:
     """``handle`` made ready to run on ``runtime`` (see the module docstring).
 
     ``data`` calibrates static int8 activations on ONNX Runtime (its calibration split); ``workdir``
@@ -89,8 +105,10 @@ def _torch(handle: ModelHandle) -> ModelHandle:
 def _torch_compile(handle: ModelHandle) -> ModelHandle:
     base = _torch(handle)
     compiled = torch.compile(base.module)
-    report = {"fusions": base.meta["runtime_report"]["fusions"] + ["inductor: pointwise/reduction fusion, C++ codegen"],
-              "backend": "inductor"}
+    report = {
+        "fusions": base.meta["runtime_report"]["fusions"] + ["inductor: pointwise/reduction fusion, C++ codegen"],
+        "backend": "inductor",
+    }
     return _twin(handle, compiled, "torch-compile", report)
 
 
@@ -116,8 +134,11 @@ def float_twin(module: torch.nn.Module) -> torch.nn.Module:
                 conv.bias = torch.nn.Parameter(m.bias.detach().float().clone())
             set_module(twin, name, conv)
         elif isinstance(m, QuantEmbedding):
-            set_module(twin, name, torch.nn.Embedding.from_pretrained(m.weight.detach().float().clone(), freeze=True,
-                                                                      padding_idx=m.padding_idx))
+            set_module(
+                twin,
+                name,
+                torch.nn.Embedding.from_pretrained(m.weight.detach().float().clone(), freeze=True, padding_idx=m.padding_idx),
+            )
     return twin.eval()
 
 
@@ -157,9 +178,17 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
 
         report = build_llm_onnx(handle, work / "model.onnx", accuracy_level=accuracy_level)
         module = OrtCausalLM(work / "model.onnx", threads=threads, providers=providers)
-        report.update({"providers": providers, "graph": "leanml LLM graph (GroupQueryAttention + KV cache)",
-                       "fusions": ["q/k/v and gate/up products fused", "residual add + RMS norm (SkipSimplifiedLayerNorm)",
-                                   "rotary + attention + cache (GroupQueryAttention)"]})
+        report.update(
+            {
+                "providers": providers,
+                "graph": "leanml LLM graph (GroupQueryAttention + KV cache)",
+                "fusions": [
+                    "q/k/v and gate/up products fused",
+                    "residual add + RMS norm (SkipSimplifiedLayerNorm)",
+                    "rotary + attention + cache (GroupQueryAttention)",
+                ],
+            }
+        )
         return _twin(handle, module, "onnxruntime", report)
     from ..models.onnx_module import OrtModule
     from .onnx_export import export_onnx

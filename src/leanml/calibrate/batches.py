@@ -28,8 +28,9 @@ def calibration_batches(handle: ModelHandle, data, n: int, window: int = 512, ba
         docs = data.documents("calib")
         out = []
         for i in range(0, len(docs), batch_size):
-            enc = handle.tokenizer(docs[i : i + batch_size], padding=True, truncation=True,
-                                   max_length=handle.max_length, return_tensors="pt")
+            enc = handle.tokenizer(
+                docs[i : i + batch_size], padding=True, truncation=True, max_length=handle.max_length, return_tensors="pt"
+            )
             out.append(dict(enc))
         return out[:n]
     raise LeanmlError(f"cannot build calibration inputs for model {handle.name!r} from data {data.name!r}")

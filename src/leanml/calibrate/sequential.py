@@ -92,8 +92,10 @@ def window_call(model: nn.Module, window: Any) -> Call:
         else:
             args, kwargs = (move(window),), {}
     else:
-        raise LeanmlError(f"calibration window of type {type(window).__name__} is not supported; "
-                          "use a token id tensor, a tensor, a dict of tensors or a tuple of tensors")
+        raise LeanmlError(
+            f"calibration window of type {type(window).__name__} is not supported; "
+            "use a token id tensor, a tensor, a dict of tensors or a tuple of tensors"
+        )
     if "use_cache" not in kwargs and _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     return args, kwargs
@@ -208,11 +210,13 @@ class BlockContext:
         the same windows. Rows are weighted as :meth:`collect` weights them (``outlier_factor``, from X).
         Needs ``run_sequential(..., dense_inputs=True)``."""
         if self.dense_module is None or self.dense_calls is None:
-            raise LeanmlError(f"block {self.prefix!r} has no dense reference; run_sequential needs dense_inputs=True "
-                              "and the target must sit in the stack of blocks")
+            raise LeanmlError(
+                f"block {self.prefix!r} has no dense reference; run_sequential needs dense_inputs=True "
+                "and the target must sit in the stack of blocks"
+            )
         if name not in self.linears:
             raise LeanmlError(f"{name!r} is not a target linear of block {self.prefix!r}")
-        relative = name[len(self.prefix) + 1:]
+        relative = name[len(self.prefix) + 1 :]
         dense_linear = dict(self.dense_module.named_modules())[relative]
         dense_x = _inputs_of(self.dense_module, dense_linear, self.dense_calls)
         xtx = xtd = None
@@ -311,8 +315,9 @@ def _resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.L
     for name in targets:
         mod = modules.get(name)
         if mod is None:
-            raise LeanmlError(f"target {name!r} is not a module of the model; "
-                              "pass full names such as 'model.layers.0.mlp.up_proj'")
+            raise LeanmlError(
+                f"target {name!r} is not a module of the model; pass full names such as 'model.layers.0.mlp.up_proj'"
+            )
         if not isinstance(mod, nn.Linear):
             raise LeanmlError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear; only linear layers can be targets")
         out[name] = mod
@@ -360,8 +365,19 @@ def run_sequential(
                         remaining.pop(n)
                     stages = _probe_stages(block, calls[0], mine)
                     dense_block = copy.deepcopy(block) if dense_inputs else None
-                    ctx = BlockContext(i, prefix, block, [n for s in stages for n in s], stages, mine, calls,
-                                       outlier_factor, hessian_dtype, dense_block, dense_calls)
+                    ctx = BlockContext(
+                        i,
+                        prefix,
+                        block,
+                        [n for s in stages for n in s],
+                        stages,
+                        mine,
+                        calls,
+                        outlier_factor,
+                        hessian_dtype,
+                        dense_block,
+                        dense_calls,
+                    )
                     process_block(ctx)
                 else:
                     dense_block = block
@@ -376,8 +392,9 @@ def run_sequential(
         if remaining:
             calls = [window_call(model, w) for w in windows]
             stages = _probe_stages(model, calls[0], remaining)
-            ctx = BlockContext(-1, "", model, [n for s in stages for n in s], stages, remaining, calls,
-                               outlier_factor, hessian_dtype)
+            ctx = BlockContext(
+                -1, "", model, [n for s in stages for n in s], stages, remaining, calls, outlier_factor, hessian_dtype
+            )
             process_block(ctx)
     finally:
         model.train(was_training)

@@ -4,6 +4,12 @@ from .datasets import Dataset, SimilarityPairs, TensorData, TextCorpus, TextReco
 from .sources import BUILTIN_DATA, load_data
 
 __all__ = [
-    "BUILTIN_DATA", "Dataset", "SimilarityPairs", "TensorData", "TextCorpus", "TextRecords",
-    "load_data", "seeded_split",
+    "BUILTIN_DATA",
+    "Dataset",
+    "SimilarityPairs",
+    "TensorData",
+    "TextCorpus",
+    "TextRecords",
+    "load_data",
+    "seeded_split",
 ]

@@ -53,8 +53,11 @@ def load_data(spec: str | os.PathLike | Dataset, seed: int = 0) -> Dataset:
         return enwiki()
     path = Path(text).expanduser()
     if not path.exists():
-        what = f"data path {text!r} does not exist" if (os.sep in text or path.suffix) else (
-            f"unknown data name {text!r} (and no such file or folder)")
+        what = (
+            f"data path {text!r} does not exist"
+            if (os.sep in text or path.suffix)
+            else (f"unknown data name {text!r} (and no such file or folder)")
+        )
         raise LeanmlError(f"{what}; accepted: {ACCEPTED}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())

@@ -27,10 +27,36 @@ from .select import dedup, exact_duplicates, jaccard, minhash_signatures, near_d
 from .students import build_student, every_kth, parse_student
 from .trainer import Items, batch_indices, init_distributed, train
 
-__all__ = ["LOSS_TERMS", "Distill", "FeatureProjection", "Items", "attention_map_loss", "batch_indices", "build_student",
-           "choose", "dedup", "deduplicate", "every_kth", "exact_duplicates", "feature_loss", "hinton_kd",
-           "init_distributed", "jaccard", "layer_map", "minhash_signatures", "near_duplicates", "parse_student",
-           "rkd_angle", "rkd_distance", "select", "teacher_scores", "text_chunks", "token_kl", "train", "training_items"]
+__all__ = [
+    "LOSS_TERMS",
+    "Distill",
+    "FeatureProjection",
+    "Items",
+    "attention_map_loss",
+    "batch_indices",
+    "build_student",
+    "choose",
+    "dedup",
+    "deduplicate",
+    "every_kth",
+    "exact_duplicates",
+    "feature_loss",
+    "hinton_kd",
+    "init_distributed",
+    "jaccard",
+    "layer_map",
+    "minhash_signatures",
+    "near_duplicates",
+    "parse_student",
+    "rkd_angle",
+    "rkd_distance",
+    "select",
+    "teacher_scores",
+    "text_chunks",
+    "token_kl",
+    "train",
+    "training_items",
+]
 
 
 class _CallableModule(types.ModuleType):

@@ -52,8 +52,10 @@ def training_items(handle: ModelHandle, data, cfg: Distill) -> Items:
             raise LeanmlError(f"distilling causal LM {handle.name!r} needs running text, not {type(data).__name__}")
         wins = [w for w in data.windows(handle.tokenizer, "train", cfg.window) if len(w) == cfg.window]
         if len(wins) < cfg.batch_size:
-            raise LeanmlError(f"data {data.name!r} has {len(wins)} training windows of {cfg.window} tokens, fewer than "
-                              f"one batch of {cfg.batch_size}")
+            raise LeanmlError(
+                f"data {data.name!r} has {len(wins)} training windows of {cfg.window} tokens, fewer than "
+                f"one batch of {cfg.batch_size}"
+            )
         return Items("tokens", tokens=torch.stack(wins))
     if isinstance(data, TensorData):
         x, y = data.tensors("calib")
@@ -104,8 +106,11 @@ def _disagreement(student: ModelHandle, teacher: nn.Module, texts: list[str], ba
     was = student.module.training
     student.module.eval()
     for i in range(0, len(texts), batch_size):
-        enc = dict(student.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                                     max_length=student.max_length, return_tensors="pt"))
+        enc = dict(
+            student.tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=student.max_length, return_tensors="pt"
+            )
+        )
         s = mean_pool(student.module(**enc), enc["attention_mask"])
         t = mean_pool(teacher(**enc), enc["attention_mask"])
         scores.append(1 - torch.nn.functional.cosine_similarity(s, t, dim=-1))
@@ -135,13 +140,25 @@ def choose(items: Items, cfg: Distill, student: ModelHandle, teacher: nn.Module 
     out = items.subset(sorted(keep) if cfg.select_by != "curriculum" else keep)
     if cfg.select_by == "curriculum":
         out.order = list(range(len(keep)))
-    out.report["selection"] = {"by": cfg.select_by, "score": kind, "fraction": cfg.select_fraction,
-                               "kept": len(keep), "of": len(items)}
+    out.report["selection"] = {
+        "by": cfg.select_by,
+        "score": kind,
+        "fraction": cfg.select_fraction,
+        "kept": len(keep),
+        "of": len(items),
+    }
     return out
 
 
-def distill(teacher: ModelHandle, config: Distill, data=None, *, student: nn.Module | None = None,
-            checkpoint_dir=None, resume: bool = False) -> ModelHandle:
+def distill(
+    teacher: ModelHandle,
+    config: Distill,
+    data=None,
+    *,
+    student: nn.Module | None = None,
+    checkpoint_dir=None,
+    resume: bool = False,
+) -> ModelHandle:
     """Distil ``teacher`` into a student built per ``config.student`` (or the module ``student``) and
     return the student's handle; the teacher is not changed. ``checkpoint_dir`` + ``config.checkpoint_every``
     make the run resumable (``resume=True`` continues from the last checkpoint)."""
@@ -164,8 +181,9 @@ def _fit(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, data, re
     if cfg.dedup:
         items = deduplicate(items, student)
     items = choose(items, cfg, student, teacher)
-    result = train(student, teacher, cfg, items, layer_sources=report.get("layer_sources"),
-                   checkpoint_dir=checkpoint_dir, resume=resume)
+    result = train(
+        student, teacher, cfg, items, layer_sources=report.get("layer_sources"), checkpoint_dir=checkpoint_dir, resume=resume
+    )
     student.meta.setdefault("reports", {})["distill.json"] = {**report, **items.report, **result}
     student.meta["modified"] = True
     student.meta.setdefault("applied", []).append(cfg.model_dump())
@@ -177,8 +195,10 @@ def _check_student(student: ModelHandle, teacher: nn.Module | None, cfg: Distill
     ws = getattr(getattr(student.module, "config", None), "hidden_size", None)
     wt = getattr(getattr(teacher, "config", None), "hidden_size", None)
     if ws is not None and wt is not None and ws > wt:
-        raise LeanmlError(f"the student's hidden width {ws} is wider than the teacher's {wt}; a layer mapping needs a "
-                          "student no wider than its teacher")
+        raise LeanmlError(
+            f"the student's hidden width {ws} is wider than the teacher's {wt}; a layer mapping needs a "
+            "student no wider than its teacher"
+        )
 
 
 @register(Distill)
@@ -188,8 +208,10 @@ def apply_distill(handle: ModelHandle, cfg: Distill, data=None) -> ModelHandle:
     original = handle.meta.get(TEACHER_KEY)
     if cfg.student is None:
         if cfg.needs_teacher and original is None:
-            raise LeanmlError("a distill step without 'student' distils the model back towards the original, so it "
-                              "must follow a compression step in the recipe (or set student: drop-layers:0.5)")
+            raise LeanmlError(
+                "a distill step without 'student' distils the model back towards the original, so it "
+                "must follow a compression step in the recipe (or set student: drop-layers:0.5)"
+            )
         _fit(handle, original, cfg, data, {"spec": "the model being compressed", "layer_sources": None}, None, False)
         return handle
     made, report = build_student(handle, cfg.student, data, calib_windows=cfg.calib_windows, window=cfg.window)

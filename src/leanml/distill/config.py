@@ -76,13 +76,16 @@ class Distill(_LeanmlConfig):
         terms = self.terms
         bad = [t for t in terms if t not in LOSS_TERMS]
         if bad or not terms or len(set(terms)) != len(terms):
-            raise ValueError(f"loss {self.loss!r} is not accepted; join distinct terms of {', '.join(LOSS_TERMS)} with '+' "
-                             "(e.g. kd+hidden)")
+            raise ValueError(
+                f"loss {self.loss!r} is not accepted; join distinct terms of {', '.join(LOSS_TERMS)} with '+' (e.g. kd+hidden)"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if "relation" in terms and self.batch_size // self.grad_accum < 3:
-            raise ValueError(f"loss term 'relation' compares items within a micro-batch; batch_size {self.batch_size} / "
-                             f"grad_accum {self.grad_accum} must give at least 3")
+            raise ValueError(
+                f"loss term 'relation' compares items within a micro-batch; batch_size {self.batch_size} / "
+                f"grad_accum {self.grad_accum} must give at least 3"
+            )
         if self.cache_teacher and terms != ["kd"] and set(terms) != {"kd", "task"}:
             raise ValueError("cache_teacher keeps only the teacher's logits; use it with loss kd or kd+task")
         if self.cache_teacher and self.top_k is None:

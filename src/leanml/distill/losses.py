@@ -38,8 +38,10 @@ def _float(x: torch.Tensor, what: str) -> torch.Tensor:
 
 def _same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
     if student.shape != teacher.shape:
-        raise LeanmlError(f"student {what} shape {tuple(student.shape)} does not match teacher {what} shape "
-                          f"{tuple(teacher.shape)}; use tensors of the same shape")
+        raise LeanmlError(
+            f"student {what} shape {tuple(student.shape)} does not match teacher {what} shape "
+            f"{tuple(teacher.shape)}; use tensors of the same shape"
+        )
 
 
 def _check_temperature(temperature: float) -> float:
@@ -73,8 +75,14 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-              alpha: float = 0.5, temperature: float = 4.0, ignore_index: int = -100) -> torch.Tensor:
+def hinton_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Hinton et al. 2015: ``alpha·CE(labels, s) + (1 − alpha)·T²·KL(softmax(t/T) ‖ softmax(s/T))``.
 
     This is the standard form: the soft term is weighted by T² so that its gradient scale does not depend
@@ -93,8 +101,9 @@ def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.shape != student_logits.shape[:-1] or labels.is_floating_point():
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise LeanmlError(f"labels shape {got} is not accepted; use an integer tensor of shape "
-                              f"{tuple(student_logits.shape[:-1])}")
+            raise LeanmlError(
+                f"labels shape {got} is not accepted; use an integer tensor of shape {tuple(student_logits.shape[:-1])}"
+            )
         labels = labels.reshape(-1).long()
         keep = labels != ignore_index
     soft = T * T * _masked_mean(_kl(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1)), keep)
@@ -104,9 +113,14 @@ def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return alpha * hard + (1 - alpha) * soft
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-             direction: str = "forward", temperature: float = 1.0, top_k: int | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+def token_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    direction: str = "forward",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Token-level KL for causal LMs, times T², averaged over the positions ``mask`` keeps.
 
     ``forward`` is KL(p_t ‖ p_s) (mean-seeking, classic word-level KD); ``reverse`` is KL(p_s ‖ p_t)
@@ -125,11 +139,15 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor | tuple[
             raise LeanmlError(f"a cached teacher of {len(teacher_logits)} tensors is not accepted; use (values, indices)")
         t, indices = _float(teacher_logits[0], "cached teacher values"), teacher_logits[1]
         if not isinstance(indices, torch.Tensor) or indices.shape != t.shape or indices.is_floating_point():
-            raise LeanmlError(f"cached teacher indices {getattr(indices, 'shape', indices)!r} are not accepted; use an "
-                              f"integer tensor of the values' shape {tuple(t.shape)}")
+            raise LeanmlError(
+                f"cached teacher indices {getattr(indices, 'shape', indices)!r} are not accepted; use an "
+                f"integer tensor of the values' shape {tuple(t.shape)}"
+            )
         if t.shape[:-1] != s.shape[:-1] or not 1 <= t.shape[-1] <= vocab:
-            raise LeanmlError(f"cached teacher shape {tuple(t.shape)} does not fit student logits shape {tuple(s.shape)}; "
-                              f"use [..., k] with the student's leading shape and k <= {vocab}")
+            raise LeanmlError(
+                f"cached teacher shape {tuple(t.shape)} does not fit student logits shape {tuple(s.shape)}; "
+                f"use [..., k] with the student's leading shape and k <= {vocab}"
+            )
         if top_k is not None and top_k != t.shape[-1]:
             raise LeanmlError(f"top_k {top_k!r} is not accepted with a cached top-{t.shape[-1]} teacher; leave it None")
         s = s.gather(-1, indices.long())
@@ -176,8 +194,13 @@ class FeatureProjection(nn.Module):
         return self.linear(x)
 
 
-def feature_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, kind: str = "mse", mask: torch.Tensor | None = None,
-                 projection: nn.Module | None = None) -> torch.Tensor:
+def feature_loss(
+    student_h: torch.Tensor,
+    teacher_h: torch.Tensor,
+    kind: str = "mse",
+    mask: torch.Tensor | None = None,
+    projection: nn.Module | None = None,
+) -> torch.Tensor:
     """Hidden-state matching: MSE (mean over kept positions and features) or mean ``1 − cos`` over kept positions.
 
     The last axis holds the features. ``projection`` (e.g. :class:`FeatureProjection`) is applied to the
@@ -191,8 +214,10 @@ def feature_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, kind: str = "
         s = projection(s if param is None else s.to(param.dtype)).float()
     if s.shape[-1] != t.shape[-1]:
         fix = "a projection that outputs the teacher width" if projection is not None else "a projection"
-        raise LeanmlError(f"student width {s.shape[-1]} differs from teacher width {t.shape[-1]}; pass {fix} "
-                          f"(e.g. FeatureProjection.for_widths({student_h.shape[-1]}, {t.shape[-1]}))")
+        raise LeanmlError(
+            f"student width {s.shape[-1]} differs from teacher width {t.shape[-1]}; pass {fix} "
+            f"(e.g. FeatureProjection.for_widths({student_h.shape[-1]}, {t.shape[-1]}))"
+        )
     _same_shape(s, t, "hidden states")
     keep = _keep(mask, s.shape[:-1])
     per_position = (s - t).pow(2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
@@ -212,8 +237,10 @@ def layer_map(student_layers: int, teacher_layers: int, strategy: str = "uniform
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LeanmlError(f"{name} {n!r} is not accepted; use an integer >= 1")
     if student_layers > teacher_layers:
-        raise LeanmlError(f"a student deeper than its teacher ({student_layers} > {teacher_layers} layers) cannot be "
-                          f"layer-mapped; use a student with at most {teacher_layers} layers")
+        raise LeanmlError(
+            f"a student deeper than its teacher ({student_layers} > {teacher_layers} layers) cannot be "
+            f"layer-mapped; use a student with at most {teacher_layers} layers"
+        )
     S, T = student_layers, teacher_layers
     if strategy == "last":
         return [(S, T)]
@@ -223,8 +250,10 @@ def layer_map(student_layers: int, teacher_layers: int, strategy: str = "uniform
 def _embeddings(student_emb: torch.Tensor, teacher_emb: torch.Tensor, least: int) -> tuple[torch.Tensor, torch.Tensor]:
     s, t = _float(student_emb, "student embeddings"), _float(teacher_emb, "teacher embeddings")
     if s.dim() != 2 or t.dim() != 2 or s.shape[0] != t.shape[0]:
-        raise LeanmlError(f"embedding shapes {tuple(s.shape)} and {tuple(t.shape)} are not accepted; use (N, D) "
-                          f"tensors with the same batch size N")
+        raise LeanmlError(
+            f"embedding shapes {tuple(s.shape)} and {tuple(t.shape)} are not accepted; use (N, D) "
+            f"tensors with the same batch size N"
+        )
     if s.shape[0] < least:
         raise LeanmlError(f"batch size {s.shape[0]} is not accepted for this relational loss; use at least {least}")
     return s, t
@@ -277,8 +306,10 @@ def attention_map_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, m
     if s.dim() != 4 or t.dim() != 4:
         raise LeanmlError(f"attention shapes {tuple(s.shape)} and {tuple(t.shape)} are not accepted; use (B, heads, q, k)")
     if s.shape[:1] + s.shape[2:] != t.shape[:1] + t.shape[2:]:
-        raise LeanmlError(f"student attention shape {tuple(s.shape)} does not match teacher attention shape {tuple(t.shape)}; "
-                          f"use the same (B, q, k) (head counts may differ)")
+        raise LeanmlError(
+            f"student attention shape {tuple(s.shape)} does not match teacher attention shape {tuple(t.shape)}; "
+            f"use the same (B, q, k) (head counts may differ)"
+        )
     if s.shape[1] != t.shape[1]:
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
     keep = _keep(mask, torch.Size((s.shape[0], s.shape[2])), "attention mask")

@@ -32,8 +32,10 @@ def normalise_text(text: str) -> str:
 
 
 def _check_texts(texts: Any) -> None:
-    check(isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts),
-          f"texts must be a list of strings, got {type(texts).__name__}")
+    check(
+        isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts),
+        f"texts must be a list of strings, got {type(texts).__name__}",
+    )
 
 
 def exact_duplicates(texts: list[str]) -> list[int]:
@@ -97,20 +99,23 @@ def _default_bands(num_perm: int, threshold: float) -> int:
     return num_perm
 
 
-def near_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int = 64, shingle: int = 5,
-                    bands: int | None = None, seed: int = 0) -> list[int]:
+def near_duplicates(
+    texts: list[str], threshold: float = 0.8, num_perm: int = 64, shingle: int = 5, bands: int | None = None, seed: int = 0
+) -> list[int]:
     """Indices to drop: texts whose estimated shingle Jaccard with an earlier kept text is >= ``threshold``.
 
     Candidates come from LSH banding of the MinHash signatures; each candidate is confirmed with the
     signature estimate. Greedy by index, so every dropped text is close to a kept one.
     """
-    check(isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0,
-          f"threshold must be a number in (0, 1], got {threshold!r}")
+    check(
+        isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0, f"threshold must be a number in (0, 1], got {threshold!r}"
+    )
     sigs = minhash_signatures(texts, num_perm=num_perm, shingle=shingle, seed=seed)
     if bands is None:
         bands = _default_bands(num_perm, float(threshold))
-    check(isinstance(bands, int) and 1 <= bands <= num_perm,
-          f"bands must be an integer in [1, num_perm={num_perm}], got {bands!r}")
+    check(
+        isinstance(bands, int) and 1 <= bands <= num_perm, f"bands must be an integer in [1, num_perm={num_perm}], got {bands!r}"
+    )
     rows = num_perm // bands
     buckets: dict[tuple, list[int]] = {}  # (band, row values) -> kept indices
     drop = []
@@ -149,8 +154,10 @@ def _from_logp(logp: torch.Tensor, target: torch.Tensor | None, kind: str) -> to
 
 def _lm_scores(handle: ModelHandle, items: Any, kind: str, batch_size: int) -> torch.Tensor:
     ok = isinstance(items, (list, tuple)) and len(items) > 0
-    check(ok and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in items),
-          f"items for causal-lm model {handle.name!r} must be a non-empty list of 1-D token-id tensors")
+    check(
+        ok and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in items),
+        f"items for causal-lm model {handle.name!r} must be a non-empty list of 1-D token-id tensors",
+    )
     lengths = sorted({len(t) for t in items})
     check(len(lengths) == 1 and lengths[0] >= 2, f"token windows must all have one length >= 2, got lengths {lengths[:5]}")
     device, out = _device(handle.module), []
@@ -164,11 +171,15 @@ def _lm_scores(handle: ModelHandle, items: Any, kind: str, batch_size: int) -> t
 def _labelled_scores(handle: ModelHandle, items: Any, kind: str, batch_size: int) -> torch.Tensor:
     if hasattr(items, "x") and hasattr(items, "y"):  # a TensorData
         items = (items.x, items.y)
-    check(isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor) and len(items[0]) > 0,
-          f"items for {handle.task} model {handle.name!r} must be a tuple (x, y) of tensors, got {type(items).__name__}")
+    check(
+        isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor) and len(items[0]) > 0,
+        f"items for {handle.task} model {handle.name!r} must be a tuple (x, y) of tensors, got {type(items).__name__}",
+    )
     x, y = items
-    check(y is not None or kind == "entropy",
-          f"kind 'loss' needs labels y for model {handle.name!r}; accepted without labels: kind 'entropy'")
+    check(
+        y is not None or kind == "entropy",
+        f"kind 'loss' needs labels y for model {handle.name!r}; accepted without labels: kind 'entropy'",
+    )
     check(y is None or len(y) == len(x), f"x has {len(x)} items but y has {len(y) if y is not None else 0}")
     device, out = _device(handle.module), []
     for lo in progress(range(0, len(x), batch_size), "teacher scores"):
@@ -188,8 +199,10 @@ def teacher_scores(handle: ModelHandle, items: Any, kind: str = "loss", batch_si
     check(kind in KINDS, f"kind {kind!r} is not accepted; accepted: {', '.join(KINDS)}")
     check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an integer >= 1, got {batch_size!r}")
     if handle.task == "sentence-embedding":
-        raise LeanmlError(f"teacher_scores needs a model with logits, but {handle.name!r} is a sentence-embedding model; "
-                          "accepted: causal-lm or classifier models")
+        raise LeanmlError(
+            f"teacher_scores needs a model with logits, but {handle.name!r} is a sentence-embedding model; "
+            "accepted: causal-lm or classifier models"
+        )
     module, was_training = handle.module, handle.module.training
     module.eval()
     try:
@@ -207,12 +220,13 @@ def select(scores: torch.Tensor, fraction: float, order: str = "hard", seed: int
     ``hard``: highest scores first; ``easy``: lowest first; ``random``: a seeded subset, ascending by index;
     ``curriculum``: the ``hard`` subset ordered from lowest to highest score (easy items first).
     """
-    check(isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() > 0,
-          "scores must be a non-empty 1-D tensor")
+    check(isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() > 0, "scores must be a non-empty 1-D tensor")
     bad = int((~torch.isfinite(scores)).sum())
     check(bad == 0, f"scores hold {bad} non-finite values; accepted: finite numbers only")
-    check(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 < fraction <= 1.0,
-          f"fraction must be a number in (0, 1], got {fraction!r}")
+    check(
+        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 < fraction <= 1.0,
+        f"fraction must be a number in (0, 1], got {fraction!r}",
+    )
     check(order in ORDERS, f"order {order!r} is not accepted; accepted: {', '.join(ORDERS)}")
     n = scores.numel()
     k = min(n, max(1, round(fraction * n)))

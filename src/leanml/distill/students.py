@@ -97,8 +97,7 @@ def _n_drop(arg: str, n_layers: int) -> int:
     return k
 
 
-def build_student(teacher: ModelHandle, spec, data=None, calib_windows: int = 16, window: int = 256
-                  ) -> tuple[ModelHandle, dict]:
+def build_student(teacher: ModelHandle, spec, data=None, calib_windows: int = 16, window: int = 256) -> tuple[ModelHandle, dict]:
     """A student handle (its own module; the teacher is untouched) and a report with ``spec``,
     ``layer_sources`` (teacher layer index of each student layer, when the model has a layer stack),
     ``params_teacher`` and ``params_student``. ``data`` feeds the block-influence and activation rankings."""
@@ -107,11 +106,21 @@ def build_student(teacher: ModelHandle, spec, data=None, calib_windows: int = 16
     params_teacher = count_params(teacher.module)
     if isinstance(spec, nn.Module):
         module = spec
-        student = ModelHandle(module=module, task=teacher.task, name=f"{teacher.name}-student",
-                              tokenizer=teacher.tokenizer, example_inputs=teacher.example_inputs,
-                              source="user module", max_length=teacher.max_length)
-        return student, {"spec": f"module:{type(spec).__name__}", "layer_sources": None,
-                         "params_teacher": params_teacher, "params_student": count_params(module)}
+        student = ModelHandle(
+            module=module,
+            task=teacher.task,
+            name=f"{teacher.name}-student",
+            tokenizer=teacher.tokenizer,
+            example_inputs=teacher.example_inputs,
+            source="user module",
+            max_length=teacher.max_length,
+        )
+        return student, {
+            "spec": f"module:{type(spec).__name__}",
+            "layer_sources": None,
+            "params_teacher": params_teacher,
+            "params_student": count_params(module),
+        }
     parts = parse_student(spec)
     student = copy.copy(teacher)
     student.module = copy.deepcopy(teacher.module)
@@ -125,8 +134,10 @@ def build_student(teacher: ModelHandle, spec, data=None, calib_windows: int = 16
         if op == "same":
             continue
         if layout is None:
-            raise LeanmlError(f"student spec {op!r} needs a Hugging Face llama- or BERT-style model; {teacher.name!r} "
-                              "is not one: pass your own student nn.Module")
+            raise LeanmlError(
+                f"student spec {op!r} needs a Hugging Face llama- or BERT-style model; {teacher.name!r} "
+                "is not one: pass your own student nn.Module"
+            )
         if op in ("drop-layers", "keep-layers"):
             n = len(layout.blocks)
             if op == "keep-layers":
@@ -149,19 +160,25 @@ def build_student(teacher: ModelHandle, spec, data=None, calib_windows: int = 16
                 raise LeanmlError(f"width ratio {args[0]!r} is not accepted; use a fraction in (0, 1)")
             from ..prune.structured import apply_structured_prune
 
-            apply_structured_prune(student, StructuredPrune(unit="neurons", ratio=ratio, criterion="activation",
-                                                            calib_windows=calib_windows, window=window), data)
+            apply_structured_prune(
+                student,
+                StructuredPrune(unit="neurons", ratio=ratio, criterion="activation", calib_windows=calib_windows, window=window),
+                data,
+            )
             student.meta.pop("applied", None)
             layout = detect_layout(student.module)
-    return student, {"spec": spec, "layer_sources": sources, "params_teacher": params_teacher,
-                     "params_student": count_params(student.module), **details}
+    return student, {
+        "spec": spec,
+        "layer_sources": sources,
+        "params_teacher": params_teacher,
+        "params_student": count_params(student.module),
+        **details,
+    }
 
 
-def _influence_keep(student: ModelHandle, layout, k: int, data, calib_windows: int, window: int, details: dict
-                    ) -> list[int]:
+def _influence_keep(student: ModelHandle, layout, k: int, data, calib_windows: int, window: int, details: dict) -> list[int]:
     if data is None:
-        raise LeanmlError("choosing layers by block influence needs calibration data; pass data, or use "
-                          "drop-layers:R:every")
+        raise LeanmlError("choosing layers by block influence needs calibration data; pass data, or use drop-layers:R:every")
     from ..calibrate.batches import calibration_batches
     from ..prune.structured import _block_influence
 

@@ -97,10 +97,15 @@ class Items:
 
     def subset(self, keep: list[int]) -> Items:
         idx = torch.tensor(keep, dtype=torch.long)
-        return Items(self.kind, None if self.tokens is None else self.tokens[idx],
-                     None if self.texts is None else [self.texts[i] for i in keep],
-                     None if self.x is None else self.x[idx], None if self.y is None else self.y[idx],
-                     None, dict(self.report))
+        return Items(
+            self.kind,
+            None if self.tokens is None else self.tokens[idx],
+            None if self.texts is None else [self.texts[i] for i in keep],
+            None if self.x is None else self.x[idx],
+            None if self.y is None else self.y[idx],
+            None,
+            dict(self.report),
+        )
 
 
 def batch_indices(n_items: int, step: int, batch_size: int, seed: int, order: list[int] | None = None) -> list[int]:
@@ -114,7 +119,7 @@ def batch_indices(n_items: int, step: int, batch_size: int, seed: int, order: li
         seq = order
     else:
         seq = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return seq[k * batch_size:(k + 1) * batch_size]
+    return seq[k * batch_size : (k + 1) * batch_size]
 
 
 def collate(items: Items, idx: list[int], handle: ModelHandle, max_tokens: int):
@@ -122,8 +127,13 @@ def collate(items: Items, idx: list[int], handle: ModelHandle, max_tokens: int):
     if items.kind == "tokens":
         return {"input_ids": items.tokens[idx]}
     if items.kind == "texts":
-        enc = handle.tokenizer([items.texts[i] for i in idx], padding=True, truncation=True,
-                               max_length=min(handle.max_length, max_tokens), return_tensors="pt")
+        enc = handle.tokenizer(
+            [items.texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=min(handle.max_length, max_tokens),
+            return_tensors="pt",
+        )
         return dict(enc)
     t = torch.tensor(idx, dtype=torch.long)
     return (items.x[t], None if items.y is None else items.y[t])
@@ -157,15 +167,17 @@ class Objective(nn.Module):
     loss and its parts, given the teacher's outputs ``ref`` (so that one ``DistributedDataParallel``
     wrapper covers every trained parameter)."""
 
-    def __init__(self, student: nn.Module, cfg: Distill, task: str, pairs: list[tuple[int, int]],
-                 widths: dict[int, tuple[int, int]]):
+    def __init__(
+        self, student: nn.Module, cfg: Distill, task: str, pairs: list[tuple[int, int]], widths: dict[int, tuple[int, int]]
+    ):
         super().__init__()
         self.student = student
         self.cfg = cfg
         self.task = task
         self.pairs = pairs
-        self.projections = nn.ModuleDict({str(s): FeatureProjection.for_widths(ws, wt)
-                                          for s, (ws, wt) in widths.items() if ws != wt})
+        self.projections = nn.ModuleDict(
+            {str(s): FeatureProjection.for_widths(ws, wt) for s, (ws, wt) in widths.items() if ws != wt}
+        )
 
     def forward(self, batch, ref) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, terms = self.cfg, self.cfg.terms
@@ -269,9 +281,15 @@ def _fingerprint(cfg: Distill, n_items: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: Items,
-          layer_sources: list[int] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-          resume: bool = False) -> dict:
+def train(
+    student: ModelHandle,
+    teacher: nn.Module | None,
+    cfg: Distill,
+    items: Items,
+    layer_sources: list[int] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> dict:
     """Train ``student.module`` in place on ``items`` (see the module docstring); returns the report
     (losses per step, seconds, items per second, and, with ``checkpoint_dir``, where it checkpointed)."""
     model = student.module
@@ -282,16 +300,21 @@ def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: 
     rank, size = world()
     micro = cfg.batch_size // cfg.grad_accum
     if micro % size:
-        raise LeanmlError(f"a micro-batch of {micro} items (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
-                          f"cannot be split evenly across {size} processes")
+        raise LeanmlError(
+            f"a micro-batch of {micro} items (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
+            f"cannot be split evenly across {size} processes"
+        )
     if len(items) < cfg.batch_size:
         raise LeanmlError(f"the training data has {len(items)} items, fewer than one batch of {cfg.batch_size}")
     if cfg.cache_teacher and student.task != "causal-lm":
-        raise LeanmlError(f"cache_teacher keeps per-token top-k logits of a causal LM; model {student.name!r} is a "
-                          f"{student.task} model: turn it off")
+        raise LeanmlError(
+            f"cache_teacher keeps per-token top-k logits of a causal LM; model {student.name!r} is a "
+            f"{student.task} model: turn it off"
+        )
     if items.kind == "tensors" and ({"hidden", "attention"} & set(cfg.terms)):
-        raise LeanmlError(f"loss {cfg.loss!r} needs hidden states/attentions, which a plain nn.Module does not return; "
-                          "use kd, task or relation")
+        raise LeanmlError(
+            f"loss {cfg.loss!r} needs hidden states/attentions, which a plain nn.Module does not return; use kd, task or relation"
+        )
     if "attention" in cfg.terms:
         for module in (model, teacher):
             _eager_attention(module)
@@ -317,8 +340,10 @@ def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: 
             raise LeanmlError(f"--resume found no checkpoint at {ckpt}; run without --resume to start")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["fingerprint"] != fingerprint:
-            raise LeanmlError(f"checkpoint {ckpt} was written by a different configuration or data; "
-                              "resume with the same settings, or start again without --resume")
+            raise LeanmlError(
+                f"checkpoint {ckpt} was written by a different configuration or data; "
+                "resume with the same settings, or start again without --resume"
+            )
         try:
             objective.load_state_dict(state["objective"])
         except RuntimeError:
@@ -347,9 +372,9 @@ def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: 
                 opt.zero_grad(set_to_none=True)
                 total, parts = 0.0, {}
                 for a in range(cfg.grad_accum):
-                    mine = idx[a * micro:(a + 1) * micro]
+                    mine = idx[a * micro : (a + 1) * micro]
                     share = micro // size
-                    mine = mine[rank * share:(rank + 1) * share]
+                    mine = mine[rank * share : (rank + 1) * share]
                     batch = collate(items, mine, student, cfg.window)
                     ref = None
                     if teacher is not None:
@@ -379,10 +404,19 @@ def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: 
                 done = step + 1
                 if ckpt is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                     if rank == 0:
-                        save_checkpoint(ckpt, {"step": done, "objective": objective.state_dict(),
-                                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                               "rng": torch.get_rng_state(), "losses": losses, "parts": parts_log,
-                                               "fingerprint": fingerprint})
+                        save_checkpoint(
+                            ckpt,
+                            {
+                                "step": done,
+                                "objective": objective.state_dict(),
+                                "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(),
+                                "rng": torch.get_rng_state(),
+                                "losses": losses,
+                                "parts": parts_log,
+                                "fingerprint": fingerprint,
+                            },
+                        )
                     if size > 1:
                         import torch.distributed as dist
 
@@ -395,11 +429,21 @@ def train(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, items: 
             p.grad = None
         model.train(was_training)
     seconds = time.perf_counter() - started
-    return {"steps": cfg.steps, "resumed_from": start_step if resume else None, "loss": cfg.loss, "losses": losses,
-            "parts": parts_log, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "seconds": round(seconds, 2), "items_per_s": round(seen_items / max(1e-9, seconds), 2),
-            "processes": size, "teacher_cached_items": len(cache), "layer_pairs": pairs,
-            "checkpoint": str(ckpt) if ckpt is not None and cfg.checkpoint_every else None}
+    return {
+        "steps": cfg.steps,
+        "resumed_from": start_step if resume else None,
+        "loss": cfg.loss,
+        "losses": losses,
+        "parts": parts_log,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 2),
+        "items_per_s": round(seen_items / max(1e-9, seconds), 2),
+        "processes": size,
+        "teacher_cached_items": len(cache),
+        "layer_pairs": pairs,
+        "checkpoint": str(ckpt) if ckpt is not None and cfg.checkpoint_every else None,
+    }
 
 
 class _Null:
@@ -437,8 +481,10 @@ def _eager_attention(module: nn.Module) -> None:
     if hasattr(module, "set_attn_implementation"):
         module.set_attn_implementation("eager")
     else:
-        raise LeanmlError(f"loss term 'attention' needs a Hugging Face transformer that returns attention maps; "
-                          f"{type(module).__name__} does not")
+        raise LeanmlError(
+            f"loss term 'attention' needs a Hugging Face transformer that returns attention maps; "
+            f"{type(module).__name__} does not"
+        )
 
 
 def _n_layers(module: nn.Module) -> int | None:
@@ -446,8 +492,7 @@ def _n_layers(module: nn.Module) -> int | None:
     return getattr(config, "num_hidden_layers", None)
 
 
-def _pairs(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, sources: list[int] | None
-           ) -> list[tuple[int, int]]:
+def _pairs(student: ModelHandle, teacher: nn.Module | None, cfg: Distill, sources: list[int] | None) -> list[tuple[int, int]]:
     """``(student, teacher)`` hidden-state indices (0 = embeddings, i = output of layer i)."""
     n_s, n_t = _n_layers(student.module), _n_layers(teacher) if teacher is not None else None
     if n_s is None or n_t is None:
@@ -468,5 +513,16 @@ def _widths(student: ModelHandle, teacher: nn.Module, pairs, items: Items) -> di
     return {s: (ws, wt) for s, _ in pairs}
 
 
-__all__ = ["CHECKPOINT", "Items", "Objective", "batch_indices", "collate", "init_distributed", "save_checkpoint",
-           "task_loss", "teacher_outputs", "train", "world"]
+__all__ = [
+    "CHECKPOINT",
+    "Items",
+    "Objective",
+    "batch_indices",
+    "collate",
+    "init_distributed",
+    "save_checkpoint",
+    "task_loss",
+    "teacher_outputs",
+    "train",
+    "world",
+]

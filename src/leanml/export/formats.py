@@ -31,8 +31,16 @@ def _refuse(path: Path, force: bool) -> None:
         raise LeanmlError(f"{path} exists; pass --force to replace it")
 
 
-def export(handle: ModelHandle, fmt: str, path: str | os.PathLike, *, force: bool = False, dtype: str = "fp32",
-           data=None, accuracy_level: int = 4) -> dict:
+def export(
+    handle: ModelHandle,
+    fmt: str,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    dtype: str = "fp32",
+    data=None,
+    accuracy_level: int = 4,
+) -> dict:
     """Write ``handle`` as ``fmt`` to ``path`` and return a report (what was written, bytes, notes)."""
     if fmt not in FORMATS:
         raise LeanmlError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -56,8 +64,10 @@ def export(handle: ModelHandle, fmt: str, path: str | os.PathLike, *, force: boo
     _refuse(path, force)
     if handle.task == "causal-lm":
         if dtype != "fp32":
-            raise LeanmlError("the causal-LM ONNX graph is written in fp32 with leanml's integer weights; dtype fp16 is "
-                              "offered for other models")
+            raise LeanmlError(
+                "the causal-LM ONNX graph is written in fp32 with leanml's integer weights; dtype fp16 is "
+                "offered for other models"
+            )
         from ..accelerate.llm_onnx import build_llm_onnx
 
         report = build_llm_onnx(handle, path, accuracy_level=accuracy_level)

@@ -75,8 +75,9 @@ class _Tensor:
     max_err_steps: float | None = None
 
 
-def export_gguf(handle, path: str | os.PathLike, *, force: bool = False, float_type: str = "f32",
-                exact_only: bool = False, tokenizer=None) -> dict:
+def export_gguf(
+    handle, path: str | os.PathLike, *, force: bool = False, float_type: str = "f32", exact_only: bool = False, tokenizer=None
+) -> dict:
     """Write ``handle`` (a :class:`~leanml.models.ModelHandle` of a ``LlamaForCausalLM``, quantized or not)
     to the GGUF file ``path``, atomically, and return a report::
 
@@ -95,8 +96,10 @@ def export_gguf(handle, path: str | os.PathLike, *, force: bool = False, float_t
     config = getattr(model, "config", None)
     if arch not in ARCHITECTURES or getattr(config, "model_type", None) != "llama":
         model_type = getattr(config, "model_type", None)
-        raise LeanmlError(f"GGUF export does not support the architecture {arch} (model_type {model_type!r}); "
-                          f"accepted: {', '.join(ARCHITECTURES)} (Llama family causal LMs)")
+        raise LeanmlError(
+            f"GGUF export does not support the architecture {arch} (model_type {model_type!r}); "
+            f"accepted: {', '.join(ARCHITECTURES)} (Llama family causal LMs)"
+        )
     if float_type not in FLOAT_TYPES:
         raise LeanmlError(f"float_type {float_type!r} is not accepted; use one of {', '.join(FLOAT_TYPES)}")
     out = Path(path)
@@ -112,8 +115,10 @@ def export_gguf(handle, path: str | os.PathLike, *, force: bool = False, float_t
     if fallback and exact_only:
         t = fallback[0]
         more = f" (and {len(fallback) - 1} more tensors)" if len(fallback) > 1 else ""
-        raise LeanmlError(f"GGUF tensor {t.name} ({t.module}) cannot be written exactly: {t.reason}{more}; "
-                          f"pass exact_only=False to write such tensors as F16")
+        raise LeanmlError(
+            f"GGUF tensor {t.name} ({t.module}) cannot be written exactly: {t.reason}{more}; "
+            f"pass exact_only=False to write such tensors as F16"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # same folder: os.replace is atomic
@@ -141,8 +146,10 @@ def export_gguf(handle, path: str | os.PathLike, *, force: bool = False, float_t
         "bytes": out.stat().st_size,
         "types": dict(Counter(t.qtype.name for t in tensors)),
         "fallback": [{"tensor": t.name, "module": t.module, "type": t.qtype.name, "reason": t.reason} for t in fallback],
-        "tensors": {t.name: {"type": t.qtype.name, "module": t.module, "exact": t.exact, "max_err_steps": t.max_err_steps}
-                    for t in tensors},
+        "tensors": {
+            t.name: {"type": t.qtype.name, "module": t.module, "exact": t.exact, "max_err_steps": t.max_err_steps}
+            for t in tensors
+        },
         "tied": tied,
         "tokenizer": tok_kind,
         "notes": notes,
@@ -175,10 +182,19 @@ def _hparams(config) -> dict:
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "ffn": config.intermediate_size,
-            "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
-            "theta": float(theta), "context": int(getattr(config, "max_position_embeddings", 2048)),
-            "vocab_size": config.vocab_size, "tie": bool(getattr(config, "tie_word_embeddings", False))}
+    return {
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "ffn": config.intermediate_size,
+        "heads": n_heads,
+        "kv_heads": n_kv,
+        "head_dim": head_dim,
+        "eps": float(config.rms_norm_eps),
+        "theta": float(theta),
+        "context": int(getattr(config, "max_position_embeddings", 2048)),
+        "vocab_size": config.vocab_size,
+        "tie": bool(getattr(config, "tie_word_embeddings", False)),
+    }
 
 
 def _add_hparams(writer, hp: dict) -> None:
@@ -200,8 +216,15 @@ def _add_hparams(writer, hp: dict) -> None:
 def _file_type(gguf, tensors: list[_Tensor]) -> int:
     """llama.cpp's ``general.file_type``: the type holding most of the 2-D weights."""
     q = gguf.GGMLQuantizationType
-    names = {q.F32: "ALL_F32", q.F16: "MOSTLY_F16", q.Q4_0: "MOSTLY_Q4_0", q.Q4_1: "MOSTLY_Q4_1",
-             q.Q5_0: "MOSTLY_Q5_0", q.Q5_1: "MOSTLY_Q5_1", q.Q8_0: "MOSTLY_Q8_0"}
+    names = {
+        q.F32: "ALL_F32",
+        q.F16: "MOSTLY_F16",
+        q.Q4_0: "MOSTLY_Q4_0",
+        q.Q4_1: "MOSTLY_Q4_1",
+        q.Q5_0: "MOSTLY_Q5_0",
+        q.Q5_1: "MOSTLY_Q5_1",
+        q.Q8_0: "MOSTLY_Q8_0",
+    }
     sizes = Counter()
     for t in tensors:
         if t.data.ndim == 2:
@@ -237,16 +260,27 @@ def _collect_tensors(model: torch.nn.Module, hp: dict, qfloat, notes: list[str])
             notes.append(f"the embedding reads its rows from {embed.tied_to!r}, not from lm_head")
     else:
         head_w = getattr(head, "weight", None)
-        tied = isinstance(head, torch.nn.Linear) and isinstance(head_w, torch.Tensor) and (
-            head_w is embed.weight or (head_w.data_ptr() == embed.weight.data_ptr() and head_w.shape == embed.weight.shape))
+        tied = (
+            isinstance(head, torch.nn.Linear)
+            and isinstance(head_w, torch.Tensor)
+            and (head_w is embed.weight or (head_w.data_ptr() == embed.weight.data_ptr() and head_w.shape == embed.weight.shape))
+        )
         embed_src, embed_name = embed, "model.embed_tokens"
         if hp["tie"] and not tied:
-            notes.append("the config ties the embeddings but lm_head and embed_tokens differ (the head was replaced "
-                         "alone); both token_embd.weight and output.weight are written")
+            notes.append(
+                "the config ties the embeddings but lm_head and embed_tokens differ (the head was replaced "
+                "alone); both token_embd.weight and output.weight are written"
+            )
     out = [_encode("token_embd.weight", embed_name, embed_src, None, qfloat)]
-    per_layer = (("attn_q", "self_attn.q_proj", hp["heads"]), ("attn_k", "self_attn.k_proj", hp["kv_heads"]),
-                 ("attn_v", "self_attn.v_proj", None), ("attn_output", "self_attn.o_proj", None),
-                 ("ffn_gate", "mlp.gate_proj", None), ("ffn_up", "mlp.up_proj", None), ("ffn_down", "mlp.down_proj", None))
+    per_layer = (
+        ("attn_q", "self_attn.q_proj", hp["heads"]),
+        ("attn_k", "self_attn.k_proj", hp["kv_heads"]),
+        ("attn_v", "self_attn.v_proj", None),
+        ("attn_output", "self_attn.o_proj", None),
+        ("ffn_gate", "mlp.gate_proj", None),
+        ("ffn_up", "mlp.up_proj", None),
+        ("ffn_down", "mlp.down_proj", None),
+    )
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}"
         out.append(_norm(f"blk.{i}.attn_norm.weight", f"{prefix}.input_layernorm", layer.input_layernorm))
@@ -257,15 +291,23 @@ def _collect_tensors(model: torch.nn.Module, hp: dict, qfloat, notes: list[str])
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 b = bias.detach().to(torch.float32).cpu()
-                out.append(_Tensor(f"blk.{i}.{gname}.bias", f"{prefix}.{mname}.bias",
-                                   (b if rows is None else b[rows]).numpy(), _gguf_type("F32")))
+                out.append(
+                    _Tensor(
+                        f"blk.{i}.{gname}.bias",
+                        f"{prefix}.{mname}.bias",
+                        (b if rows is None else b[rows]).numpy(),
+                        _gguf_type("F32"),
+                    )
+                )
         out.append(_norm(f"blk.{i}.ffn_norm.weight", f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm))
     out.append(_norm("output_norm.weight", "model.norm", norm))
     if not tied:
         out.append(_encode("output.weight", "lm_head", head, None, qfloat))
     if any(t.name.endswith(".bias") for t in out):
-        notes.append("the model has linear biases: llama.cpp reads them, but transformers' GGUF loader builds a Llama "
-                     "without biases (attention_bias/mlp_bias are not GGUF metadata) and drops them")
+        notes.append(
+            "the model has linear biases: llama.cpp reads them, but transformers' GGUF loader builds a Llama "
+            "without biases (attention_bias/mlp_bias are not GGUF metadata) and drops them"
+        )
     if any(type(m).__name__ == "Int8ActLinear" for m in model.modules()):
         notes.append("W8A8 layers: their int8 weights are written; activation quantization is left to the runtime")
     return out, tied
@@ -279,8 +321,9 @@ def _norm(name: str, module_name: str, module: torch.nn.Module) -> _Tensor:
     return _Tensor(name, module_name, module.weight.detach().to(torch.float32).cpu().numpy(), _gguf_type("F32"))
 
 
-def _float(name: str, module_name: str, weight: torch.Tensor, rows: torch.Tensor | None, qtype,
-           reason: str | None = None) -> _Tensor:
+def _float(
+    name: str, module_name: str, weight: torch.Tensor, rows: torch.Tensor | None, qtype, reason: str | None = None
+) -> _Tensor:
     w = weight.detach().to(torch.float32).cpu()
     w = w if rows is None else w[rows]
     a = w.numpy()
@@ -327,15 +370,16 @@ def _encode(name: str, module_name: str, module: torch.nn.Module, rows: torch.Te
         data, qtype, err = enc
         return _Tensor(name, module_name, data, qtype, max_err_steps=err)
     if isinstance(module, CodebookLinear):
-        return _float(name, module_name, module.weight, rows, f16,
-                      f"{module.method} codebook levels have no GGUF block type")
+        return _float(name, module_name, module.weight, rows, f16, f"{module.method} codebook levels have no GGUF block type")
     if isinstance(module, CastLinear):
         exact = _gguf_type("F16") if module.weight.dtype == torch.float16 else _gguf_type("F32")
         return _float(name, module_name, module.weight, rows, exact)
     if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
         return _float(name, module_name, module.weight, rows, qfloat)
-    raise LeanmlError(f"GGUF export cannot write layer {module_name!r} of type {type(module).__name__}; accepted: "
-                      f"Linear, Embedding, QuantLinear, Int8ActLinear, CodebookLinear, CastLinear")
+    raise LeanmlError(
+        f"GGUF export cannot write layer {module_name!r} of type {type(module).__name__}; accepted: "
+        f"Linear, Embedding, QuantLinear, Int8ActLinear, CodebookLinear, CastLinear"
+    )
 
 
 def _codes(module) -> torch.Tensor:
@@ -352,8 +396,9 @@ def _codes(module) -> torch.Tensor:
     return (values + qrange(bits, module.symmetric)[0]).reshape(module.out_features, module.in_features)
 
 
-def _blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gidx: torch.Tensor, bits: int,
-            symmetric: bool) -> tuple[np.ndarray, Any, float] | str:
+def _blocks(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gidx: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[np.ndarray, Any, float] | str:
     """GGUF blocks holding exactly these codes (int64, rows, cols) with per-group ``scales``/``zeros`` indexed
     by ``gidx``, and the largest difference from ``(codes - zero) * scale`` in quantization steps; or the
     reason they cannot."""
@@ -369,10 +414,14 @@ def _blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gidx
         z_col = zeros[:, gidx].reshape(n_out, nb, BLOCK)
         if not (bool((s_col == s_col[..., :1]).all()) and bool((z_col == z_col[..., :1]).all())):
             if bool((gidx[1:] >= gidx[:-1]).all()):
-                return (f"group size {n_in // scales.shape[1]} is not a multiple of GGUF's {BLOCK}-column blocks "
-                        f"(quantize with a group size that is, or per channel)")
-            return (f"act-order groups (g_idx) do not form contiguous {BLOCK}-column blocks "
-                    f"(quantize with act_order: false or static_groups: true for an exact export)")
+                return (
+                    f"group size {n_in // scales.shape[1]} is not a multiple of GGUF's {BLOCK}-column blocks "
+                    f"(quantize with a group size that is, or per channel)"
+                )
+            return (
+                f"act-order groups (g_idx) do not form contiguous {BLOCK}-column blocks "
+                f"(quantize with act_order: false or static_groups: true for an exact export)"
+            )
         bs, bz = s_col[..., 0], z_col[..., 0]
     gg = _import_gguf().GGMLQuantizationType
     q3 = codes.reshape(n_out, nb, BLOCK)
@@ -392,8 +441,10 @@ def _blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gidx
             qtype, q, offset = gg.Q8_0, q3 - bz[..., None].to(torch.int64), 0
             lo, hi = int(q.min()), int(q.max())
             if lo < -128 or hi > 127:
-                return (f"asymmetric {bits}-bit codes minus zero points span [{lo}, {hi}], outside Q8_0's int8 "
-                        f"(quantize with symmetric: true for an exact Q8_0)")
+                return (
+                    f"asymmetric {bits}-bit codes minus zero points span [{lo}, {hi}], outside Q8_0's int8 "
+                    f"(quantize with symmetric: true for an exact Q8_0)"
+                )
     d = bs.numpy()
     if not np.isfinite(d.astype(np.float16)).all() or (m is not None and not np.isfinite(m.numpy().astype(np.float16)).all()):
         return "scales or offsets exceed the fp16 range of GGUF block fields"
@@ -531,15 +582,21 @@ def _add_tokenizer(gguf, writer, tok, vocab_size: int, source: Path | None, note
             pre = _pre_name(spec)
             if pre is None:
                 pre = "default"
-                notes.append("the tokenizer's pre-tokenizer is not one llama.cpp names; tokenizer.ggml.pre is 'default', "
-                             "so llama.cpp may split text differently from transformers")
+                notes.append(
+                    "the tokenizer's pre-tokenizer is not one llama.cpp names; tokenizer.ggml.pre is 'default', "
+                    "so llama.cpp may split text differently from transformers"
+                )
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                          ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        for attr, add in (
+            ("bos_token_id", writer.add_bos_token_id),
+            ("eos_token_id", writer.add_eos_token_id),
+            ("unk_token_id", writer.add_unk_token_id),
+            ("pad_token_id", writer.add_pad_token_id),
+        ):
             value = getattr(tok, attr, None)
             if isinstance(value, int) and 0 <= value < vocab_size:
                 add(value)
@@ -562,8 +619,10 @@ def _add_tokenizer(gguf, writer, tok, vocab_size: int, source: Path | None, note
         notes.append(f"tokenizer metadata copied from the source GGUF {source.name}")
         return "copied"
     what = "no tokenizer" if tok is None else f"a {type(tok).__name__} that is not a byte-level BPE fast tokenizer"
-    notes.append(f"the model has {what}: the GGUF carries no vocabulary, so llama.cpp and transformers cannot "
-                 f"tokenize with it; pass tokenizer= a Hugging Face fast tokenizer")
+    notes.append(
+        f"the model has {what}: the GGUF carries no vocabulary, so llama.cpp and transformers cannot "
+        f"tokenize with it; pass tokenizer= a Hugging Face fast tokenizer"
+    )
     return None
 
 
@@ -607,8 +666,10 @@ def _byte_level_vocab(gguf, spec: dict, vocab_size: int) -> tuple[list[str], lis
         by_id[i] = t["content"]
     n_tok = max(by_id, default=-1) + 1
     if n_tok > vocab_size:
-        raise LeanmlError(f"the tokenizer has {n_tok} token ids but the model's embedding has {vocab_size} rows; "
-                          f"GGUF needs a row for every token (resize the embeddings first)")
+        raise LeanmlError(
+            f"the tokenizer has {n_tok} token ids but the model's embedding has {vocab_size} rows; "
+            f"GGUF needs a row for every token (resize the embeddings first)"
+        )
     tt = gguf.TokenType
     tokens, types = [], []
     for i in range(vocab_size):

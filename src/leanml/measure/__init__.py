@@ -7,6 +7,16 @@ from .record import Measurement
 from .stats import percentile, summarize
 
 __all__ = [
-    "DEFAULT_HARDWARE", "HardwareProfile", "Measurement", "cosine_spearman", "evaluate", "fidelity",
-    "get_profile", "list_profiles", "percentile", "perplexity", "profile", "summarize",
+    "DEFAULT_HARDWARE",
+    "HardwareProfile",
+    "Measurement",
+    "cosine_spearman",
+    "evaluate",
+    "fidelity",
+    "get_profile",
+    "list_profiles",
+    "percentile",
+    "perplexity",
+    "profile",
+    "summarize",
 ]

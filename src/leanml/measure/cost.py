@@ -32,8 +32,12 @@ def unique_tensors(module: torch.nn.Module, buffers: bool = True) -> list[torch.
     out = []
     tensors = list(module.parameters())
     if buffers:  # persistent buffers only: caches that are not saved are not the stored weights
-        tensors += [b for m in module.modules() for name, b in m._buffers.items()
-                    if b is not None and name not in m._non_persistent_buffers_set]
+        tensors += [
+            b
+            for m in module.modules()
+            for name, b in m._buffers.items()
+            if b is not None and name not in m._non_persistent_buffers_set
+        ]
     for t in (leaf for tensor in tensors for leaf in _leaves(tensor)):
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
         if key in seen:
@@ -62,11 +66,18 @@ def sparse_accounting(module: torch.nn.Module) -> dict | None:
         return None
     total = sum(m.weight_mask.numel() for m in layers)
     kept = sum(int(m.weight_mask.sum()) for m in layers)
-    dense = sum(m.weight.numel() * m.weight.element_size()
-                + (0 if m.bias is None else m.bias.numel() * m.bias.element_size()) for m in layers)
+    dense = sum(
+        m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
+        for m in layers
+    )
     stored = sum(m.stored_nbytes() for m in layers)
-    return {"layers": len(layers), "sparsity": round(1 - kept / max(1, total), 6), "dense_bytes": dense,
-            "stored_bytes": stored, "stored_vs_dense": round(stored / max(1, dense), 4)}
+    return {
+        "layers": len(layers),
+        "sparsity": round(1 - kept / max(1, total), 6),
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "stored_vs_dense": round(stored / max(1, dense), 4),
+    }
 
 
 def path_bytes(path: Path) -> int:

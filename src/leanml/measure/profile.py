@@ -50,8 +50,10 @@ def example_inputs(handle: ModelHandle, data, batch: int | None, seq_len: int | 
         if handle.tokenizer is not None:
             return {"input_ids": text_prompt(handle.tokenizer, length)}, length
         return default_example_inputs(handle, seq_len=length), length
-    if handle.tokenizer is not None and handle.task in ("sentence-embedding", "sequence-classification") and (
-        isinstance(data, (SimilarityPairs, TextRecords, TextCorpus))
+    if (
+        handle.tokenizer is not None
+        and handle.task in ("sentence-embedding", "sequence-classification")
+        and (isinstance(data, (SimilarityPairs, TextRecords, TextCorpus)))
     ):
         docs = data.documents("eval")
         n = batch or min(50, len(docs))
@@ -92,8 +94,13 @@ def profile(
     """Measure ``model`` on ``runtime`` (default: the one it is loaded on): size, FLOPs, speed, memory,
     energy, dollars and quality. Parameters, FLOPs and the roofline are counted on the torch model a
     runtime was prepared from; bytes on disk are the runtime's own files."""
-    for name, value in (("threads", threads), ("batch", batch), ("seq_len", seq_len),
-                        ("new_tokens", new_tokens), ("repeats", repeats)):
+    for name, value in (
+        ("threads", threads),
+        ("batch", batch),
+        ("seq_len", seq_len),
+        ("new_tokens", new_tokens),
+        ("repeats", repeats),
+    ):
         _check_positive(name, value)
     if new_tokens < 2:
         raise LeanmlError(f"new_tokens {new_tokens} is too small; decode speed needs at least 2")
@@ -161,9 +168,11 @@ def profile(
         notes.append("fusions: " + "; ".join(report["fusions"]))
     sparse = sparse_accounting(twin.module) if isinstance(twin.module, torch.nn.Module) else None
     if sparse:
-        notes.append(f"{sparse['layers']} layers {sparse['sparsity']:.1%} sparse: stored as bitmask + values "
-                     f"({sparse['stored_vs_dense']:.2f}x their dense bytes); compute is dense, so the latency "
-                     "above is what the sparsity buys on this runtime")
+        notes.append(
+            f"{sparse['layers']} layers {sparse['sparsity']:.1%} sparse: stored as bitmask + values "
+            f"({sparse['stored_vs_dense']:.2f}x their dense bytes); compute is dense, so the latency "
+            "above is what the sparsity buys on this runtime"
+        )
     seq = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
     flops_per_item = None
     if flops is not None:
@@ -171,25 +180,49 @@ def profile(
     if elapsed > 0 and energy_source == "power-model":
         notes.append(f"energy = {profile_hw.power_w} W ({profile_hw.name}) × measured time per item")
     return Measurement(
-        model=handle.name, task=handle.task, runtime=handle.runtime, hardware=profile_hw.name,
-        threads=n_threads, item=item, batch_size=batch_size, seq_len=seq,
+        model=handle.name,
+        task=handle.task,
+        runtime=handle.runtime,
+        hardware=profile_hw.name,
+        threads=n_threads,
+        item=item,
+        batch_size=batch_size,
+        seq_len=seq,
         params=count_params(twin.module) if is_torch else 0,
         weight_bytes=weight_bytes(twin.module) if is_torch else disk,
-        disk_bytes=disk, disk_source=disk_source, flops_per_item=flops_per_item,
-        latency_ms=latency, throughput_per_s=throughput,
-        peak_memory_bytes=peak.peak_bytes, peak_memory_method=peak.method,
-        energy_j_per_item=energy, energy_source=energy_source,
-        usd_per_million=usd_per_million(seconds_per_item, profile_hw), usd_per_hour=profile_hw.usd_per_hour,
-        quality=quality, fidelity=fid,
+        disk_bytes=disk,
+        disk_source=disk_source,
+        flops_per_item=flops_per_item,
+        latency_ms=latency,
+        throughput_per_s=throughput,
+        peak_memory_bytes=peak.peak_bytes,
+        peak_memory_method=peak.method,
+        energy_j_per_item=energy,
+        energy_source=energy_source,
+        usd_per_million=usd_per_million(seconds_per_item, profile_hw),
+        usd_per_hour=profile_hw.usd_per_hour,
+        quality=quality,
+        fidelity=fid,
         prefill_tokens_per_s=decode["prefill_tokens_per_s"] if decode else None,
         decode_tokens_per_s=decode["decode_tokens_per_s"] if decode else None,
-        decode_roofline_tokens_per_s=roofline, roofline_fraction=fraction, memory_bandwidth_gbs=bandwidth,
-        decode=decode, sparse=sparse, host=host_info(), notes=notes,
+        decode_roofline_tokens_per_s=roofline,
+        roofline_fraction=fraction,
+        memory_bandwidth_gbs=bandwidth,
+        decode=decode,
+        sparse=sparse,
+        host=host_info(),
+        notes=notes,
     )
 
 
 def host_info() -> dict:
     from .. import __version__
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "leanml": __version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "leanml": __version__,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

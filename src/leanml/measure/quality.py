@@ -33,8 +33,14 @@ def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "p
         nll = F.cross_entropy(logits[:-1], window[1:], reduction="sum")
         total += float(nll)
         count += len(window) - 1
-    return {"metric": "perplexity", "value": math.exp(total / count), "higher_is_better": False,
-            "n_items": len(windows), "n_tokens": count, "mean_nll": total / count}
+    return {
+        "metric": "perplexity",
+        "value": math.exp(total / count),
+        "higher_is_better": False,
+        "n_items": len(windows),
+        "n_tokens": count,
+        "mean_nll": total / count,
+    }
 
 
 def cosine_spearman(embeddings: torch.Tensor, pairs: list[tuple[int, int]], scores: list[float]) -> float:
@@ -57,8 +63,9 @@ def classify(handle: ModelHandle, data, split: str = "eval", batch_size: int = 6
     else:
         texts, _ = data.labelled(split)
         for k in range(0, len(texts), batch_size):
-            enc = handle.tokenizer(texts[k : k + batch_size], padding=True, truncation=True,
-                                   max_length=handle.max_length, return_tensors="pt")
+            enc = handle.tokenizer(
+                texts[k : k + batch_size], padding=True, truncation=True, max_length=handle.max_length, return_tensors="pt"
+            )
             outs.append(output_tensor(handle.call(dict(enc))).float())
     return torch.cat(outs)
 
@@ -77,13 +84,16 @@ def evaluate(handle: ModelHandle, data) -> dict | None:
         value = cosine_spearman(handle.embed(data.texts), data.pairs, data.scores)
         return {"metric": "spearman", "value": value, "higher_is_better": True, "n_items": len(data.pairs)}
     labelled = (isinstance(data, TensorData) and data.y is not None) or (
-        isinstance(data, TextRecords) and data.labels is not None and handle.tokenizer is not None)
+        isinstance(data, TextRecords) and data.labels is not None and handle.tokenizer is not None
+    )
     if labelled and handle.task != "causal-lm":
         logits = classify(handle, data)
         y = labels_of(data)
         if logits.ndim != 2 or logits.shape[0] != len(y):
-            raise LeanmlError(f"model {handle.name!r} gives outputs of shape {tuple(logits.shape)}; "
-                              f"accuracy needs (items, classes) for {len(y)} items")
+            raise LeanmlError(
+                f"model {handle.name!r} gives outputs of shape {tuple(logits.shape)}; "
+                f"accuracy needs (items, classes) for {len(y)} items"
+            )
         acc = float((logits.argmax(-1) == y).float().mean())
         return {"metric": "accuracy", "value": acc, "higher_is_better": True, "n_items": len(y)}
     return None

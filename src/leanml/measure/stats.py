@@ -23,6 +23,11 @@ def summarize(samples: list[float]) -> dict:
     mean = sum(samples) / n
     var = sum((x - mean) ** 2 for x in samples) / (n - 1) if n > 1 else 0.0
     return {
-        "p50": percentile(samples, 50), "p95": percentile(samples, 95), "mean": mean,
-        "std": math.sqrt(var), "min": min(samples), "max": max(samples), "n": n,
+        "p50": percentile(samples, 50),
+        "p95": percentile(samples, 95),
+        "mean": mean,
+        "std": math.sqrt(var),
+        "min": min(samples),
+        "max": max(samples),
+        "n": n,
     }

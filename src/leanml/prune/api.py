@@ -58,7 +58,10 @@ def _report(handle: ModelHandle, masks: dict[str, torch.Tensor], extra: dict) ->
     total = sum(mk.numel() for mk in masks.values())
     removed = sum(mk.numel() - int(mk.sum()) for mk in masks.values())
     handle.meta.setdefault("reports", {})["prune.json"] = {
-        **extra, "overall_sparsity": removed / max(1, total), "layers": per_layer}
+        **extra,
+        "overall_sparsity": removed / max(1, total),
+        "layers": per_layer,
+    }
 
 
 def _install(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,8 +81,10 @@ def _check_nm_widths(model: torch.nn.Module, names: list[str], m: int | None) ->
     for name in names:
         width = get_module(model, name).in_features
         if width % m:
-            raise LeanmlError(f"N:M pattern needs the inputs of every targeted layer to be a multiple of {m}; "
-                              f"layer {name!r} has {width}; exclude it with ignore or use another m")
+            raise LeanmlError(
+                f"N:M pattern needs the inputs of every targeted layer to be a multiple of {m}; "
+                f"layer {name!r} has {width}; exclude it with ignore or use another m"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,16 +111,23 @@ def apply_prune(handle: ModelHandle, cfg: Prune, data=None) -> ModelHandle:
             _zero(model, masks)
         elif cfg.method == "wanda" and comparison == "global":
             norms = wanda_input_norms(model, names, batches)
-            scores = {n: wanda(get_module(model, n).weight, norms[n].to(get_module(model, n).weight.device))
-                      for n in names}
+            scores = {n: wanda(get_module(model, n).weight, norms[n].to(get_module(model, n).weight.device)) for n in names}
             masks = select_masks(scores, comparison, sparsity, cfg.n, cfg.m)
             _zero(model, masks)
         else:
             sparsities = owl_allocation(model, names, batches, cfg) if cfg.allocation == "owl" else None
             masks = prune_sequential(model, names, batches, cfg, sparsities)
     masks = _install(model, masks)
-    _report(handle, masks, {"method": cfg.method, "pattern": f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured",
-                            "comparison": comparison, "target_sparsity": sparsity})
+    _report(
+        handle,
+        masks,
+        {
+            "method": cfg.method,
+            "pattern": f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured",
+            "comparison": comparison,
+            "target_sparsity": sparsity,
+        },
+    )
     _mark(handle, cfg)
     return handle
 
@@ -131,8 +143,9 @@ class _StopForward(Exception):
     """Raised by a hook once every wanted linear has seen its input."""
 
 
-def _sum_squares(module: torch.nn.Module, calls: list, linears: dict[str, torch.nn.Linear],
-                 names: list[str]) -> dict[str, torch.Tensor]:
+def _sum_squares(
+    module: torch.nn.Module, calls: list, linears: dict[str, torch.nn.Linear], names: list[str]
+) -> dict[str, torch.Tensor]:
     """``sum over tokens of x_j²`` per input feature of each named linear, running ``module`` on ``calls``
     (each forward ends as soon as every named linear has been called)."""
     sums: dict[str, torch.Tensor] = {}
@@ -190,8 +203,9 @@ def owl_allocation(model: torch.nn.Module, names: list[str], batches: list, cfg:
     return owl_sparsities(ratios, sizes, cfg.target_sparsity, cfg.owl_lambda)
 
 
-def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cfg: Prune,
-                     sparsities: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+def prune_sequential(
+    model: torch.nn.Module, names: list[str], batches: list, cfg: Prune, sparsities: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
     """Wanda (layer/row/N:M) or SparseGPT, block by block and stage by stage (errors fed forward);
     the weights are zeroed (and, for SparseGPT, updated) in place. ``sparsities``: per-layer targets
     (default: ``cfg.target_sparsity`` everywhere). Returns the keep-masks."""
@@ -203,8 +217,7 @@ def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cf
         for stage in ctx.stages:
             if cfg.method == "wanda":
                 sums = _sum_squares(ctx.module, ctx.calls, ctx.linears, stage)
-                scores = {n: wanda(ctx.linears[n].weight, sums[n].sqrt().to(ctx.linears[n].weight.device))
-                          for n in stage}
+                scores = {n: wanda(ctx.linears[n].weight, sums[n].sqrt().to(ctx.linears[n].weight.device)) for n in stage}
                 if sparsities is None:
                     stage_masks = select_masks(scores, cfg.comparison, cfg.target_sparsity, cfg.n, cfg.m)
                 else:
@@ -224,15 +237,29 @@ def prune_sequential(model: torch.nn.Module, names: list[str], batches: list, cf
                     weight = lin.weight.detach()
                     if xtd is not None:
                         weight = dense_target_weight(weight, hessians[name], xtd, cfg.damp)
-                    res = sparsegpt_prune(weight, hessians[name], None if nm else target[name],
-                                          cfg.n, cfg.m, block_size=cfg.block_size, damp=cfg.damp)
+                    res = sparsegpt_prune(
+                        weight,
+                        hessians[name],
+                        None if nm else target[name],
+                        cfg.n,
+                        cfg.m,
+                        block_size=cfg.block_size,
+                        damp=cfg.damp,
+                    )
                     with torch.no_grad():
                         lin.weight.copy_(res.weight.to(lin.weight.device, lin.weight.dtype))
                     stage_masks[name] = res.mask
             masks.update(stage_masks)
 
-    run_sequential(model, batches, names, process, label=cfg.method, outlier_factor=cfg.outlier_factor,
-                   dense_inputs=cfg.method == "sparsegpt" and cfg.dense_targets)
+    run_sequential(
+        model,
+        batches,
+        names,
+        process,
+        label=cfg.method,
+        outlier_factor=cfg.outlier_factor,
+        dense_inputs=cfg.method == "sparsegpt" and cfg.dense_targets,
+    )
     return masks
 
 
@@ -334,14 +361,24 @@ def apply_gradual_prune(handle: ModelHandle, cfg: GradualPrune, data=None) -> Mo
     batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
     masks, history = gradual_prune(handle, names, batches, cfg)
     masks = _install(model, masks)
-    _report(handle, masks, {"method": cfg.method, "pattern": "unstructured", "comparison": cfg.scope,
-                            "target_sparsity": cfg.final_sparsity, **history})
+    _report(
+        handle,
+        masks,
+        {
+            "method": cfg.method,
+            "pattern": "unstructured",
+            "comparison": cfg.scope,
+            "target_sparsity": cfg.final_sparsity,
+            **history,
+        },
+    )
     _mark(handle, cfg)
     return handle
 
 
-def gradual_prune(handle: ModelHandle, names: list[str], batches: list, cfg: GradualPrune
-                  ) -> tuple[dict[str, torch.Tensor], dict]:
+def gradual_prune(
+    handle: ModelHandle, names: list[str], batches: list, cfg: GradualPrune
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Run the schedule; returns the final keep-masks and ``{"schedule": [...], "losses": [...]}``."""
     torch.manual_seed(cfg.seed)
     model = handle.module
@@ -420,7 +457,8 @@ def prune(handle: ModelHandle, config: TechniqueConfig, data=None) -> ModelHandl
     from ..registry import handler_for
 
     if not isinstance(config, (Prune, GradualPrune, StructuredPrune)):
-        raise LeanmlError(f"leanml.prune takes a prune, gradual-prune or prune-structured config, got "
-                          f"{getattr(config, 'kind', config)!r}")
+        raise LeanmlError(
+            f"leanml.prune takes a prune, gradual-prune or prune-structured config, got {getattr(config, 'kind', config)!r}"
+        )
     data = load_data(data) if data is not None else None
     return handler_for(config)(handle, config, data)

@@ -104,16 +104,17 @@ class Prune(_LeanmlConfig):
     @model_validator(mode="after")
     def _consistent(self):
         if self.pattern not in ("unstructured", "n:m"):
-            raise ValueError(f"pattern {self.pattern!r} is not accepted; use 'unstructured', 'n:m' (with n and m) "
-                             "or e.g. '2:4'")
+            raise ValueError(f"pattern {self.pattern!r} is not accepted; use 'unstructured', 'n:m' (with n and m) or e.g. '2:4'")
         if self.pattern == "n:m":
             if self.n is None or self.m is None:
                 raise ValueError("pattern 'n:m' needs integers n and m (e.g. n: 2, m: 4)")
             if self.n >= self.m:
                 raise ValueError(f"N:M pattern {self.n}:{self.m} needs n < m (keep n of every m, e.g. 2:4)")
             if self.sparsity is not None and abs(self.sparsity - (1 - self.n / self.m)) > 1e-9:
-                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.n}:{self.m} "
-                                 f"(which removes {1 - self.n / self.m:g}); leave sparsity out")
+                raise ValueError(
+                    f"sparsity {self.sparsity} contradicts pattern {self.n}:{self.m} "
+                    f"(which removes {1 - self.n / self.m:g}); leave sparsity out"
+                )
             if self.scope not in (None, "layer"):
                 raise ValueError(f"scope {self.scope!r} does not apply to an N:M pattern (its groups are fixed)")
         elif self.n is not None or self.m is not None:

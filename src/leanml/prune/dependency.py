@@ -130,23 +130,117 @@ class _Chan:
 
 
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 _PASS_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d,
-    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.sigmoid,
-    F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.abs, torch.exp, torch.neg, operator.neg, operator.pos,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.sigmoid,
+    F.tanh,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.abs,
+    torch.exp,
+    torch.neg,
+    operator.neg,
+    operator.pos,
 }
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "exp", "neg", "contiguous",
-                 "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as"}
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-           operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+_PASS_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "abs",
+    "exp",
+    "neg",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+}
+_BINARY = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _RESHAPE = {torch.flatten, torch.reshape, torch.unsqueeze}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "unsqueeze"}
@@ -197,8 +291,10 @@ def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means the model is out of reach
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LeanmlError(f"model {name} cannot be traced by torch.fx ({first[:160]}); structured pruning of "
-                          "filters/neurons needs a traceable nn.Module (no data-dependent control flow)") from None
+        raise LeanmlError(
+            f"model {name} cannot be traced by torch.fx ({first[:160]}); structured pruning of "
+            "filters/neurons needs a traceable nn.Module (no data-dependent control flow)"
+        ) from None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if isinstance(example_inputs, dict):
         args = [example_inputs.get(p.target, p.args[0] if p.args else None) for p in placeholders]
@@ -217,8 +313,9 @@ def trace(model: nn.Module, example_inputs) -> fx.GraphModule:
             ShapeProp(gm).propagate(*args)
     except Exception as exc:  # noqa: BLE001 - the inputs do not fit the model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LeanmlError(f"model {name} does not run on its example inputs ({first[:160]}); pass calibration "
-                          "data that fits it") from None
+        raise LeanmlError(
+            f"model {name} does not run on its example inputs ({first[:160]}); pass calibration data that fits it"
+        ) from None
     finally:
         model.train(was_training)
     return gm
@@ -359,8 +456,13 @@ class _Analysis:
         if len(operands) == 2 and shape is not None:
             (a, b), sa, sb = operands, _shape(operands[0]), _shape(operands[1])
             ca, cb = self.chan(a), self.chan(b)
-            if (ca is not None and cb is not None and len(sa) == len(sb) == len(shape) and ca.dim == cb.dim
-                    and ca.chunk == cb.chunk):
+            if (
+                ca is not None
+                and cb is not None
+                and len(sa) == len(sb) == len(shape)
+                and ca.dim == cb.dim
+                and ca.chunk == cb.chunk
+            ):
                 d = ca.dim
                 if sa[d] == sb[d]:  # a residual sum, a gate: the same channels on both sides
                     self.env[node] = _Chan(self.classes.union(ca.cls, cb.cls), d, ca.chunk)
@@ -378,10 +480,10 @@ class _Analysis:
             self.opaque(node, f"{label} reshapes them")
             return
         d = c.dim
-        if shape == src or (shape[:len(src)] == src and all(n == 1 for n in shape[len(src):])):
+        if shape == src or (shape[: len(src)] == src and all(n == 1 for n in shape[len(src) :])):
             self.env[node] = c  # unchanged, or trailing axes of size 1 added (a gate shaped (B, C, 1, 1))
         elif len(shape) == d + 1 and shape[:d] == src[:d] and shape[d] == prod(src[d:]):
-            self.env[node] = _Chan(c.cls, d, c.chunk * prod(src[d + 1:]))
+            self.env[node] = _Chan(c.cls, d, c.chunk * prod(src[d + 1 :]))
         else:
             self.opaque(node, f"{label} reshapes them")
 

@@ -94,26 +94,40 @@ def training_batches(handle: ModelHandle, data, batch_size: int, window: int, se
             raise LeanmlError(f"fine-tuning causal LM {handle.name!r} needs running text, not {type(data).__name__}")
         wins = [w for w in data.windows(handle.tokenizer, "train", window) if len(w) == window]
         if len(wins) < batch_size:
-            raise LeanmlError(f"data {data.name!r} has {len(wins)} training windows of {window} tokens, fewer than "
-                              f"one batch of {batch_size}")
+            raise LeanmlError(
+                f"data {data.name!r} has {len(wins)} training windows of {window} tokens, fewer than one batch of {batch_size}"
+            )
         order = torch.randperm(len(wins), generator=gen).tolist()
-        return [{"input_ids": torch.stack([wins[j] for j in order[i:i + batch_size]])}
-                for i in range(0, len(order) - batch_size + 1, batch_size)]
+        return [
+            {"input_ids": torch.stack([wins[j] for j in order[i : i + batch_size]])}
+            for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
     if isinstance(data, TensorData):
         x, y = data.tensors("calib")
         if len(x) < batch_size:
             raise LeanmlError(f"data {data.name!r} has {len(x)} training items, fewer than one batch of {batch_size}")
         order = torch.randperm(len(x), generator=gen)
-        return [(x[order[i:i + batch_size]], None if y is None else y[order[i:i + batch_size]])
-                for i in range(0, len(x) - batch_size + 1, batch_size)]
+        return [
+            (x[order[i : i + batch_size]], None if y is None else y[order[i : i + batch_size]])
+            for i in range(0, len(x) - batch_size + 1, batch_size)
+        ]
     if handle.tokenizer is not None and hasattr(data, "documents"):
         docs = data.documents("calib")
         if len(docs) < batch_size:
             raise LeanmlError(f"data {data.name!r} has {len(docs)} training texts, fewer than one batch of {batch_size}")
         order = torch.randperm(len(docs), generator=gen).tolist()
-        return [dict(handle.tokenizer([docs[j] for j in order[i:i + batch_size]], padding=True, truncation=True,
-                                      max_length=min(handle.max_length, window), return_tensors="pt"))
-                for i in range(0, len(order) - batch_size + 1, batch_size)]
+        return [
+            dict(
+                handle.tokenizer(
+                    [docs[j] for j in order[i : i + batch_size]],
+                    padding=True,
+                    truncation=True,
+                    max_length=min(handle.max_length, window),
+                    return_tensors="pt",
+                )
+            )
+            for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
     raise LeanmlError(f"cannot build training batches for model {handle.name!r} from data {data.name!r}")
 
 
@@ -178,8 +192,9 @@ def finetune(handle: ModelHandle, cfg: Finetune, data=None, teacher: torch.nn.Mo
         raise LeanmlError(f"model {handle.name!r} is not a torch module; fine-tune before exporting to a runtime")
     teacher = teacher if teacher is not None else handle.meta.get(TEACHER_KEY)
     if cfg.needs_teacher and teacher is None:
-        raise LeanmlError(f"loss {cfg.loss!r} needs the original model: use it in a recipe after a pruning step, "
-                          "or pass teacher=")
+        raise LeanmlError(
+            f"loss {cfg.loss!r} needs the original model: use it in a recipe after a pruning step, or pass teacher="
+        )
     params = [p for p in model.parameters() if p.is_floating_point()]
     if not params:
         raise LeanmlError(f"model {handle.name!r} has no float parameters to fine-tune")
@@ -226,8 +241,14 @@ def finetune(handle: ModelHandle, cfg: Finetune, data=None, teacher: torch.nn.Mo
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return {"steps": cfg.steps, "loss": cfg.loss, "losses": losses, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "steps": cfg.steps,
+        "loss": cfg.loss,
+        "losses": losses,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 @register(Finetune)
@@ -248,5 +269,14 @@ def snapshot_teacher(module: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-__all__ = ["Finetune", "TEACHER_KEY", "distill_loss", "finetune", "hidden_state_loss", "kd_kl", "lr_factor",
-           "snapshot_teacher", "training_batches"]
+__all__ = [
+    "Finetune",
+    "TEACHER_KEY",
+    "distill_loss",
+    "finetune",
+    "hidden_state_loss",
+    "kd_kl",
+    "lr_factor",
+    "snapshot_teacher",
+    "training_batches",
+]

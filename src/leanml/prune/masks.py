@@ -150,8 +150,13 @@ def cubic_schedule(step: int, total: int, final_sparsity: float, initial: float 
     return s_f + (s_i - s_f) * (1.0 - t / total) ** 3
 
 
-def select_masks(scores_by_layer: Mapping[str, torch.Tensor], comparison: str, sparsity: float | None = None,
-                 n: int | None = None, m: int | None = None) -> dict[str, torch.Tensor]:
+def select_masks(
+    scores_by_layer: Mapping[str, torch.Tensor],
+    comparison: str,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Keep-masks for every layer by ``comparison``: ``layer`` (:func:`unstructured_mask`), ``row``
     (:func:`row_mask`), ``global`` (:func:`global_masks`) or ``nm`` (:func:`nm_mask` with ``n``/``m``)."""
     if comparison == "nm":

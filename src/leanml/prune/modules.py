@@ -48,8 +48,9 @@ class SparseLinear(torch.nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.register_buffer("weight_mask", torch.ones(out_features, in_features, dtype=torch.bool,
-                                                       device=self.weight.device), persistent=False)
+        self.register_buffer(
+            "weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=self.weight.device), persistent=False
+        )
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, mask: torch.Tensor) -> SparseLinear:
@@ -58,8 +59,10 @@ class SparseLinear(torch.nn.Linear):
         if not isinstance(linear, torch.nn.Linear):
             raise LeanmlError(f"only linear layers can become SparseLinear, got {type(linear).__name__}")
         if tuple(mask.shape) != tuple(linear.weight.shape) or mask.dtype != torch.bool:
-            raise LeanmlError(f"mask of shape {tuple(mask.shape)} ({mask.dtype}) does not fit weight "
-                              f"{tuple(linear.weight.shape)}; pass a bool keep-mask")
+            raise LeanmlError(
+                f"mask of shape {tuple(mask.shape)} ({mask.dtype}) does not fit weight "
+                f"{tuple(linear.weight.shape)}; pass a bool keep-mask"
+            )
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
@@ -89,8 +92,7 @@ class SparseLinear(torch.nn.Linear):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         shape = (self.out_features, self.in_features)
         bits_key, values_key, weight_key = prefix + "mask_bits", prefix + "values", prefix + "weight"
         with torch.no_grad():
@@ -111,8 +113,9 @@ class SparseLinear(torch.nn.Linear):
             elif weight_key in state_dict:
                 weight = state_dict[weight_key]
                 if tuple(weight.shape) != shape:
-                    error_msgs.append(f"size mismatch for {weight_key}: {tuple(weight.shape)} in the checkpoint, "
-                                      f"{shape} in the model")
+                    error_msgs.append(
+                        f"size mismatch for {weight_key}: {tuple(weight.shape)} in the checkpoint, {shape} in the model"
+                    )
                 else:
                     self.weight.copy_(weight)
                     self.weight_mask = (weight != 0).to(self.weight.device)
@@ -123,14 +126,16 @@ class SparseLinear(torch.nn.Linear):
                 if bias_key not in state_dict:
                     missing_keys.append(bias_key)
                 elif tuple(state_dict[bias_key].shape) != tuple(self.bias.shape):
-                    error_msgs.append(f"size mismatch for {bias_key}: {tuple(state_dict[bias_key].shape)} in the "
-                                      f"checkpoint, {tuple(self.bias.shape)} in the model")
+                    error_msgs.append(
+                        f"size mismatch for {bias_key}: {tuple(state_dict[bias_key].shape)} in the "
+                        f"checkpoint, {tuple(self.bias.shape)} in the model"
+                    )
                 else:
                     self.bias.copy_(state_dict[bias_key])
         if strict:
             stored = self._STORED if self.bias is not None else self._STORED[:-1]
             for key in state_dict:
-                if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in stored:
+                if key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] not in stored:
                     unexpected_keys.append(key)
 
     def stored_nbytes(self) -> int:
@@ -140,8 +145,7 @@ class SparseLinear(torch.nn.Linear):
         return (self.weight_mask.numel() + 7) // 8 + kept * self.weight.element_size() + bias
 
     def to_spec(self) -> dict:
-        return {"type": "SparseLinear", "in": self.in_features, "out": self.out_features,
-                "bias": self.bias is not None}
+        return {"type": "SparseLinear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None}
 
     @classmethod
     def from_spec(cls, s: dict) -> SparseLinear:

@@ -128,5 +128,5 @@ def sparsegpt_prune(
 
 def layer_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: ``||WX - ŴX||²_F`` when ``H = XᵀX`` (X rows are tokens)."""
-    D = (W.detach().to(torch.float64) - W_hat.detach().to(torch.float64))
+    D = W.detach().to(torch.float64) - W_hat.detach().to(torch.float64)
     return float(((D @ H.detach().to(D.device, torch.float64)) * D).sum())

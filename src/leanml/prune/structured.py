@@ -52,8 +52,10 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         raise LeanmlError(f"structured pruning needs an eager PyTorch model; {handle.name!r} runs on {handle.runtime}")
     layout = detect_layout(model)
     if cfg.unit in ("heads", "layers") and layout is None:
-        raise LeanmlError(f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
-                          "llama-style or BERT-style transformers; use unit 'filters' or 'neurons'")
+        raise LeanmlError(
+            f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
+            "llama-style or BERT-style transformers; use unit 'filters' or 'neurons'"
+        )
     if cfg.unit == "filters" and layout is not None:
         raise LeanmlError(f"unit 'filters' does not apply to transformer {handle.name!r}; use neurons, heads or layers")
     before = count_params(model)
@@ -67,9 +69,16 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         details = prune_layers(handle, layout, cfg, data)
     after = count_params(model)
     handle.meta.setdefault("reports", {})["prune.json"] = {
-        "method": "structured", "unit": cfg.unit, "criterion": cfg.criterion, "ratio": cfg.ratio,
-        "params_before": before, "params_after": after, "params_removed": before - after,
-        "params_fraction_removed": (before - after) / max(1, before), **details}
+        "method": "structured",
+        "unit": cfg.unit,
+        "criterion": cfg.criterion,
+        "ratio": cfg.ratio,
+        "params_before": before,
+        "params_after": after,
+        "params_removed": before - after,
+        "params_fraction_removed": (before - after) / max(1, before),
+        **details,
+    }
     _mark(handle, cfg)
     return handle
 
@@ -136,6 +145,7 @@ def _input_means(handle: ModelHandle, batches: list, readers: dict[str, int]) ->
     def pre(name: str) -> Callable:
         def hook(_mod, args, kwargs):
             acc[name].update(args[0] if args else next(iter(kwargs.values())))
+
         return hook
 
     hooks = [get_module(handle.module, n).register_forward_pre_hook(pre(n), with_kwargs=True) for n in readers]
@@ -150,6 +160,7 @@ def _output_means(handle: ModelHandle, batches: list, producers: dict[str, int])
     def post(name: str) -> Callable:
         def hook(_mod, _args, out):
             acc[name].update(out)
+
         return hook
 
     hooks = [get_module(handle.module, n).register_forward_hook(post(n)) for n in producers]
@@ -157,8 +168,9 @@ def _output_means(handle: ModelHandle, batches: list, producers: dict[str, int])
     return {n: a.value() for n, a in acc.items()}
 
 
-def _weight_unit_scores(handle: ModelHandle, criterion: str, slices: dict[str, list[tuple[str, int]]],
-                        n_units: dict[str, int], batches: list | None) -> dict[str, torch.Tensor]:
+def _weight_unit_scores(
+    handle: ModelHandle, criterion: str, slices: dict[str, list[tuple[str, int]]], n_units: dict[str, int], batches: list | None
+) -> dict[str, torch.Tensor]:
     """Unit scores of each key of ``slices`` (a list of ``(layer, axis)`` weight slices) by l1, l2 or
     Taylor; the Taylor gradients of every layer come from one backward pass per batch."""
     model = handle.module
@@ -167,8 +179,9 @@ def _weight_unit_scores(handle: ModelHandle, criterion: str, slices: dict[str, l
         per_weight = gradient_scores(handle, layers, batches, "taylor")
         return {k: unit_taylor([(per_weight[n], ax) for n, ax in pairs], n_units[k]) for k, pairs in slices.items()}
     p = 1 if criterion == "l1" else 2
-    return {k: unit_magnitude([(get_module(model, n).weight, ax) for n, ax in pairs], n_units[k], p)
-            for k, pairs in slices.items()}
+    return {
+        k: unit_magnitude([(get_module(model, n).weight, ax) for n, ax in pairs], n_units[k], p) for k, pairs in slices.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,8 +202,9 @@ def _group_slices(model: nn.Module, g: ChannelGroup) -> list[tuple[str, int]]:
     return out
 
 
-def _plan_groups(handle: ModelHandle, cfg: StructuredPrune, groups: list[ChannelGroup], producer_types: tuple
-                 ) -> tuple[list[ChannelGroup], list[dict]]:
+def _plan_groups(
+    handle: ModelHandle, cfg: StructuredPrune, groups: list[ChannelGroup], producer_types: tuple
+) -> tuple[list[ChannelGroup], list[dict]]:
     """The groups to prune, and the targeted ones left whole with the reason.
 
     A group is this unit's when one of its producers is a layer of ``producer_types`` chosen by
@@ -243,14 +257,16 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
         counts.append(units_to_remove(cfg.ratio, g.channels, f"layer {g.producers[0]!r}{others}"))
     keys = [str(i) for i in range(len(plan))]
     if cfg.criterion == "activation":
-        readers = {m.layer: (1 if isinstance(get_module(model, m.layer), CONV) else -1)
-                   for g in plan for m in g.consumers}
-        producers = {p: (1 if isinstance(get_module(model, p), CONV) else -1)
-                     for g in plan if not g.consumers for p in g.producers}
+        readers = {m.layer: (1 if isinstance(get_module(model, m.layer), CONV) else -1) for g in plan for m in g.consumers}
+        producers = {
+            p: (1 if isinstance(get_module(model, p), CONV) else -1) for g in plan if not g.consumers for p in g.producers
+        }
         read = _input_means(handle, batches, readers)
         made = _output_means(handle, batches, producers) if producers else {}
-        scores = {k: unit_activation([read[m.layer] for m in g.consumers] or [made[p] for p in g.producers],
-                                     g.channels) for k, g in zip(keys, plan, strict=True)}
+        scores = {
+            k: unit_activation([read[m.layer] for m in g.consumers] or [made[p] for p in g.producers], g.channels)
+            for k, g in zip(keys, plan, strict=True)
+        }
     else:
         slices = {k: _group_slices(model, g) for k, g in zip(keys, plan, strict=True)}
         sizes = {k: g.channels for k, g in zip(keys, plan, strict=True)}
@@ -270,8 +286,15 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
                         keep_channels(mod, kept, m.layer)
             for p in g.producers:
                 layers[p] = {"removed": len(removed), "kept": len(kept)}
-            report_groups.append({"producers": g.producers, "members": [f"{m.layer}:{m.role}" for m in g.members],
-                                  "channels": g.channels, "coupled": g.coupled, "removed_indices": removed})
+            report_groups.append(
+                {
+                    "producers": g.producers,
+                    "members": [f"{m.layer}:{m.role}" for m in g.members],
+                    "channels": g.channels,
+                    "coupled": g.coupled,
+                    "removed_indices": removed,
+                }
+            )
     return {"layers": layers, "groups": report_groups, "skipped": skipped}
 
 
@@ -280,8 +303,7 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_blocks(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
-                  unit_layers: Callable[[Block], list[str]]) -> None:
+def _check_blocks(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, unit_layers: Callable[[Block], list[str]]) -> None:
     """Every block's unit layers are resizable, and targets/ignore select them in every block or in none
     (the config holds one width for all layers)."""
     model = handle.module
@@ -292,8 +314,10 @@ def _check_blocks(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
     for b in layout.blocks:
         missing = [n for n in unit_layers(b) if n not in chosen]
         if missing:
-            raise LeanmlError(f"unit {cfg.unit!r} on a Hugging Face model removes the same units from every layer (the "
-                              f"config holds one width), but targets/ignore leave out {missing[0]!r}; select all layers")
+            raise LeanmlError(
+                f"unit {cfg.unit!r} on a Hugging Face model removes the same units from every layer (the "
+                f"config holds one width), but targets/ignore leave out {missing[0]!r}; select all layers"
+            )
 
 
 def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data=None) -> dict:
@@ -309,8 +333,9 @@ def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
         means = _input_means(handle, batches, {b.ffn_cols: -1 for b in layout.blocks})
         scores = {b.name: unit_activation([means[b.ffn_cols]], n) for b in layout.blocks}
     else:
-        scores = _weight_unit_scores(handle, cfg.criterion, {b.name: ffn_slices(b) for b in layout.blocks},
-                                     dict.fromkeys(keys, n), batches)
+        scores = _weight_unit_scores(
+            handle, cfg.criterion, {b.name: ffn_slices(b) for b in layout.blocks}, dict.fromkeys(keys, n), batches
+        )
     keep, layers = {}, {}
     for b in layout.blocks:
         removed, kept = lowest_units(scores[b.name], k)
@@ -341,8 +366,13 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
         means = _input_means(handle, batches, {b.o: -1 for b in layout.blocks})
         scores = {b.name: unit_activation([means[b.o]], n_units) for b in layout.blocks}
     else:
-        scores = _weight_unit_scores(handle, cfg.criterion, {b.name: head_slices(b, kv_groups) for b in layout.blocks},
-                                     {b.name: n_units for b in layout.blocks}, batches)
+        scores = _weight_unit_scores(
+            handle,
+            cfg.criterion,
+            {b.name: head_slices(b, kv_groups) for b in layout.blocks},
+            {b.name: n_units for b in layout.blocks},
+            batches,
+        )
     keep_q, keep_kv, layers = {}, {}, {}
     rep = layout.rep
     for b in layout.blocks:
@@ -355,19 +385,30 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
             keep_kv[b.index] = list(range(layout.n_kv))
             keep_q[b.index], removed_q = [], []
             for g in range(layout.n_kv):
-                rm, kp = lowest_units(scores[b.name][g * rep:(g + 1) * rep], k)
+                rm, kp = lowest_units(scores[b.name][g * rep : (g + 1) * rep], k)
                 keep_q[b.index] += [g * rep + j for j in kp]
                 removed_q += [g * rep + j for j in rm]
-        layers[b.name] = {"removed": len(removed_q), "kept": len(keep_q[b.index]), "removed_heads": removed_q,
-                          "removed_kv_heads": sorted(set(range(layout.n_kv)) - set(keep_kv[b.index]))}
+        layers[b.name] = {
+            "removed": len(removed_q),
+            "kept": len(keep_q[b.index]),
+            "removed_heads": removed_q,
+            "removed_kv_heads": sorted(set(range(layout.n_kv)) - set(keep_kv[b.index])),
+        }
     if k:
         prune_heads(model, layout, keep_q, keep_kv)
     n_q, n_kv = len(keep_q[layout.blocks[0].index]), len(keep_kv[layout.blocks[0].index])
-    out = {"layers": layers, "heads": n_q, "kv_heads": n_kv, "head_dim": layout.head_dim,
-           "gqa": "kv-groups" if kv_groups else "queries"}
+    out = {
+        "layers": layers,
+        "heads": n_q,
+        "kv_heads": n_kv,
+        "head_dim": layout.head_dim,
+        "gqa": "kv-groups" if kv_groups else "queries",
+    }
     if layout.family == "bert" and k:
-        out["note"] = ("BERT's config cannot describe fewer heads of the same size, so config.num_attention_heads "
-                       f"still says {layout.n_heads}; the layers have {n_q}")
+        out["note"] = (
+            "BERT's config cannot describe fewer heads of the same size, so config.num_attention_heads "
+            f"still says {layout.n_heads}; the layers have {n_q}"
+        )
     return out
 
 
@@ -380,10 +421,12 @@ def _block_influence(handle: ModelHandle, batches: list, blocks: list[Block]) ->
         def hook(_mod, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, (tuple, list)) else out
-            cos = F.cosine_similarity(x.detach().reshape(-1, x.shape[-1]).double(),
-                                      y.detach().reshape(-1, y.shape[-1]).double(), dim=-1)
+            cos = F.cosine_similarity(
+                x.detach().reshape(-1, x.shape[-1]).double(), y.detach().reshape(-1, y.shape[-1]).double(), dim=-1
+            )
             sums[name][0] += float((1 - cos).sum())
             sums[name][1] += cos.numel()
+
         return hook
 
     hooks = [get_module(handle.module, b.name).register_forward_hook(post(b.name), with_kwargs=True) for b in blocks]
@@ -409,8 +452,10 @@ def prune_layers(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data
         influence = _block_influence(handle, batches, cands)
         scores = torch.tensor([influence[b.name] for b in cands], dtype=torch.float64)
     else:
-        linears = {b.name: [f"{b.name}.{n}" for n, m in get_module(model, b.name).named_modules()
-                            if isinstance(m, nn.Linear)] for b in cands}
+        linears = {
+            b.name: [f"{b.name}.{n}" for n, m in get_module(model, b.name).named_modules() if isinstance(m, nn.Linear)]
+            for b in cands
+        }
         slices = {name: [(n, 0) for n in ls] for name, ls in linears.items()}
         per_block = _weight_unit_scores(handle, cfg.criterion, slices, dict.fromkeys(linears, 1), batches)
         scores = torch.cat([per_block[b.name] for b in cands])
@@ -418,6 +463,9 @@ def prune_layers(handle: ModelHandle, layout: Layout, cfg: StructuredPrune, data
     gone = [cands[i] for i in removed]
     if gone:
         drop_layers(model, layout, [b.index for b in gone])
-    return {"removed_layers": [b.name for b in gone], "num_hidden_layers": len(layout.blocks) - len(gone),
-            "scores": {b.name: float(s) for b, s in zip(cands, scores, strict=True)},
-            "layers": {b.name: {"removed": 1} for b in gone}}
+    return {
+        "removed_layers": [b.name for b in gone],
+        "num_hidden_layers": len(layout.blocks) - len(gone),
+        "scores": {b.name: float(s) for b, s in zip(cands, scores, strict=True)},
+        "layers": {b.name: {"removed": 1} for b in gone},
+    }

@@ -41,8 +41,10 @@ def _replace(module: nn.Module, attr: str, data: torch.Tensor) -> None:
 def check_resizable(module: nn.Module, name: str, types: tuple[type, ...]) -> None:
     """A one-line error unless ``module`` is one of ``types`` (the layers the surgery can resize)."""
     if not isinstance(module, types):
-        raise LeanmlError(f"layer {name!r} is a {type(module).__name__}, which structured pruning cannot resize; "
-                          "apply structured pruning before quantization")
+        raise LeanmlError(
+            f"layer {name!r} is a {type(module).__name__}, which structured pruning cannot resize; "
+            "apply structured pruning before quantization"
+        )
 
 
 def _slice(module: nn.Module, axis: int, positions: torch.Tensor, with_bias: bool) -> None:
@@ -89,8 +91,10 @@ def keep_channels(module: nn.Module, idx: Sequence[int], name: str = "") -> None
     positions = expand_index(idx, 1)
     if isinstance(module, CONV):
         if not module.groups == module.in_channels == module.out_channels:
-            raise LeanmlError(f"conv {name!r} is not depthwise (groups={module.groups}, in={module.in_channels}, "
-                              f"out={module.out_channels}); a channel cannot pass through it")
+            raise LeanmlError(
+                f"conv {name!r} is not depthwise (groups={module.groups}, in={module.in_channels}, "
+                f"out={module.out_channels}); a channel cannot pass through it"
+            )
         _slice(module, 0, positions, with_bias=True)
         module.in_channels = module.out_channels = module.groups = module.weight.shape[0]
         return

@@ -84,8 +84,9 @@ def _llama_block(prefix: str, i: int, blk: nn.Module) -> Block | None:
     name = f"{prefix}.{i}"
     rows = tuple(f"{name}.mlp.{n}" for n in ("gate_proj", "up_proj") if _is_linear(mlp, n))
     a = f"{name}.self_attn"
-    return Block(i, name, rows, f"{name}.mlp.down_proj", f"{name}.mlp", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj",
-                 f"{a}.o_proj", a)
+    return Block(
+        i, name, rows, f"{name}.mlp.down_proj", f"{name}.mlp", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.o_proj", a
+    )
 
 
 def _bert_block(prefix: str, i: int, blk: nn.Module) -> Block | None:
@@ -94,13 +95,27 @@ def _bert_block(prefix: str, i: int, blk: nn.Module) -> Block | None:
     inter, out = getattr(blk, "intermediate", None), getattr(blk, "output", None)
     if any(m is None for m in (sa, so, inter, out)):
         return None
-    if not (_is_linear(sa, "query", "key", "value") and _is_linear(so, "dense") and _is_linear(inter, "dense")
-            and _is_linear(out, "dense")):
+    if not (
+        _is_linear(sa, "query", "key", "value")
+        and _is_linear(so, "dense")
+        and _is_linear(inter, "dense")
+        and _is_linear(out, "dense")
+    ):
         return None
     name = f"{prefix}.{i}"
     s = f"{name}.attention.self"
-    return Block(i, name, (f"{name}.intermediate.dense",), f"{name}.output.dense", f"{name}.intermediate",
-                 f"{s}.query", f"{s}.key", f"{s}.value", f"{name}.attention.output.dense", s)
+    return Block(
+        i,
+        name,
+        (f"{name}.intermediate.dense",),
+        f"{name}.output.dense",
+        f"{name}.intermediate",
+        f"{s}.query",
+        f"{s}.key",
+        f"{s}.value",
+        f"{name}.attention.output.dense",
+        s,
+    )
 
 
 def hf_config(model: nn.Module):
@@ -136,8 +151,10 @@ def _geometry(model: nn.Module, family: str, prefix: str, blocks: tuple[Block, .
         inter = model.get_submodule(b.ffn_cols).weight.shape[1]
         widths.add((head_dim, q // head_dim, k // head_dim, inter))
     if len(widths) != 1:
-        raise LeanmlError(f"the layers of {prefix!r} have different widths {sorted(widths)[:2]}; structured pruning of a "
-                          "Hugging Face model keeps every layer alike, so it cannot continue from a non-uniform model")
+        raise LeanmlError(
+            f"the layers of {prefix!r} have different widths {sorted(widths)[:2]}; structured pruning of a "
+            "Hugging Face model keeps every layer alike, so it cannot continue from a non-uniform model"
+        )
     head_dim, n_heads, n_kv, inter = widths.pop()
     if n_kv < 1 or n_heads % n_kv:
         raise LeanmlError(f"{n_heads} query heads do not split evenly over {n_kv} key/value heads")
@@ -218,8 +235,13 @@ def prune_heads(model: nn.Module, layout: Layout, keep_q: dict[int, list[int]], 
             keep_rows(model.get_submodule(b.k), kv_heads, hd, b.k)
             keep_rows(model.get_submodule(b.v), kv_heads, hd, b.v)
         attn = model.get_submodule(b.attn)
-        for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv),
-                            ("num_key_value_groups", n_q // n_kv), ("all_head_size", n_q * hd)):
+        for attr, value in (
+            ("num_heads", n_q),
+            ("num_attention_heads", n_q),
+            ("num_key_value_heads", n_kv),
+            ("num_key_value_groups", n_q // n_kv),
+            ("all_head_size", n_q * hd),
+        ):
             if isinstance(getattr(attn, attr, None), int):
                 setattr(attn, attr, value)
     config = hf_config(model)

@@ -85,8 +85,9 @@ def units_to_remove(ratio: float, n_units: int, what: str) -> int:
     """``round_half_up(ratio * n_units)``; a ratio that would remove every unit of ``what`` is an error."""
     k = n_removed(ratio, n_units)
     if k >= n_units:
-        raise LeanmlError(f"ratio {ratio} would remove all {n_units} units of {what}; use a smaller ratio or leave it "
-                          "out with ignore")
+        raise LeanmlError(
+            f"ratio {ratio} would remove all {n_units} units of {what}; use a smaller ratio or leave it out with ignore"
+        )
     return k
 
 

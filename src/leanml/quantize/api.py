@@ -49,15 +49,25 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         results = {}
         for name in progress(names, f"RTN w{cfg.bits}"):
             layer = get_module(model, name)
-            results[name] = rtn_quantize_weight(layer.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric,
-                                                mse_clip=cfg.mse_clip)
+            results[name] = rtn_quantize_weight(
+                layer.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, mse_clip=cfg.mse_clip
+            )
     else:
         from .weight_only import WeightQuantSpec, quantize_weights
 
-        spec = WeightQuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, method=cfg.method,
-                               act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
-                               mse_clip=cfg.mse_clip, outlier_factor=cfg.outlier_factor, awq_grid=cfg.awq_grid,
-                               refine_scales=cfg.refine_scales)
+        spec = WeightQuantSpec(
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            symmetric=cfg.symmetric,
+            method=cfg.method,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+            damp=cfg.damp,
+            mse_clip=cfg.mse_clip,
+            outlier_factor=cfg.outlier_factor,
+            awq_grid=cfg.awq_grid,
+            refine_scales=cfg.refine_scales,
+        )
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
         results = quantize_weights(model, batches, spec, names)
     for name, qw in results.items():
@@ -96,8 +106,10 @@ def _check_groups(model: torch.nn.Module, names: list[str], group_size: int | No
     for name in names:
         layer = get_module(model, name)
         if group_size is not None and layer.in_features % group_size:
-            raise LeanmlError(f"group_size {group_size} does not divide the {layer.in_features} inputs of "
-                              f"layer {name!r}; choose a divisor or group_size: null (per channel)")
+            raise LeanmlError(
+                f"group_size {group_size} does not divide the {layer.in_features} inputs of "
+                f"layer {name!r}; choose a divisor or group_size: null (per channel)"
+            )
 
 
 @register(MixedPrecision)
@@ -112,13 +124,18 @@ def apply_mixed_precision(handle: ModelHandle, cfg: MixedPrecision, data=None) -
     choice = allocate_bits(table, sizes, cfg.avg_bits)
     for bits in sorted({b for b in choice.values() if b < FLOAT_BITS}):
         members = [n for n in names if choice[n] == bits]
-        step = WeightOnly(bits=bits, group_size=cfg.group_size, method=cfg.method, targets=members, ignore=[],
-                          calib_windows=cfg.calib_windows)
+        step = WeightOnly(
+            bits=bits, group_size=cfg.group_size, method=cfg.method, targets=members, ignore=[], calib_windows=cfg.calib_windows
+        )
         apply_weight_only(handle, step, data)
         handle.meta["applied"].pop()  # recorded once below, as the mixed-precision step
     achieved = sum(storage_bits(choice[n]) * sizes[n] for n in names) / sum(sizes.values())
     handle.meta.setdefault("reports", {})["mixed_precision.json"] = {
-        "avg_bits": achieved, "budget_avg_bits": cfg.avg_bits, "bits": choice, "sensitivity_mean_kl": table}
+        "avg_bits": achieved,
+        "budget_avg_bits": cfg.avg_bits,
+        "bits": choice,
+        "sensitivity_mean_kl": table,
+    }
     _mark(handle, cfg)
     return handle
 
@@ -159,16 +176,25 @@ def apply_int8_dynamic(handle: ModelHandle, cfg: Int8Dynamic, data=None) -> Mode
 
 
 def make_observer(kind: str, percentile: float = 99.99):
-    return {"minmax": MinMaxObserver, "ema": MovingAverageMinMaxObserver, "mse": MSEObserver, "kl": KLObserver,
-            "percentile": lambda: PercentileObserver(percentile=percentile)}[kind]()
+    return {
+        "minmax": MinMaxObserver,
+        "ema": MovingAverageMinMaxObserver,
+        "mse": MSEObserver,
+        "kl": KLObserver,
+        "percentile": lambda: PercentileObserver(percentile=percentile),
+    }[kind]()
 
 
 @torch.no_grad()
 def observe_inputs(handle: ModelHandle, names: list[str], batches: list, make) -> dict:
     """Run ``batches`` and feed every named layer's input to its own observer."""
     observers = {n: make() for n in names}
-    hooks = [get_module(handle.module, n).register_forward_pre_hook(
-        lambda mod, args, n=n: observers[n].observe(args[0].detach().float())) for n in names]
+    hooks = [
+        get_module(handle.module, n).register_forward_pre_hook(
+            lambda mod, args, n=n: observers[n].observe(args[0].detach().float())
+        )
+        for n in names
+    ]
     try:
         run_batches(handle, list(progress(batches, "calibrating activations")))
     finally:
@@ -216,6 +242,7 @@ def norm_producers(handle: ModelHandle, names: list[str], batch) -> dict[str, st
     for n, m in handle.module.named_modules():
         if "RMSNorm" in type(m).__name__ and hasattr(m, "weight"):
             hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: keep(n, out)))
+
     def record(name: str, args: tuple) -> None:  # a pre-hook must return None to leave the input alone
         producer.setdefault(name, outputs.get(args[0].data_ptr(), ("", None))[0])
 
@@ -260,8 +287,9 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
         observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
     for n in names:
         layer = get_module(model, n)
-        new = Int8ActLinear(layer, "static" if static else "dynamic", per_token=True,
-                            smooth_inv=getattr(layer, "smooth_inv", None))
+        new = Int8ActLinear(
+            layer, "static" if static else "dynamic", per_token=True, smooth_inv=getattr(layer, "smooth_inv", None)
+        )
         if static:
             _set_static_range(new, observers[n], False)
         set_module(model, n, new)

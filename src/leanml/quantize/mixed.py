@@ -52,8 +52,9 @@ def layer_sensitivity(handle, names: list[str], batches: list, candidates: list[
     return table
 
 
-def allocate_bits(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], avg_bits: float,
-                  max_units: int = 200_000) -> dict[str, int]:
+def allocate_bits(
+    sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], avg_bits: float, max_units: int = 200_000
+) -> dict[str, int]:
     """One width per layer minimising Σ sensitivity under Σ storage_bits·size ≤ avg_bits·Σ size.
 
     Solved exactly by dynamic programming over the budget in units of the sizes' greatest common

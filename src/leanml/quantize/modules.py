@@ -23,8 +23,16 @@ from .primitives import qrange
 class QuantLinear(torch.nn.Module):
     """A linear layer whose weight is stored as packed ``bits``-bit codes with per-group scales."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: bool, contiguous_groups: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        contiguous_groups: bool = True,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -82,17 +90,26 @@ class QuantLinear(torch.nn.Module):
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
     def to_spec(self) -> dict:
-        return {"type": "QuantLinear", "in": self.in_features, "out": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "symmetric": self.symmetric, "bias": self.bias is not None,
-                "contiguous_groups": self.g_idx is None}
+        return {
+            "type": "QuantLinear",
+            "in": self.in_features,
+            "out": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "bias": self.bias is not None,
+            "contiguous_groups": self.g_idx is None,
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> QuantLinear:
         return cls(s["in"], s["out"], s["bits"], s["group_size"], s["symmetric"], s["bias"], s["contiguous_groups"])
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-                f"{'sym' if self.symmetric else 'asym'}{'' if self.g_idx is None else ', act-order'}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+            f"{'sym' if self.symmetric else 'asym'}{'' if self.g_idx is None else ', act-order'}"
+        )
 
 
 def quantize_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool) -> torch.Tensor:
@@ -120,8 +137,15 @@ def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Int8Act(torch.nn.Module):
     """Shared parts of int8 weight + int8 activation layers."""
 
-    def _init_int8(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, per_token: bool,
-                   symmetric_act: bool, smooth_inv: torch.Tensor | None = None) -> None:
+    def _init_int8(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mode: str,
+        per_token: bool,
+        symmetric_act: bool,
+        smooth_inv: torch.Tensor | None = None,
+    ) -> None:
         if mode not in ("static", "dynamic"):
             raise ValueError(f"activation mode {mode!r} is not static or dynamic")
         codes, scale = int8_weight(weight)
@@ -168,16 +192,29 @@ class _Int8Act(torch.nn.Module):
 class Int8ActLinear(_Int8Act):
     """int8 weight (per output channel) × int8 activation (static per tensor, or dynamic per token)."""
 
-    def __init__(self, linear: torch.nn.Linear, mode: str = "dynamic", per_token: bool = True,
-                 symmetric_act: bool = False, smooth_inv: torch.Tensor | None = None):
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        mode: str = "dynamic",
+        per_token: bool = True,
+        symmetric_act: bool = False,
+        smooth_inv: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._init_int8(linear.weight, linear.bias, mode, per_token, symmetric_act, smooth_inv)
 
     def to_spec(self) -> dict:
-        return {"type": "Int8ActLinear", "in": self.in_features, "out": self.out_features, "mode": self.mode,
-                "per_token": self.per_token, "symmetric_act": self.symmetric_act, "bias": self.bias is not None,
-                "smooth": self.smooth_inv is not None}
+        return {
+            "type": "Int8ActLinear",
+            "in": self.in_features,
+            "out": self.out_features,
+            "mode": self.mode,
+            "per_token": self.per_token,
+            "symmetric_act": self.symmetric_act,
+            "bias": self.bias is not None,
+            "smooth": self.smooth_inv is not None,
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> Int8ActLinear:
@@ -201,15 +238,29 @@ class Int8ActConv2d(_Int8Act):
         self._init_int8(conv.weight, conv.bias, mode, False, symmetric_act)
 
     def to_spec(self) -> dict:
-        return {"type": "Int8ActConv2d", "in": self.in_channels, "out": self.out_channels,
-                "kernel_size": list(self.kernel_size), "mode": self.mode, "symmetric_act": self.symmetric_act,
-                "bias": self.bias is not None, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.conv_args.items()}}
+        return {
+            "type": "Int8ActConv2d",
+            "in": self.in_channels,
+            "out": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "mode": self.mode,
+            "symmetric_act": self.symmetric_act,
+            "bias": self.bias is not None,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in self.conv_args.items()},
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> Int8ActConv2d:
-        conv = torch.nn.Conv2d(s["in"], s["out"], tuple(s["kernel_size"]), stride=tuple(s["stride"]),
-                               padding=tuple(s["padding"]) if isinstance(s["padding"], list) else s["padding"],
-                               dilation=tuple(s["dilation"]), groups=s["groups"], bias=s["bias"])
+        conv = torch.nn.Conv2d(
+            s["in"],
+            s["out"],
+            tuple(s["kernel_size"]),
+            stride=tuple(s["stride"]),
+            padding=tuple(s["padding"]) if isinstance(s["padding"], list) else s["padding"],
+            dilation=tuple(s["dilation"]),
+            groups=s["groups"],
+            bias=s["bias"],
+        )
         return cls(conv, s["mode"], s["symmetric_act"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,8 +273,15 @@ class Int8ActConv2d(_Int8Act):
 class CodebookLinear(torch.nn.Module):
     """A linear layer whose weight entries are indices into a table of float levels."""
 
-    def __init__(self, linear: torch.nn.Linear, codes: torch.Tensor, codebook: torch.Tensor, bits: int,
-                 method: str, row_scale: torch.Tensor | None = None):
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        codes: torch.Tensor,
+        codebook: torch.Tensor,
+        bits: int,
+        method: str,
+        row_scale: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.method = linear.in_features, linear.out_features, bits, method
         self.register_buffer("qweight", pack_bits(codes.to(torch.int64), bits))
@@ -236,8 +294,13 @@ class CodebookLinear(torch.nn.Module):
         codes = unpack_bits(self.qweight, self.bits, self.in_features * self.out_features).reshape(self.out_features, -1)
         # one table per output row, or one for the whole tensor
         w = torch.gather(self.codebook, 1, codes) if self.codebook.ndim == 2 else self.codebook[codes]
-        return w * (self.row_scale if self.row_scale.ndim == 0 else self.row_scale.reshape(self.out_features, -1)
-                    .repeat_interleave(self.in_features // self.row_scale.reshape(self.out_features, -1).shape[1], 1))
+        return w * (
+            self.row_scale
+            if self.row_scale.ndim == 0
+            else self.row_scale.reshape(self.out_features, -1).repeat_interleave(
+                self.in_features // self.row_scale.reshape(self.out_features, -1).shape[1], 1
+            )
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -253,16 +316,29 @@ class CodebookLinear(torch.nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def to_spec(self) -> dict:
-        return {"type": "CodebookLinear", "in": self.in_features, "out": self.out_features, "bits": self.bits,
-                "method": self.method, "bias": self.bias is not None, "codebook_shape": list(self.codebook.shape),
-                "row_scale_shape": list(self.row_scale.shape)}
+        return {
+            "type": "CodebookLinear",
+            "in": self.in_features,
+            "out": self.out_features,
+            "bits": self.bits,
+            "method": self.method,
+            "bias": self.bias is not None,
+            "codebook_shape": list(self.codebook.shape),
+            "row_scale_shape": list(self.row_scale.shape),
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> CodebookLinear:
         codes = torch.zeros(s["out"], s["in"], dtype=torch.int64)
         scale = torch.ones(s["row_scale_shape"]) if s["row_scale_shape"] else None
-        return cls(torch.nn.Linear(s["in"], s["out"], bias=s["bias"]), codes, torch.zeros(s["codebook_shape"]),
-                   s["bits"], s["method"], scale)
+        return cls(
+            torch.nn.Linear(s["in"], s["out"], bias=s["bias"]),
+            codes,
+            torch.zeros(s["codebook_shape"]),
+            s["bits"],
+            s["method"],
+            scale,
+        )
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method} {self.bits}-bit"
@@ -282,8 +358,13 @@ class CastLinear(torch.nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
     def to_spec(self) -> dict:
-        return {"type": "CastLinear", "in": self.in_features, "out": self.out_features,
-                "dtype": str(self.weight.dtype).removeprefix("torch."), "bias": self.bias is not None}
+        return {
+            "type": "CastLinear",
+            "in": self.in_features,
+            "out": self.out_features,
+            "dtype": str(self.weight.dtype).removeprefix("torch."),
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> CastLinear:
@@ -301,8 +382,10 @@ class QuantEmbedding(torch.nn.Module):
         self.__dict__["_head"] = None  # not a submodule: the head is saved once, where it lives
 
     def bind(self, head: QuantLinear) -> QuantEmbedding:
-        if not isinstance(head, QuantLinear) or (head.out_features, head.in_features) != (self.num_embeddings,
-                                                                                         self.embedding_dim):
+        if not isinstance(head, QuantLinear) or (head.out_features, head.in_features) != (
+            self.num_embeddings,
+            self.embedding_dim,
+        ):
             raise ValueError(f"QuantEmbedding({self.num_embeddings}, {self.embedding_dim}) cannot read its rows from {head!r}")
         self.__dict__["_head"] = head
         return self
@@ -321,8 +404,13 @@ class QuantEmbedding(torch.nn.Module):
         return F.embedding(ids, self.head.weight, self.padding_idx)
 
     def to_spec(self) -> dict:
-        return {"type": "QuantEmbedding", "num": self.num_embeddings, "dim": self.embedding_dim,
-                "tied_to": self.tied_to, "padding_idx": self.padding_idx}
+        return {
+            "type": "QuantEmbedding",
+            "num": self.num_embeddings,
+            "dim": self.embedding_dim,
+            "tied_to": self.tied_to,
+            "padding_idx": self.padding_idx,
+        }
 
     @classmethod
     def from_spec(cls, s: dict) -> QuantEmbedding:
@@ -339,5 +427,4 @@ def bind_embeddings(model: torch.nn.Module) -> None:
             module.bind(model.get_submodule(module.tied_to))
 
 
-LAYER_TYPES = {c.__name__: c for c in (QuantLinear, Int8ActLinear, Int8ActConv2d, CodebookLinear, CastLinear,
-                                       QuantEmbedding)}
+LAYER_TYPES = {c.__name__: c for c in (QuantLinear, Int8ActLinear, Int8ActConv2d, CodebookLinear, CastLinear, QuantEmbedding)}

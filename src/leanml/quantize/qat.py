@@ -37,8 +37,18 @@ class FakeQuantLinear(torch.nn.Module):
         return F.linear(x, self.weight + (w_q - self.weight).detach(), self.bias)
 
 
-def qat_train(handle, names: list[str], batches: list, bits: int, group_size: int | None, symmetric: bool,
-              steps: int, lr: float, distill: bool = True, seed: int = 0) -> list[float]:
+def qat_train(
+    handle,
+    names: list[str],
+    batches: list,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    steps: int,
+    lr: float,
+    distill: bool = True,
+    seed: int = 0,
+) -> list[float]:
     """Replace ``names`` by :class:`FakeQuantLinear`, train ``steps`` steps, return the losses."""
     torch.manual_seed(seed)
     model = handle.module

@@ -114,9 +114,17 @@ class WeightQuantSpec:
 def quantize_one(W: torch.Tensor, H: torch.Tensor | None, spec: WeightQuantSpec) -> QuantizedWeight:
     """RTN or GPTQ of one weight per ``spec`` (``H`` is needed for GPTQ and ``refine_scales``)."""
     if spec.uses_gptq:
-        qw = gptq_quantize_weight(W, H, spec.bits, spec.group_size, spec.symmetric, act_order=spec.act_order,
-                                  damp=spec.damp, static_groups=spec.static_groups if spec.act_order else None,
-                                  mse_clip=spec.mse_clip)
+        qw = gptq_quantize_weight(
+            W,
+            H,
+            spec.bits,
+            spec.group_size,
+            spec.symmetric,
+            act_order=spec.act_order,
+            damp=spec.damp,
+            static_groups=spec.static_groups if spec.act_order else None,
+            mse_clip=spec.mse_clip,
+        )
     else:
         qw = rtn_quantize_weight(W, spec.bits, spec.group_size, spec.symmetric, spec.mse_clip)
     if spec.refine_scales and H is not None:
@@ -269,8 +277,9 @@ def find_producer(block: nn.Module, prefix: str, stage: Sequence[str]) -> Produc
 
 
 @torch.no_grad()
-def fold_scales(model_modules: dict[str, nn.Module], producer: Producer, s_src: torch.Tensor,
-                records: dict[str, QuantizedWeight]) -> torch.Tensor:
+def fold_scales(
+    model_modules: dict[str, nn.Module], producer: Producer, s_src: torch.Tensor, records: dict[str, QuantizedWeight]
+) -> torch.Tensor:
     """Fold ``1/s`` into the producer and ``s`` into every consumer; returns the consumer-side ``s``.
 
     A producer already quantized (in ``records``) gets its row scales divided by ``s``, and its module
@@ -298,8 +307,14 @@ def fold_scales(model_modules: dict[str, nn.Module], producer: Producer, s_src: 
     return s_cons
 
 
-def awq_search(W: torch.Tensor, H: torch.Tensor, m: torch.Tensor, producer: Producer, spec: WeightQuantSpec,
-               quantize_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def awq_search(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    m: torch.Tensor,
+    producer: Producer,
+    spec: WeightQuantSpec,
+    quantize_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Producer-side scales ``awq_scales(reduce(mean|x|), alpha)`` with the alpha of the grid minimising
     ``tr(ΔW H ΔWᵀ)``, ``ΔW = W - Q(W · s) / s`` (``W``: the stage's weights stacked by rows)."""
     Wd, Hd = W.double(), H.double()
@@ -409,14 +424,29 @@ def rotate_llama(model: nn.Module, seed: int = 0) -> None:
     core = getattr(model, "model", None)
     layers = getattr(core, "layers", None)
     lm_head = getattr(model, "lm_head", None)
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-    ok = (isinstance(layers, nn.ModuleList) and isinstance(lm_head, nn.Linear)
-          and isinstance(getattr(core, "embed_tokens", None), nn.Embedding) and getattr(core, "norm", None) is not None
-          and all(_get(layer, n) is not None for layer in layers for n in names))
+    names = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    )
+    ok = (
+        isinstance(layers, nn.ModuleList)
+        and isinstance(lm_head, nn.Linear)
+        and isinstance(getattr(core, "embed_tokens", None), nn.Embedding)
+        and getattr(core, "norm", None) is not None
+        and all(_get(layer, n) is not None for layer in layers for n in names)
+    )
     if not ok:
-        raise LeanmlError(f"rotate=True supports llama-like decoders (model.layers with self_attn/mlp projections "
-                          f"and RMSNorms, lm_head); {type(model).__name__} is not one - use rotate=False")
+        raise LeanmlError(
+            f"rotate=True supports llama-like decoders (model.layers with self_attn/mlp projections "
+            f"and RMSNorms, lm_head); {type(model).__name__} is not one - use rotate=False"
+        )
     hidden = core.embed_tokens.weight.shape[1]
     norms = [core.norm] + [_get(layer, n) for layer in layers for n in ("input_layernorm", "post_attention_layernorm")]
     if not all(_rmsnorm_is_rotation_invariant(nm, hidden) for nm in norms):
@@ -482,8 +512,14 @@ def _check_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Lin
 
 
 @torch.no_grad()
-def _process_stage(ctx: BlockContext, stage: list[str], accs: dict, spec: WeightQuantSpec,
-                   modules: dict[str, nn.Module], records: dict[str, QuantizedWeight]) -> None:
+def _process_stage(
+    ctx: BlockContext,
+    stage: list[str],
+    accs: dict,
+    spec: WeightQuantSpec,
+    modules: dict[str, nn.Module],
+    records: dict[str, QuantizedWeight],
+) -> None:
     acc = accs[stage[0]] if accs else None
     H = None if acc is None else acc.hessian.to(torch.float64)
     if spec.uses_awq and H is not None:
@@ -501,8 +537,9 @@ def _process_stage(ctx: BlockContext, stage: list[str], accs: dict, spec: Weight
         records[name] = qw
 
 
-def quantize_weights(model: nn.Module, calib_windows: Sequence, spec: WeightQuantSpec,
-                     targets: Sequence[str]) -> dict[str, QuantizedWeight]:
+def quantize_weights(
+    model: nn.Module, calib_windows: Sequence, spec: WeightQuantSpec, targets: Sequence[str]
+) -> dict[str, QuantizedWeight]:
     """Quantize the ``targets`` (full ``nn.Linear`` names) of ``model`` in place, block by block, on
     ``calib_windows`` (see the module docstring); returns the QuantizedWeight of every target."""
     if not isinstance(spec, WeightQuantSpec):

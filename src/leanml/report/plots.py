@@ -95,19 +95,33 @@ def tradeoff_png(summary: dict, trials: list[dict], axis: str = "objective") -> 
             members = set(summary.get("pareto") or [])
             front = sorted((p for p in points if p[2].get("number") in members), key=lambda p: p[0])
         if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", c="tab:blue", lw=1.2, alpha=0.7,
-                    label="Pareto front", zorder=2)
+            ax.step(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                where="post",
+                c="tab:blue",
+                lw=1.2,
+                alpha=0.7,
+                label="Pareto front",
+                zorder=2,
+            )
         number = summary.get("chosen")
         chosen = next((p for p in points if number is not None and p[2].get("number") == number), None)
         if chosen:
             ax.scatter([chosen[0]], [chosen[1]], s=160, facecolors="none", edgecolors="black", lw=1.8, label="chosen", zorder=4)
-            ax.annotate(str(chosen[2].get("label") or f"trial {chosen[2].get('number')}"), (chosen[0], chosen[1]),
-                        xytext=(10, 10), textcoords="offset points", fontsize=8,
-                        arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.8})
+            ax.annotate(
+                str(chosen[2].get("label") or f"trial {chosen[2].get('number')}"),
+                (chosen[0], chosen[1]),
+                xytext=(10, 10),
+                textcoords="offset points",
+                fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.8},
+            )
         base_y = quality_of(summary.get("before"))
         if base_x is not None and base_y is not None:
-            ax.scatter([base_x * scale], [base_y], marker="*", s=220, c="gold", edgecolors="black", lw=0.8,
-                       label="original", zorder=5)
+            ax.scatter(
+                [base_x * scale], [base_y], marker="*", s=220, c="gold", edgecolors="black", lw=0.8, label="original", zorder=5
+            )
         threshold = num((summary.get("budget") or {}).get("threshold"))
         if threshold is not None:
             ax.axhline(threshold, ls="--", c="gray", lw=1, label="budget threshold")

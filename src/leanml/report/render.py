@@ -104,10 +104,21 @@ def trials_table(summary: dict, trials: list[dict]) -> tuple[list[str], list[lis
         elif n is not None and n in front:
             status += ", front"
         size = num(t.get("size_bytes"))
-        body.append([str(n if n is not None else "-"), t.get("label") or "-", t.get("runtime") or "-", status,
-                     fmt(t.get("quality")), fmt_drop(t.get("quality_drop"), drop_type), _yes_no(t.get("meets_budget")),
-                     fmt(t.get("objective")), fmt(size / 1e6 if size is not None else None), fmt(t.get("seconds")),
-                     t.get("reason") or ""])
+        body.append(
+            [
+                str(n if n is not None else "-"),
+                t.get("label") or "-",
+                t.get("runtime") or "-",
+                status,
+                fmt(t.get("quality")),
+                fmt_drop(t.get("quality_drop"), drop_type),
+                _yes_no(t.get("meets_budget")),
+                fmt(t.get("objective")),
+                fmt(size / 1e6 if size is not None else None),
+                fmt(t.get("seconds")),
+                t.get("reason") or "",
+            ]
+        )
     return head, body
 
 
@@ -144,18 +155,26 @@ def _blocks(summary: dict, trials: list[dict], images: dict[str, bytes], n_layer
 
     blocks: list[tuple] = [("h1", f"leanml optimize: {summary.get('model') or 'model'} on {summary.get('data') or 'data'}")]
     limit = f" (time budget {fmt(summary['time_budget_s'])} s)" if num(summary.get("time_budget_s")) is not None else ""
-    blocks.append(("p", f"Hardware: {summary.get('hardware') or '-'}. {summary.get('trials_total') or len(trials)} trials "
-                        f"in {fmt(summary.get('elapsed_s'))} s{limit}."))
+    blocks.append(
+        (
+            "p",
+            f"Hardware: {summary.get('hardware') or '-'}. {summary.get('trials_total') or len(trials)} trials "
+            f"in {fmt(summary.get('elapsed_s'))} s{limit}.",
+        )
+    )
     blocks += [("h2", "Result"), ("p", result, "ok" if ok else "bad")]
     budget_text = budget.get("text") or f"max drop {budget.get('max_drop')} ({budget.get('drop_type')})"
-    blocks.append(("p", f"Budget: {budget_text} (worst allowed {metric}: {fmt(budget.get('threshold'))}). "
-                        f"Objective: minimise {label}."))
+    blocks.append(
+        ("p", f"Budget: {budget_text} (worst allowed {metric}: {fmt(budget.get('threshold'))}). Objective: minimise {label}.")
+    )
     blocks += [("h2", "Cost before and after"), ("table", *cost_table(summary))]
     blocks += [("h2", "Why this one"), ("p", summary.get("why") or "-")]
     base = summary.get("baseline")
     if base:
-        text = (f"Baseline: {base.get('recipe') or '-'} on {base.get('runtime') or '-'}: {fmt(base.get('objective'))} {label}, "
-                f"{metric} {fmt(base.get('quality'))}.")
+        text = (
+            f"Baseline: {base.get('recipe') or '-'} on {base.get('runtime') or '-'}: {fmt(base.get('objective'))} {label}, "
+            f"{metric} {fmt(base.get('quality'))}."
+        )
         if chosen is not None and num(chosen.get("objective")) is not None and num(base.get("objective")):
             text += f" The chosen model costs {fmt_ratio(base.get('objective'), chosen.get('objective'))} of the baseline."
         blocks.append(("p", text))
@@ -167,8 +186,11 @@ def _blocks(summary: dict, trials: list[dict], images: dict[str, bytes], n_layer
         blocks.append(("p", "No recipe was chosen."))
     blocks += [("h2", f"Trials ({len(trials)})"), ("table", *trials_table(summary, trials))]
     blocks.append(("h2", "Figures"))
-    alts = {"pareto.png": f"{metric} against {label}", "pareto_size.png": f"{metric} against size on disk",
-            "sensitivity.png": "per-layer sensitivity"}
+    alts = {
+        "pareto.png": f"{metric} against {label}",
+        "pareto_size.png": f"{metric} against size on disk",
+        "sensitivity.png": "per-layer sensitivity",
+    }
     for name in images:
         blocks.append(("img", name, alts.get(name, name)))
     if "sensitivity.png" in images and n_layers > MAX_LAYERS:
@@ -221,8 +243,10 @@ def to_html(blocks: list[tuple], images: dict[str, bytes]) -> str:
             data = base64.b64encode(images[rest[0]]).decode("ascii")
             out.append(f'<img src="data:image/png;base64,{data}" alt="{e(rest[1])}">')
     title = e(blocks[0][1]) if blocks and blocks[0][0] == "h1" else "leanml report"
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+        f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -22,8 +22,9 @@ def _distance(task: str, out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def layer_sensitivity(handle: ModelHandle, data, bits: int | None = None, batches: int = 2,
-                      group_size: int = 64) -> dict[str, float]:
+def layer_sensitivity(
+    handle: ModelHandle, data, bits: int | None = None, batches: int = 2, group_size: int = 64
+) -> dict[str, float]:
     """``{layer: output distance}`` with only that Linear/Conv layer rounded to ``bits`` (round to nearest),
     most sensitive first."""
     bits = bits or (4 if handle.task == "causal-lm" else 8)

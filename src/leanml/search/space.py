@@ -72,11 +72,19 @@ class Space:
             if student is None and not steps:
                 raise LeanmlError("distillation recovers a compressed model; this point compresses nothing before it")
             loss = "kd+hidden" if self.task in ("causal-lm", "sentence-embedding") else "kd+task"
-            steps.append(Distill(student=student, loss=loss, steps=steps_, batch_size=32 if self.task != "causal-lm" else 4,
-                                 lr=2e-4 if self.task != "generic" else 1e-3, warmup=0.05, seed=0))
+            steps.append(
+                Distill(
+                    student=student,
+                    loss=loss,
+                    steps=steps_,
+                    batch_size=32 if self.task != "causal-lm" else 4,
+                    lr=2e-4 if self.task != "generic" else 1e-3,
+                    warmup=0.05,
+                    seed=0,
+                )
+            )
         elif layers:
-            steps.append(StructuredPrune(unit="layers", ratio=layers / self.n_layers, criterion="activation",
-                                         calib_windows=16))
+            steps.append(StructuredPrune(unit="layers", ratio=layers / self.n_layers, criterion="activation", calib_windows=16))
         quant = point.get("quant", "none")
         if quant != "none":
             steps.extend(self._quant(quant))
@@ -93,14 +101,16 @@ class Space:
             base = self._quant(name.removesuffix("+sens8"))[0]
             if not self.sensitive:
                 return [base]
-            keep = WeightOnly(bits=8, group_size=None, symmetric=True, method="rtn", mse_clip=False,
-                              targets=list(self.sensitive), ignore=[])
+            keep = WeightOnly(
+                bits=8, group_size=None, symmetric=True, method="rtn", mse_clip=False, targets=list(self.sensitive), ignore=[]
+            )
             return [keep, base]
         raise LeanmlError(f"unknown quantization option {name!r}")
 
 
-def build_space(handle, runtime: str = "auto", allow_distill: bool = False, n_layers: int | None = None,
-                sensitive: list[str] | None = None) -> Space:
+def build_space(
+    handle, runtime: str = "auto", allow_distill: bool = False, n_layers: int | None = None, sensitive: list[str] | None = None
+) -> Space:
     """The space for ``handle``'s task. ``runtime`` 'auto' searches ONNX Runtime and torch eager."""
     if runtime != "auto" and runtime not in RUNTIMES:
         raise LeanmlError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}")
@@ -111,11 +121,17 @@ def build_space(handle, runtime: str = "auto", allow_distill: bool = False, n_la
         choices = {"quant": ["w8", "w4-g64", "w4-g64+sens8", "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
         seeds = [{"quant": "w8", "ffn": "0"}, {"quant": "w4-g64+sens8", "ffn": "0"}, {"quant": "w4-g64", "ffn": "0"}]
     elif hf:  # encoders and classifiers from Hugging Face
-        choices = {"quant": ["int8-dynamic", "none"], "ffn": ["0", "0.25", "0.5", "0.75"], "heads": ["0", "0.5"],
-                   "layers": ["0", "1", "2", "3"]}
-        seeds = [{"quant": "int8-dynamic", "ffn": "0", "heads": "0", "layers": "0"},
-                 {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "0"},
-                 {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "2"}]
+        choices = {
+            "quant": ["int8-dynamic", "none"],
+            "ffn": ["0", "0.25", "0.5", "0.75"],
+            "heads": ["0", "0.5"],
+            "layers": ["0", "1", "2", "3"],
+        }
+        seeds = [
+            {"quant": "int8-dynamic", "ffn": "0", "heads": "0", "layers": "0"},
+            {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "0"},
+            {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "2"},
+        ]
     else:  # plain nn.Modules: conv filters of CNNs, hidden features of MLPs
         unit = "filters" if any(isinstance(m, torch.nn.Conv2d) for m in handle.module.modules()) else "ffn"
         choices = {"quant": ["int8-static", "int8-dynamic", "none"], unit: ["0", "0.25", "0.5"]}

@@ -112,8 +112,12 @@ def _storage(url: str):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(
-        url, engine_kwargs=kwargs, heartbeat_interval=20, grace_period=90,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=20,
+        grace_period=90,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+    )
 
 
 def _retried_numbers(study) -> set[int]:
@@ -166,8 +170,15 @@ def _records(study) -> list[dict]:
         if rec is not None:
             out.append(dict(rec, number=t.number, retry_of=t.user_attrs.get("retry_of"), worker=t.user_attrs.get("worker")))
         elif t.state == TrialState.RUNNING:
-            out.append({"number": t.number, "status": "running", "label": t.user_attrs.get("label", ""),
-                        "runtime": t.params.get("runtime"), "params": t.params})
+            out.append(
+                {
+                    "number": t.number,
+                    "status": "running",
+                    "label": t.user_attrs.get("label", ""),
+                    "runtime": t.params.get("runtime"),
+                    "params": t.params,
+                }
+            )
     return out
 
 
@@ -193,9 +204,22 @@ class _Search:
     # one point of the space, start to finish
     def run(self, point: dict, number: int) -> dict:
         t0 = time.perf_counter()
-        rec = {"label": self.space.label(point), "runtime": point["runtime"], "params": point, "status": "failed",
-               "reason": None, "quality": None, "quality_drop": None, "meets_budget": None, "objective": None,
-               "size_bytes": None, "fidelity": None, "estimate": None, "measurement": None, "recipe": None}
+        rec = {
+            "label": self.space.label(point),
+            "runtime": point["runtime"],
+            "params": point,
+            "status": "failed",
+            "reason": None,
+            "quality": None,
+            "quality_drop": None,
+            "meets_budget": None,
+            "objective": None,
+            "size_bytes": None,
+            "fidelity": None,
+            "estimate": None,
+            "measurement": None,
+            "recipe": None,
+        }
         try:
             recipe = self.space.recipe(point)
             rec["recipe"] = recipe.to_dict()
@@ -245,8 +269,10 @@ class _Search:
                 drop = self.budget.drop(self.base, q["value"], self.hib)
                 out["estimate"] = drop
                 if drop > limit:
-                    out.update(status="rejected", reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} "
-                                                         f"> {self.gate:g}x budget")
+                    out.update(
+                        status="rejected",
+                        reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} > {self.gate:g}x budget",
+                    )
         self.checks[key] = out
         return out
 
@@ -259,8 +285,9 @@ class _Search:
         out = {"fidelity": checks["fidelity"], "estimate": checks["estimate"]}
         rt = cand
         if point["runtime"] != "torch":
-            rt = prepare(cand, point["runtime"], threads=self.threads, data=self.data,
-                         workdir=self.work / f"trial-{number}" / "onnx")
+            rt = prepare(
+                cand, point["runtime"], threads=self.threads, data=self.data, workdir=self.work / f"trial-{number}" / "onnx"
+            )
         m = profile(rt, data=self.data, hardware=self.hardware, threads=self.threads)
         md = m.to_dict()
         q = (m.quality or {}).get("value")
@@ -268,8 +295,16 @@ class _Search:
             raise LeanmlError(f"no quality metric for data {self.data.name!r} on {point['runtime']}")
         drop = self.budget.drop(self.base, q, self.hib)
         self._keep(cand, number)
-        return dict(out, status="complete", quality=q, quality_drop=drop, meets_budget=self.budget.meets(self.base, q, self.hib),
-                    objective=objective_value(self.objective, md), size_bytes=md["disk_bytes"], measurement=md)
+        return dict(
+            out,
+            status="complete",
+            quality=q,
+            quality_drop=drop,
+            meets_budget=self.budget.meets(self.base, q, self.hib),
+            objective=objective_value(self.objective, md),
+            size_bytes=md["disk_bytes"],
+            measurement=md,
+        )
 
     def _keep(self, cand: ModelHandle, number: int) -> None:
         """Save the torch model of a complete trial under the work folder (pruned later unless chosen)."""
@@ -343,11 +378,27 @@ def _base_quality(before: dict, data_name: str) -> tuple[float, str, bool]:
     return float(q["value"]), q["metric"], higher_is_better(q["metric"]) if hib is None else bool(hib)
 
 
-def optimize(model, data, budget: str | float | Budget = "1%", objective: str = "usd", *, drop_type: str = "relative",
-             hardware: str | None = None, runtime: str = "auto", time_budget: str | float | None = None,
-             trials: int | None = None, candidates: list | None = None, out: str | os.PathLike | None = None,
-             resume: bool = False, storage: str | None = None, force: bool = False, threads: int | None = None,
-             seed: int = 0, gate: float = GATE, sensitivity: bool = True) -> OptimizeResult:
+def optimize(
+    model,
+    data,
+    budget: str | float | Budget = "1%",
+    objective: str = "usd",
+    *,
+    drop_type: str = "relative",
+    hardware: str | None = None,
+    runtime: str = "auto",
+    time_budget: str | float | None = None,
+    trials: int | None = None,
+    candidates: list | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    seed: int = 0,
+    gate: float = GATE,
+    sensitivity: bool = True,
+) -> OptimizeResult:
     """Search recipes × runtimes for the cheapest model (``objective``) whose quality on ``data`` is within
     ``budget`` of the original's; see the module docstring. Returns the chosen model and every trial."""
     import optuna
@@ -367,8 +418,9 @@ def optimize(model, data, budget: str | float | Budget = "1%", objective: str = 
         marker = out_path / STUDY_FILE
         if out_path.exists() and not resume:
             if not force:
-                raise LeanmlError(f"output {str(out_path)!r} already exists; use --resume to continue its search "
-                                  "or --force to replace it")
+                raise LeanmlError(
+                    f"output {str(out_path)!r} already exists; use --resume to continue its search or --force to replace it"
+                )
             shutil.rmtree(out_path)
         if resume and storage is None and not marker.exists():
             raise LeanmlError(f"nothing to resume: {str(marker)!r} does not exist (start without --resume)")
@@ -389,11 +441,19 @@ def optimize(model, data, budget: str | float | Budget = "1%", objective: str = 
     study_name = f"leanml-{handle.name}-{data.name}"
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     stor = _storage(url) if url else optuna.storages.InMemoryStorage()
-    study = optuna.create_study(study_name=study_name, storage=stor, directions=["minimize", "minimize"], sampler=sampler,
-                                load_if_exists=True)
-    settings = {"model": handle.name, "data": data.name, "max_drop": bud.max_drop, "drop_type": bud.drop_type,
-                "objective": objective, "hardware": hw.name, "runtime": runtime,
-                "candidates": [str(c) for c in candidates or []]}
+    study = optuna.create_study(
+        study_name=study_name, storage=stor, directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True
+    )
+    settings = {
+        "model": handle.name,
+        "data": data.name,
+        "max_drop": bud.max_drop,
+        "drop_type": bud.drop_type,
+        "objective": objective,
+        "hardware": hw.name,
+        "runtime": runtime,
+        "candidates": [str(c) for c in candidates or []],
+    }
     old = study.user_attrs.get("settings")
     if old is not None and old != settings:
         diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
@@ -412,8 +472,10 @@ def optimize(model, data, budget: str | float | Budget = "1%", objective: str = 
         study.set_user_attr("before_seconds", base_seconds)
     base_q, metric, hib = _base_quality(before, data.name)
     if seconds is not None and seconds < 2 * base_seconds:
-        raise LeanmlError(f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
-                          f"{base_seconds:.0f} s (give at least {math.ceil(2 * base_seconds)} s)")
+        raise LeanmlError(
+            f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
+            f"{base_seconds:.0f} s (give at least {math.ceil(2 * base_seconds)} s)"
+        )
 
     sens = study.user_attrs.get("sensitivity")
     if sens is None and sensitivity:
@@ -444,8 +506,11 @@ def optimize(model, data, budget: str | float | Budget = "1%", objective: str = 
     recover_interrupted(study)
 
     search = _Search(handle, data, bud, objective, hw.name, threads, space, base_q, hib, work, models, gate)
-    seen = {point_key(t.params): t.number for t in study.get_trials(deepcopy=False)
-            if "record" in t.user_attrs and len(t.params) == len(space.choices)}
+    seen = {
+        point_key(t.params): t.number
+        for t in study.get_trials(deepcopy=False)
+        if "record" in t.user_attrs and len(t.params) == len(space.choices)
+    }
     fn = search.objective_fn(seen)
     budget_end = None if seconds is None else t_start + seconds
     n_points = len(space.points())
@@ -465,22 +530,41 @@ def optimize(model, data, budget: str | float | Budget = "1%", objective: str = 
 
     records = sorted(_records(study), key=lambda r: r["number"])
     if budget_end is not None and not search.durations and not records:
-        raise LeanmlError(f"time budget {time_budget!r} is too small for one trial: it ran out before the first "
-                          f"(measuring the original model took {base_seconds:.0f} s)")
+        raise LeanmlError(
+            f"time budget {time_budget!r} is too small for one trial: it ran out before the first "
+            f"(measuring the original model took {base_seconds:.0f} s)"
+        )
     chosen, met = choose(records)
     done = [r for r in records if r["status"] == "complete"]
     front = [done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])]
     item = before.get("item", "item")
     summary = {
-        "model": handle.name, "data": data.name, "metric": metric, "higher_is_better": hib,
-        "budget": {"max_drop": bud.max_drop, "drop_type": bud.drop_type, "threshold": bud.threshold(base_q, hib),
-                   "text": bud.text(metric, hib), "base": base_q},
-        "objective": objective, "objective_label": objective_label(objective, item), "hardware": hw.name,
-        "runtime": chosen["runtime"] if chosen else None, "before": before,
-        "after": chosen["measurement"] if chosen else None, "chosen": chosen["number"] if chosen else None,
-        "met": met, "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
-        "pareto": front, "baseline": None, "elapsed_s": round(time.perf_counter() - t_start, 1), "time_budget_s": seconds,
-        "trials_total": len(records), "sensitivity_bits": 4 if handle.task == "causal-lm" else 8,
+        "model": handle.name,
+        "data": data.name,
+        "metric": metric,
+        "higher_is_better": hib,
+        "budget": {
+            "max_drop": bud.max_drop,
+            "drop_type": bud.drop_type,
+            "threshold": bud.threshold(base_q, hib),
+            "text": bud.text(metric, hib),
+            "base": base_q,
+        },
+        "objective": objective,
+        "objective_label": objective_label(objective, item),
+        "hardware": hw.name,
+        "runtime": chosen["runtime"] if chosen else None,
+        "before": before,
+        "after": chosen["measurement"] if chosen else None,
+        "chosen": chosen["number"] if chosen else None,
+        "met": met,
+        "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
+        "pareto": front,
+        "baseline": None,
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
+        "time_budget_s": seconds,
+        "trials_total": len(records),
+        "sensitivity_bits": 4 if handle.task == "causal-lm" else 8,
     }
     summary["why"] = why(summary, records, chosen)
     result_handle = None
@@ -528,8 +612,10 @@ def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
     metric, unit = summary["metric"], summary["objective_label"]
     done = [r for r in records if r["status"] == "complete"]
     ok = sorted((r for r in done if r["meets_budget"]), key=lambda r: r["objective"])
-    text = (f"{chosen['label']} costs {chosen['objective']:.4g} {unit} against {base_obj:.4g} for the original "
-            f"({ratio:.2f}x), with {metric} {chosen['quality']:.4g} (original {summary['budget']['base']:.4g}). ")
+    text = (
+        f"{chosen['label']} costs {chosen['objective']:.4g} {unit} against {base_obj:.4g} for the original "
+        f"({ratio:.2f}x), with {metric} {chosen['quality']:.4g} (original {summary['budget']['base']:.4g}). "
+    )
     if summary["met"]:
         text += f"It is the cheapest of the {len(ok)} completed candidates within the budget ({summary['budget']['text']}). "
         if len(ok) > 1:
@@ -538,11 +624,15 @@ def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
         cheaper = [r for r in done if not r["meets_budget"] and r["objective"] < chosen["objective"]]
         if cheaper:
             c = min(cheaper, key=lambda r: r["objective"])
-            text += (f"Cheaper candidates broke the budget: {c['label']} costs {c['objective']:.4g} but loses "
-                     f"{c['quality_drop']:.4g} (allowed {summary['budget']['max_drop']:.4g}). ")
+            text += (
+                f"Cheaper candidates broke the budget: {c['label']} costs {c['objective']:.4g} but loses "
+                f"{c['quality_drop']:.4g} (allowed {summary['budget']['max_drop']:.4g}). "
+            )
     else:
-        text += (f"No candidate met the budget ({summary['budget']['text']}); this is the closest, missing it by "
-                 f"{summary['shortfall']:.4g}. ")
+        text += (
+            f"No candidate met the budget ({summary['budget']['text']}); this is the closest, missing it by "
+            f"{summary['shortfall']:.4g}. "
+        )
     rejected = sum(r["status"] == "rejected" for r in records)
     failed = sum(r["status"] == "failed" for r in records)
     if rejected or failed:
@@ -550,8 +640,9 @@ def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
     return text.strip()
 
 
-def _write_outputs(out: Path, summary: dict, records: list[dict], sens: dict, chosen: dict | None,
-                   handle: ModelHandle | None, search: _Search) -> None:
+def _write_outputs(
+    out: Path, summary: dict, records: list[dict], sens: dict, chosen: dict | None, handle: ModelHandle | None, search: _Search
+) -> None:
     from ..accelerate.runtimes import prepare
 
     work = search.work
