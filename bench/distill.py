@@ -28,7 +28,7 @@ import time
 import torch
 
 import leanml
-from _common import RESULTS, md_table, write_results
+from _common import RESULTS, digits_cnn, md_table, write_results
 from leanml.distill import Distill
 from leanml.measure import evaluate
 from leanml.measure.profile import host_info
@@ -99,23 +99,6 @@ def encoder(args, wiki) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def teacher_cnn(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.BatchNorm2d(16),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(128, 10),
-    )
-
-
 def student_cnn(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -138,7 +121,7 @@ def _params(m: torch.nn.Module) -> int:
 
 def digits(args) -> dict:
     data = leanml.load_data("digits")
-    teacher = ModelHandle(module=teacher_cnn(), task="generic", name="digits-teacher")
+    teacher = ModelHandle(module=digits_cnn(), task="generic", name="digits-teacher")
     train_cfg = Distill(loss="task", steps=600, batch_size=64, lr=3e-3, warmup=0.05, seed=0, dedup=False)
     _, t_seconds = timed(lambda: leanml.distill(teacher, train_cfg, data, student=teacher.module))
     teacher.module.eval()

@@ -21,7 +21,7 @@ import time
 import torch
 
 import leanml
-from _common import RESULTS, md_table, write_results
+from _common import RESULTS, digits_cnn, md_table, write_results
 from leanml.config import Int8Dynamic, Int8Static, WeightOnly
 from leanml.measure import evaluate
 from leanml.models import ModelHandle
@@ -144,23 +144,6 @@ def minilm_rows(sim) -> list[dict]:
         }
     )
     return rows
-
-
-def digits_cnn(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.BatchNorm2d(16),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(128, 10),
-    )
 
 
 def cnn_rows(digits) -> list[dict]:

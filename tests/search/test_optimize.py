@@ -252,22 +252,30 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert len(set(keys)) == len(keys)
 
 
-def test_a_recipe_is_compressed_once_and_served_on_each_runtime(monkeypatch):
-    """Two runtimes of one recipe: one compression, and each runtime measures what a fresh compression gives."""
+def _one_recipe_on_two_runtimes(monkeypatch, quant: str) -> list:
+    """A space of one recipe on torch and onnxruntime; returns the list every compression is appended to."""
     from leanml.search import study as mod
 
+    seeds = [{"quant": quant, "runtime": "torch"}, {"quant": quant, "runtime": "onnxruntime"}]
     monkeypatch.setattr(
         mod,
         "build_space",
         lambda handle, runtime="auto", **kw: Space(
-            task=handle.task,
-            choices={"quant": ["int8-dynamic"], "runtime": ["torch", "onnxruntime"]},
-            seeds=[{"quant": "int8-dynamic", "runtime": "torch"}, {"quant": "int8-dynamic", "runtime": "onnxruntime"}],
+            task=handle.task, choices={"quant": [quant], "runtime": ["torch", "onnxruntime"]}, seeds=seeds
         ),
     )
     calls = []
     real = mod.apply_recipe
     monkeypatch.setattr(mod, "apply_recipe", lambda h, r, d: (calls.append(r.to_dict()), real(h, r, d))[1])
+    return calls
+
+
+def test_a_recipe_is_compressed_once_and_served_on_each_runtime(monkeypatch):
+    """Two runtimes of one recipe: one compression, and each runtime measures what a fresh compression gives."""
+    from leanml.pipeline import apply_recipe
+    from leanml.search import study as mod
+
+    calls = _one_recipe_on_two_runtimes(monkeypatch, "int8-dynamic")
     handle, data = toy()
     res = optimize(handle, data, budget="50%", runtime="auto", threads=1, sensitivity=False)
     assert [r["status"] for r in res.trials] == ["complete", "complete"]
@@ -275,25 +283,12 @@ def test_a_recipe_is_compressed_once_and_served_on_each_runtime(monkeypatch):
     assert res.trials[1].get("reused") == "compressed model"
     # the cached copy was not changed by the first runtime: the torch trial equals a fresh compression
     fresh = mod.clone(handle)
-    real(fresh, mod.recipe_of(res.trials[0]), data)
+    apply_recipe(fresh, mod.recipe_of(res.trials[0]), data)
     assert evaluate(fresh, data)["value"] == pytest.approx(res.trials[0]["quality"], abs=1e-9)
 
 
 def test_a_rejected_recipe_is_not_compressed_again_for_another_runtime(llama128, tiny_text, monkeypatch):
-    from leanml.search import study as mod
-
-    monkeypatch.setattr(
-        mod,
-        "build_space",
-        lambda handle, runtime="auto", **kw: Space(
-            task=handle.task,
-            choices={"quant": ["w4-g128-rtn"], "runtime": ["torch", "onnxruntime"]},
-            seeds=[{"quant": "w4-g128-rtn", "runtime": "torch"}, {"quant": "w4-g128-rtn", "runtime": "onnxruntime"}],
-        ),
-    )
-    calls = []
-    real = mod.apply_recipe
-    monkeypatch.setattr(mod, "apply_recipe", lambda h, r, d: (calls.append(1), real(h, r, d))[1])
+    calls = _one_recipe_on_two_runtimes(monkeypatch, "w4-g128-rtn")
     res = optimize(llama128, tiny_text, budget="0.01%", runtime="auto", threads=1, sensitivity=False)
     assert [r["status"] for r in res.trials] == ["rejected", "rejected"]
     assert len(calls) == 1 and res.trials[1]["reused"] == "checks"

@@ -583,19 +583,8 @@ def ort_llm_handle(
     handle: ModelHandle, path: str | os.PathLike, *, threads: int | None = None, accuracy_level: int = 4
 ) -> ModelHandle:
     """Build the graph of ``handle`` at ``path`` and return a handle that runs it on ONNX Runtime."""
+    from .runtimes import _twin
+
     report = build_llm_onnx(handle, path, accuracy_level=accuracy_level)
     module = OrtCausalLM(path, threads=threads)
-    new = ModelHandle(
-        module=module,
-        task=handle.task,
-        name=handle.name,
-        tokenizer=handle.tokenizer,
-        example_inputs=handle.example_inputs,
-        source=handle.source,
-        artifact=handle.artifact,
-        runtime="onnxruntime",
-        max_length=handle.max_length,
-    )
-    new.meta.update({k: v for k, v in handle.meta.items() if k != "reports"})
-    new.meta["runtime_report"] = {"graph": str(path), "providers": module.providers, **report}
-    return new
+    return _twin(handle, module, "onnxruntime", {"graph": str(path), "providers": module.providers, **report})
