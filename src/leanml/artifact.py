@@ -47,45 +47,80 @@ def _dedup_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return state, aliases
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty folder (or a file) unless ``force``."""
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
-        raise LeanmlError(f"{out} exists and is not empty; pass --force to replace it")
+def check_target(out: Path, force: bool) -> Path:
+    """Refuse an output folder leanml may not write (see :func:`leanml.outputs.check_folder_target`)."""
+    from .outputs import check_folder_target
+
+    return check_folder_target(out, force)
 
 
 def save_artifact(
     handle: ModelHandle, out: str | os.PathLike, recipe=None, extra: dict[str, str] | None = None, force: bool = False
 ) -> Path:
-    """Write ``handle`` to the folder ``out`` atomically (a temporary folder renamed into place)."""
-    out = Path(out)
-    check_target(out, force)
-    tmp = temp_folder_for(out)
-    try:
-        write_artifact_files(handle, tmp, recipe, extra)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Write ``handle`` to the folder ``out`` atomically (a temporary folder swapped into place)."""
+    from .outputs import FolderOutput
+
+    with FolderOutput(out, "artifact", force) as w:
+        write_artifact_files(handle, w.tmp, recipe, extra)
+        return w.commit()
 
 
 def temp_folder_for(out: Path) -> Path:
-    """A fresh hidden folder beside ``out`` (same file system, so the final rename is atomic)."""
+    """A fresh hidden folder beside ``out`` (same file system, so the final rename is atomic); for folders
+    inside an output leanml already owns (an optimize study's work folder)."""
+    from .outputs import dir_mode
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+    os.chmod(tmp, dir_mode())
+    return tmp
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
+    """Put ``tmp`` at ``out``, replacing a folder leanml wrote there (never anything else)."""
+    from .outputs import read_marker
+
     if out.exists():
+        if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:
+            raise LeanmlError(f"{str(out)!r} holds files leanml did not write; it was kept")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)
+
+
+def _guarded_write(path: Path, write) -> None:
+    """Run ``write(path)``; a library that reports a failed write (a full disk, a size limit) as its own
+    exception type is turned into the operating-system error it stands for."""
+    try:
+        write(path)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch's RuntimeError / safetensors' SafetensorError
+        usage = shutil.disk_usage(path.parent)
+        reason = "no space left on device" if usage.free < (1 << 20) else "the write failed"
+        raise LeanmlError(f"could not write {str(path)!r}: {reason} ({_first_line(exc)})") from None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dict[str, str] | None = None) -> None:
     """Write the artifact's files into the (new, empty) folder ``tmp``."""
     model = handle.module
     state, aliases = _dedup_state(model)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "leanml", "version": str(FORMAT_VERSION)})
+    from .outputs import fault_point, read_marker, write_marker
+
+    if read_marker(tmp) is None:
+        write_marker(tmp, "artifact", complete=False)
+    meta_st = {"format": "leanml", "version": str(FORMAT_VERSION)}
+    _guarded_write(tmp / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta_st))
+    fault_point("after-weights")
     config = getattr(model, "config", None)
     base = "hf" if config is not None and hasattr(config, "save_pretrained") else "pickle"
     if base == "hf":
@@ -93,8 +128,9 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
     else:  # the module's structure only: its tensors live in model.safetensors
         import copy
 
-        torch.save(copy.deepcopy(model).to("meta"), tmp / "module.pt")
-    if handle.tokenizer is not None and hasattr(handle.tokenizer, "save_pretrained"):
+        _guarded_write(tmp / "module.pt", lambda p: torch.save(copy.deepcopy(model).to("meta"), p))
+    has_tokenizer = handle.tokenizer is not None and hasattr(handle.tokenizer, "save_pretrained")
+    if has_tokenizer:
         handle.tokenizer.save_pretrained(tmp)
     meta = {
         "format": "leanml",
@@ -107,7 +143,13 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
         "source": handle.source,
         "layers": _layer_specs(model),
         "tied": aliases,
-        "recipe": recipe.to_dict() if recipe is not None else None,
+        "recipe": (recipe if isinstance(recipe, dict) else recipe.to_dict()) if recipe is not None else None,
+        "tokenizer": bool(has_tokenizer),
+        "files": {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            for name in ("model.safetensors", "module.pt")
+            if (tmp / name).exists()
+        },
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     for name, text in (extra or {}).items():
@@ -125,23 +167,44 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
         raise LeanmlError(f"'{folder}' has no readable {META_FILE} ({type(exc).__name__})") from None
     if meta.get("format") != "leanml" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise LeanmlError(f"'{folder}/{META_FILE}' is not a leanml artifact of format ≤ {FORMAT_VERSION}")
+    for name, info in (meta.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise LeanmlError(f"'{folder}' is missing {name}, which its {META_FILE} lists")
+        if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
+            raise LeanmlError(
+                f"'{f}' does not match the checksum in its {META_FILE} (a damaged or partial copy); copy the artifact again"
+            )
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise LeanmlError(f"'{folder}/model.safetensors' is not readable ({str(exc).splitlines()[0]})") from None
-    if meta["base"] == "hf":
-        model = _empty_hf_model(folder, meta["task"])
-    else:
-        model = torch.load(folder / "module.pt", weights_only=False).to_empty(device="cpu")
-    for name, spec in meta["layers"].items():
-        if spec["type"] not in LAYER_TYPES:
-            raise LeanmlError(f"layer {name!r} in '{folder}' has unknown type {spec['type']!r}")
-        set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
-    for alias, kept in meta["tied"].items():
-        state.setdefault(alias, state[kept])
-    if meta["base"] == "hf":
-        _follow_saved_linear_shapes(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        if meta["base"] == "hf":
+            model = _empty_hf_model(folder, meta["task"])
+        else:
+            model = torch.load(folder / "module.pt", weights_only=False).to_empty(device="cpu")
+    except LeanmlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a deleted, edited or foreign config / structure file
+        what = "config.json" if meta.get("base") == "hf" else "module.pt"
+        raise LeanmlError(f"'{folder}' cannot be rebuilt from its {what}: {_first_line(exc)}") from None
+    try:
+        for name, spec in meta["layers"].items():
+            if spec["type"] not in LAYER_TYPES:
+                raise LeanmlError(f"layer {name!r} in '{folder}' has unknown type {spec['type']!r}")
+            set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
+        for alias, kept in meta["tied"].items():
+            state.setdefault(alias, state[kept])
+        if meta["base"] == "hf":
+            _follow_saved_linear_shapes(model, state)
+            if getattr(model, "pooler", None) is not None and not any(k.startswith("pooler.") for k in state):
+                model.pooler = None  # an encoder saved without its pooler (embeddings never use it)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except LeanmlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - shapes edited in leanml.json or config.json, layers renamed
+        raise LeanmlError(f"'{folder}' does not match its layout ({META_FILE} / config.json): {_first_line(exc)}") from None
     if missing or unexpected:
         raise LeanmlError(f"'{folder}' does not match its layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
     from .quantize.modules import QuantEmbedding, bind_embeddings
@@ -150,14 +213,24 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
     quant_tied = any(isinstance(m, QuantEmbedding) for m in model.modules())
     if meta["tied"] and hasattr(model, "tie_weights") and not quant_tied:
         model.tie_weights()
+    from .models.loaders import check_finite
+
+    check_finite(model, str(folder))
     tokenizer = None
     if meta["task"] != "generic":
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - missing or damaged tokenizer files
             tokenizer = None
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        expected = meta.get("tokenizer", meta["task"] in ("causal-lm", "sentence-embedding", "sequence-classification"))
+        too_small = tokenizer is not None and (len(tokenizer) < 2 or (vocab and len(tokenizer) < 0.5 * vocab))
+        if expected and (tokenizer is None or too_small):
+            raise LeanmlError(
+                f"'{folder}' has no usable tokenizer files (tokenizer.json / vocab); copy them from the original model"
+            )
     handle = ModelHandle(
         module=model.eval(),
         task=meta["task"],
@@ -172,6 +245,11 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
 
     handle.example_inputs = default_example_inputs(handle)
     return handle
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _follow_saved_linear_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

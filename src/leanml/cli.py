@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -102,11 +103,6 @@ def measurement_table(m, title: str | None = None) -> Table:
     return table
 
 
-def _refuse_clobber(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise LeanmlError(f"{path} exists; pass --force to overwrite it")
-
-
 @app.command()
 def profile(
     model: Annotated[str, typer.Argument(help="built-in name (smollm2-135m, minilm-l6) or a model path")],
@@ -126,10 +122,10 @@ def profile(
 ) -> None:
     """Measure a model's cost and quality on a runtime and print it (optionally as JSON)."""
     from .measure import profile as run_profile
-    from .measure.record import write_atomic
+    from .outputs import check_file_target, write_file
 
     if json_path is not None:
-        _refuse_clobber(json_path, force)
+        check_file_target(json_path, force, "--json")
     m = run_profile(
         model,
         data=data,
@@ -148,7 +144,10 @@ def profile(
     for note in m.notes:
         console.print(f"note: {note}", style="dim")
     if json_path is not None:
-        write_atomic(json_path, m.to_json() + "\n")
+        from .outputs import fault_point
+
+        fault_point("profile-before-write")
+        write_file(json_path, m.to_json() + "\n", force=force, check=False)
         console.print(f"wrote {json_path}")
 
 
@@ -169,9 +168,11 @@ def compress(
 ) -> None:
     """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out."""
     from .accelerate.runtimes import check_runtime
+    from .outputs import check_folder_target
     from .pipeline import compress as run_compress
 
     check_runtime(runtime)
+    check_folder_target(out, force)
     result = run_compress(
         model,
         recipe,
@@ -200,6 +201,8 @@ def compress(
         table.add_row(name, fmt(x), fmt(y), f"{y / x:.3f}" if x else "-")
     console.print(table)
     where = "quantized compute is simulated in float on the torch runtime" if runtime == "torch" else f"measured on {runtime}"
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim")
     console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml, before.json, after.json); {where}")
 
 
@@ -213,15 +216,11 @@ def export(
     force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Write a (compressed) model as ONNX, safetensors (reloadable by leanml) or GGUF."""
+    from .export.formats import check_export_args
     from .export.formats import export as run_export
     from .models import load_model
 
-    if format == "safetensors":
-        from .artifact import check_target
-
-        check_target(out, force)
-    else:
-        _refuse_clobber(out, force)
+    check_export_args(format, out, force, dtype)
     handle = load_model(model)
     report = run_export(handle, format, out, force=force, dtype=dtype, data=load_data_arg(data))
     console.print(f"wrote {report.get('path', out)} ({_fmt_bytes(report.get('bytes'))})")
@@ -257,17 +256,32 @@ def distill(
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
 ) -> None:
     """Distil a teacher into a smaller student built from it, and write the student to --out."""
+    import contextlib
     import json
     import shutil
 
-    from .artifact import check_target, save_artifact
+    from .artifact import write_artifact_files
     from .distill import Distill
     from .distill.api import distill as run_distill
-    from .distill.trainer import world
+    from .distill.trainer import CHECKPOINT, world
+    from .measure.quality import check_data_for
     from .models import load_model
+    from .outputs import FolderOutput, check_folder_target, read_marker, write_marker
     from .recipe import Recipe
 
-    check_target(out, force)
+    ckpt = out.parent / (out.name + ".checkpoints")
+    if str(out).strip() and out.name not in ("", ".", ".."):
+        if resume and not (ckpt / CHECKPOINT).is_file():
+            raise LeanmlError(f"--resume found no checkpoint at {str(ckpt / CHECKPOINT)!r}; run without --resume to start")
+        if ckpt.exists() and not resume:
+            if not force:
+                raise LeanmlError(
+                    f"a checkpoint of an interrupted run is in {str(ckpt)!r}; pass --resume to continue it "
+                    "or --force to start again from step 0"
+                )
+            if read_marker(ckpt) is None:
+                raise LeanmlError(f"{str(ckpt)!r} holds files leanml did not write; move it away to start again")
+    check_folder_target(out, force)
     cfg = Distill(
         student=student,
         loss=loss,
@@ -285,20 +299,28 @@ def distill(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
-    ckpt = out.with_name(out.name + ".checkpoints")
+    train_data = load_data_arg(data)
     teacher = load_model(model)
-    result = run_distill(teacher, cfg, load_data_arg(data), checkpoint_dir=ckpt, resume=resume)
-    if world()[0] != 0:
-        return
-    report = result.meta["reports"]["distill.json"]
-    save_artifact(
-        result,
-        out,
-        recipe=Recipe(name=f"distill {student}", steps=[cfg]),
-        force=force,
-        extra={"distill.json": json.dumps(report, indent=2, default=str) + "\n"},
-    )
-    shutil.rmtree(ckpt, ignore_errors=True)
+    check_data_for(teacher, train_data, verb="distill")
+    if "task" in cfg.terms and teacher.task != "causal-lm" and not _has_labels(train_data):
+        raise LeanmlError(f"--loss {loss!r} has a task term, which needs labels; data {train_data.name!r} has none (use kd)")
+    rank = world()[0]
+    if rank == 0 and ckpt.exists() and not resume:
+        shutil.rmtree(ckpt)  # checked above: a folder of leanml's, and --force was given
+    writer = FolderOutput(out, "distill", force) if rank == 0 else contextlib.nullcontext()
+    with writer as w:
+        if rank == 0 and not ckpt.exists():
+            ckpt.mkdir(parents=True)
+            write_marker(ckpt, "distill-checkpoints", complete=False)
+        result = run_distill(teacher, cfg, train_data, checkpoint_dir=ckpt, resume=resume)
+        if rank != 0:
+            return
+        report = result.meta["reports"]["distill.json"]
+        extra = {"distill.json": json.dumps(report, indent=2, default=str) + "\n"}
+        write_artifact_files(result, w.tmp, recipe=Recipe(name=f"distill {student}", steps=[cfg]), extra=extra)
+        w.commit()
+    if read_marker(ckpt) is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
     table = Table(title=f"{teacher.name} -> student {student}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -376,6 +398,10 @@ def optimize(
     console.print(f"report: {out / 'report.html'}")
 
 
+def _has_labels(data) -> bool:
+    return getattr(data, "labels", None) is not None or getattr(data, "y", None) is not None
+
+
 def load_data_arg(data: str | None):
     if data is None:
         return None
@@ -397,25 +423,68 @@ def hardware() -> None:
     console.print(table)
 
 
+def _os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path."""
+    names = [n for n in (exc.filename, exc.filename2) if n]
+    where = f" ({' -> '.join(map(str, names))})" if names else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {
+        28: "free some space or write elsewhere",  # ENOSPC
+        27: "the file would exceed the size this process may write",  # EFBIG
+        13: "choose a location you can write",  # EACCES
+        30: "the file system is read-only; write elsewhere",  # EROFS
+    }.get(exc.errno or 0)
+    return f"{reason}{where}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line on stderr and exit with code 2."""
+    """Entry point: user errors print one line on stderr and exit with code 2; so do failures of the
+    operating system (a full disk, a folder that cannot be written, a closed stdout). Anything else is a
+    fault of leanml's: one line with exit code 1 (``LEANML_DEBUG=1`` shows the traceback)."""
     _quiet_libraries()
     err = Console(stderr=True, highlight=False)
+
+    def fail(message: str, code: int) -> None:
+        with contextlib.suppress(OSError):
+            err.print(f"leanml: error: {' '.join(message.split())}", markup=False, soft_wrap=True)
+        _silence_stdout()
+        sys.exit(code)
+
     try:
         code = app(args=argv, prog_name="leanml", standalone_mode=False)
+        sys.stdout.flush()
     except LeanmlError as exc:
-        err.print(f"leanml: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(exc), 2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("leanml: interrupted")
+        with contextlib.suppress(OSError):
+            err.print("leanml: interrupted")
+        _silence_stdout()
         sys.exit(130)
+    except OSError as exc:
+        if os.environ.get("LEANML_DEBUG"):
+            raise
+        fail(_os_error_line(exc), 2)
+    except MemoryError:
+        fail("out of memory; try a smaller model, batch or --seq-len, or a machine with more memory", 2)
     except Exception as exc:
         # Usage errors from the command-line parser (a missing argument, a value of the wrong type).
         if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
-            err.print(f"leanml: error: {' '.join(exc.format_message().split())}", markup=False, soft_wrap=True)
-            sys.exit(2)
-        raise
+            fail(exc.format_message(), 2)
+        if os.environ.get("LEANML_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        fail(f"internal error: {type(exc).__name__}: {first} (set LEANML_DEBUG=1 for the traceback)", 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail (stdout was /dev/full)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -3,21 +3,102 @@
 Every config has a ``kind`` (its name in a recipe) and layer targeting: ``targets`` (module names or
 ``re:`` regular expressions; empty = every eligible layer) and ``ignore`` (same syntax; ``None`` = the
 technique's default, which for causal LMs ignores the embeddings and ``lm_head``).
+
+Constructing a config with a bad value raises a one-line :class:`~leanml.errors.LeanmlError` (a
+``ValueError``) naming the config, the field, the value and what is accepted, never pydantic's
+multi-line ``ValidationError``. Float fields refuse nan and ±inf; ``re:`` patterns must compile.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import types
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import LeanmlError
+from .targeting import check_pattern
 
 CONFIG_VERSION = 1
+_BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "<="),
+)
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "not_finite", "finite_number"}
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _annotation_types(annotation: Any) -> set[type]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_annotation_types(a) for a in typing.get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def accepted_values(cls: type[BaseModel], field: str) -> str | None:
+    """What a numeric field accepts, from its annotation and bounds (e.g. ``a finite number > 0 and < 1``)."""
+    info = cls.model_fields.get(field)
+    if info is None:
+        return None
+    kinds = _annotation_types(info.annotation)
+    if float in kinds:
+        noun = "a finite number"
+    elif int in kinds:
+        noun = "an integer"
+    else:
+        return None
+    bounds = [f"{op} {getattr(m, attr)!r}" for m in info.metadata for kind, attr, op in _BOUNDS if isinstance(m, kind)]
+    text = noun + (" " + " and ".join(bounds) if bounds else "")
+    return text + (" or null" if type(None) in kinds else "")
+
+
+def validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
+    """One line from the first error of ``exc``: the config, the field, the bad value, what is accepted."""
+    name = cls.__name__
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    kind = err["type"]
+    if not loc:
+        return f"{name}: {msg}"
+    value = show(err.get("input"))
+    if kind == "extra_forbidden":
+        fields = ", ".join(cls.model_fields)
+        return f"{name} has no field {field!r} (given {value}); accepted fields: {fields}"
+    if kind == "missing":
+        return f"{name} field {field!r} is required"
+    if kind == "frozen_instance":
+        return f"{name} is frozen, so {field!r} cannot be set; make a new one with model_copy(update={{{field!r}: {value}}})"
+    accepted = accepted_values(cls, loc[0]) if len(loc) == 1 and kind in _RANGE_ERRORS else None
+    if kind == "not_finite":
+        return f"{name} field {field!r} = {value} {msg}; accepted: {accepted or 'a finite number'}"
+    tail = f" (accepted: {accepted})" if accepted else ""
+    return f"{name} field {field!r} = {value} is not accepted: {msg}{tail}"
+
+
+def _float_field(cls: type[BaseModel], field: str | None) -> bool:
+    info = cls.model_fields.get(field or "")
+    return info is not None and float in _annotation_types(info.annotation)
 
 
 class TechniqueConfig(BaseModel):
-    """Base of every technique config."""
+    """Base of every technique config.
+
+    A bad value raises a one-line :class:`LeanmlError` (see the module docstring) instead of
+    pydantic's ``ValidationError``; so does assigning to a field (configs are frozen).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -25,6 +106,53 @@ class TechniqueConfig(BaseModel):
     version: int = CONFIG_VERSION
     targets: list[str] = Field(default_factory=list)
     ignore: list[str] | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise LeanmlError(validation_message(type(self), exc)) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            inner = exc.errors()[0].get("ctx", {}).get("error")
+            if isinstance(inner, LeanmlError):  # raised by __init__ and wrapped by pydantic
+                raise inner from None
+            raise LeanmlError(validation_message(cls, exc)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise LeanmlError(validation_message(type(self), exc)) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
+        number = value
+        if isinstance(value, str) and _float_field(cls, info.field_name):
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise PydanticCustomError("not_finite", "is not a number" if math.isnan(number) else "is not finite")
+        return value
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        for pattern in value or []:
+            check_pattern(pattern, info.field_name)
+        return value
+
+
+def kind_of(config_type: type[TechniqueConfig]) -> str:
+    """The ``kind`` a config type has in a recipe."""
+    return config_type.model_fields["kind"].default
 
 
 class WeightOnly(TechniqueConfig):
@@ -107,7 +235,7 @@ class MixedPrecision(TechniqueConfig):
     kind: Literal["mixed-precision"] = "mixed-precision"
     candidates: list[int] = Field(default_factory=lambda: [8, 4, 3])
     avg_bits: float = Field(4.0, gt=1, le=16)
-    group_size: int | None = 64
+    group_size: int | None = Field(64, ge=1)
     method: Literal["rtn", "gptq"] = "gptq"
     sensitivity_windows: int = Field(4, ge=1)
     calib_windows: int = Field(64, ge=1)
@@ -126,7 +254,7 @@ class QAT(TechniqueConfig):
 
     kind: Literal["qat"] = "qat"
     bits: int = Field(4, ge=2, le=8)
-    group_size: int | None = 64
+    group_size: int | None = Field(64, ge=1)
     symmetric: bool = False
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-5, gt=0)
@@ -142,17 +270,57 @@ CONFIG_TYPES: dict[str, type[TechniqueConfig]] = {
 }
 
 
+def _register_all() -> None:
+    # The pruning, fine-tuning and distillation configs register themselves into CONFIG_TYPES when
+    # imported; importing them here makes every kind known however leanml was imported.
+    from .distill import config as _distill  # noqa: F401
+    from .prune import config as _prune  # noqa: F401
+    from .prune import finetune as _finetune  # noqa: F401
+
+
+def accepted_kinds() -> str:
+    """The technique kinds a recipe step may name, comma-separated."""
+    _register_all()
+    return ", ".join(CONFIG_TYPES)
+
+
 def config_from_dict(data: dict) -> TechniqueConfig:
     """Build the config a dict describes; a one-line error names the bad field."""
     if not isinstance(data, dict):
-        raise LeanmlError(f"a recipe step must be a mapping with a 'kind', got {data!r}")
-    kind = data.get("kind")
-    if kind not in CONFIG_TYPES:
-        raise LeanmlError(f"unknown technique {kind!r}; accepted: {', '.join(CONFIG_TYPES)}")
-    try:
-        return CONFIG_TYPES[kind](**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or kind
-        value = err.get("input")
-        raise LeanmlError(f"{kind}: field {field!r} = {value!r} is not accepted: {err['msg']}") from None
+        raise LeanmlError(
+            f"a recipe step must be a mapping with a 'kind', got {type(data).__name__} {show(data)}; "
+            f"accepted kinds: {accepted_kinds()}"
+        )
+    if "kind" not in data:
+        raise LeanmlError(
+            f"a recipe step has no 'kind' (fields given: {show(sorted(map(str, data)))}); accepted kinds: {accepted_kinds()}"
+        )
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise LeanmlError(f"recipe step field name {show(bad_keys[0])} is not a string; write field names as words")
+    kind = data["kind"]
+    _register_all()
+    if not isinstance(kind, str) or kind not in CONFIG_TYPES:
+        raise LeanmlError(f"unknown technique {show(kind)}; accepted kinds: {accepted_kinds()}")
+    return CONFIG_TYPES[kind](**data)
+
+
+def coerce_config(config: Any, accepted: tuple[type[TechniqueConfig], ...], verb: str) -> TechniqueConfig:
+    """``config`` as one of the ``accepted`` config types: a config object, or a dict with a ``kind``
+    (built by :func:`config_from_dict`). Anything else is a one-line error naming what was received
+    and what ``verb`` (e.g. ``leanml.quantize``) accepts."""
+    kinds = ", ".join(kind_of(c) for c in accepted)
+    names = ", ".join(c.__name__ for c in accepted)
+    if isinstance(config, dict):
+        if "kind" not in config:
+            raise LeanmlError(f"{verb} got a config dict without a 'kind'; accepted kinds: {kinds}")
+        config = config_from_dict(config)
+    if isinstance(config, TechniqueConfig):
+        if isinstance(config, accepted):
+            return config
+        raise LeanmlError(
+            f"{verb} does not apply a {type(config).__name__} config (kind {config.kind!r}); accepted kinds: {kinds}"
+        )
+    raise LeanmlError(
+        f"{verb} takes a config object ({names}) or a dict with a 'kind' ({kinds}), got {type(config).__name__} {show(config)}"
+    )

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .artifact import check_target, replace_folder, temp_folder_for, write_artifact_files
+from .artifact import write_artifact_files
 from .data import load_data
 from .measure import Measurement, profile
 from .models import ModelHandle, load_model
@@ -26,6 +25,7 @@ class CompressResult:
     before: Measurement | None
     after: Measurement | None
     out: Path | None
+    notes: list[str] = field(default_factory=list)
 
 
 def apply_recipe(handle: ModelHandle, recipe, data=None) -> ModelHandle:
@@ -47,6 +47,19 @@ def apply_recipe(handle: ModelHandle, recipe, data=None) -> ModelHandle:
     return handle
 
 
+def _validate_first(handle: ModelHandle, recipe: Recipe, data, calib_data, profile_kwargs: dict) -> None:
+    """Everything cheap that can be wrong, checked before anything is measured or calibrated."""
+    from .measure.quality import check_data_for
+    from .measure.system import check_threads
+    from .recipe import validate_recipe
+
+    check_threads(profile_kwargs.get("threads"))
+    validate_recipe(handle, recipe)
+    for d, verb in ((data, "compress"), (calib_data, "calibrate")):
+        if d is not None:
+            check_data_for(handle, d, verb=verb)
+
+
 def compress(
     model: str | ModelHandle,
     recipe,
@@ -57,32 +70,47 @@ def compress(
     measure: bool = True,
     **profile_kwargs,
 ) -> CompressResult:
-    """Load ``model``, measure it, apply ``recipe``, measure again, and save everything to ``out``."""
+    """Load ``model``, measure it, apply ``recipe``, measure again, and save everything to ``out``.
+
+    ``out`` is locked for the whole run and published at the end in one atomic swap (see
+    :mod:`leanml.outputs`): a killed run leaves the old output or the complete new one."""
+    from .outputs import FolderOutput, check_folder_target, check_free_space, fault_point
+
     recipe = load_recipe(recipe)  # a bad recipe fails here, before anything is loaded or written
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_target(out_path, force)
+    if out is not None:
+        check_folder_target(out, force)
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     data = load_data(data) if data is not None else None
     calib_data = load_data(calib) if calib is not None else data
-    before = profile(handle, data=data, **profile_kwargs) if measure else None
-    apply_recipe(handle, recipe, calib_data)
-    after = None
-    if out_path is None:
+    _validate_first(handle, recipe, data, calib_data, profile_kwargs)
+    notes = []
+    if calib_data is None:  # a step that needs activations refuses without data; the others are data-free
+        notes.append("no --data or --calib: no step calibrated on data (this recipe's steps are data-free)")
+    if data is None:
+        notes.append("no --data: quality was not measured, only cost")
+    if out is None:
+        before = profile(handle, data=data, **profile_kwargs) if measure else None
+        apply_recipe(handle, recipe, calib_data)
         after = profile(handle, data=data, **profile_kwargs) if measure else None
-        return CompressResult(handle, recipe, before, after, None)
-    tmp = temp_folder_for(out_path)
-    try:
+        return CompressResult(handle, recipe, before, after, None, notes)
+    if isinstance(handle.module, torch.nn.Module):
+        from .measure.cost import weight_bytes
+
+        check_free_space(Path(out).parent, weight_bytes(handle.module), f"the compressed model at {str(out)!r}")
+    with FolderOutput(out, "compress", force) as w:
+        fault_point("compress-start")
+        before = profile(handle, data=data, **profile_kwargs) if measure else None
+        apply_recipe(handle, recipe, calib_data)
+        fault_point("compress-applied")
+        tmp = w.tmp
         reports = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}
         write_artifact_files(handle, tmp, recipe, {"recipe.yaml": recipe.to_yaml(), **reports})
         handle.artifact, handle.meta["modified"] = tmp, False  # the saved folder is what is measured on disk
+        after = None
         if measure:
             after = profile(handle, data=data, **profile_kwargs)
             (tmp / "before.json").write_text(before.to_json() + "\n")
             (tmp / "after.json").write_text(after.to_json() + "\n")
-        replace_folder(tmp, out_path)
+        out_path = w.commit()
         handle.artifact = out_path
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return CompressResult(handle, recipe, before, after, out_path)
+    return CompressResult(handle, recipe, before, after, out_path, notes)

@@ -155,11 +155,11 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _torchrun(script, env, *args) -> subprocess.CompletedProcess:
+def _torchrun(processes, script, env, *args) -> subprocess.CompletedProcess:
     with socket.socket() as s:  # a free port: a fixed one can be taken on a shared machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return subprocess.run(
+    return processes.run(
         [
             sys.executable,
             "-m",
@@ -177,25 +177,24 @@ def _torchrun(script, env, *args) -> subprocess.CompletedProcess:
         ],
         env=env,
         timeout=300,
-        capture_output=True,
-        text=True,
     )
 
 
-def test_two_process_torchrun_matches_single_process(tmp_path):
+@pytest.mark.process
+def test_two_process_torchrun_matches_single_process(tmp_path, processes):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LEANML_QUIET": "1"}
     env.pop("WORLD_SIZE", None)
     single, multi = tmp_path / "one.json", tmp_path / "two.json"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
+    assert processes.run([sys.executable, str(script), str(single)], env=env).returncode == 0
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    ok = _torchrun(probe, env)
+    ok = _torchrun(processes, probe, env)
     if ok.returncode != 0:  # the machine itself cannot host a 2-process gloo job (sandboxed network)
         tail = (ok.stderr.strip().splitlines() or ["?"])[-1][:300]
         pytest.skip(f"a bare 2-process gloo all-reduce fails on this machine: {tail}")
-    job = _torchrun(script, env, str(multi))
+    job = _torchrun(processes, script, env, str(multi))
     assert job.returncode == 0, f"torchrun failed ({job.returncode}):\n{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert a["processes"] == 1 and b["processes"] == 2

@@ -33,13 +33,30 @@ def w4_llama():
 
 def test_onnx_export_of_a_quantized_llm_reloads_with_same_logits(w4_llama, tmp_path):
     report = export(w4_llama, "onnx", tmp_path / "m.onnx", accuracy_level=0)
-    assert report["nbits"] == 15 and (tmp_path / "m.onnx.data").exists()
+    # a small graph is one self-contained file (published by one rename); nothing else is left beside it
+    assert report["nbits"] == 15 and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert report["bytes"] == (tmp_path / "m.onnx").stat().st_size
     x = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         ref = w4_llama.module(input_ids=x).logits
     torch.testing.assert_close(OrtCausalLM(tmp_path / "m.onnx", threads=1)(input_ids=x).logits, ref, rtol=0, atol=2e-5)
     with pytest.raises(LeanmlError, match="exists; pass --force"):
         export(w4_llama, "onnx", tmp_path / "m.onnx")
+
+
+def test_a_large_llm_graph_keeps_a_weights_file_and_replaces_the_old_pair(w4_llama, tmp_path, monkeypatch):
+    from leanml.export import formats
+
+    monkeypatch.setattr(formats, "SINGLE_FILE_LIMIT", 0)  # as if the graph were over protobuf's 2 GB
+    export(w4_llama, "onnx", tmp_path / "m.onnx", accuracy_level=0)
+    (first,) = [p.name for p in tmp_path.iterdir() if p.name.endswith(".data")]
+    export(w4_llama, "onnx", tmp_path / "m.onnx", accuracy_level=0, force=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and "m.onnx" in names and first not in names  # the old weights file went with its graph
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        ref = w4_llama.module(input_ids=x).logits
+    torch.testing.assert_close(OrtCausalLM(tmp_path / "m.onnx", threads=1)(input_ids=x).logits, ref, rtol=0, atol=2e-5)
 
 
 def test_safetensors_export_reloads(w4_llama, tmp_path):

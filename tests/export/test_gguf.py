@@ -261,7 +261,7 @@ def test_refuses_overwrite_and_other_architectures(tmp_path, bpe_tokenizer, mlp)
     handle = tiny_llama(bpe_tokenizer)
     target = tmp_path / "m.gguf"
     target.write_bytes(b"old")
-    with pytest.raises(LeanmlError, match="exists; pass force=True") as err:
+    with pytest.raises(LeanmlError, match="exists; pass --force") as err:
         export_gguf(handle, target)
     assert "\n" not in str(err.value) and target.read_bytes() == b"old"
     export_gguf(handle, target, force=True)

@@ -162,3 +162,71 @@ def test_gptq_through_the_api_saves_and_reloads(tmp_path, tiny_llama, tiny_text)
     again.tokenizer = CharTokenizer()
     ids = {"input_ids": torch.randint(0, 128, (1, 20))}
     assert torch.equal(output_tensor(again.call(ids)), output_tensor(tiny_llama.call(ids)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Python entry points: a config object or a dict with a kind; anything else is a one-line error
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            "w4",
+            r"^leanml\.quantize takes a config object \(WeightOnly, Int8Dynamic, .*\) or a dict with a 'kind' "
+            r"\(weight-only, int8-dynamic, .*\), got str 'w4'$",
+        ),
+        (None, r"leanml\.quantize takes a config object .*, got NoneType None$"),
+        (8, r"got int 8$"),
+        ({"bits": 8}, r"^leanml\.quantize got a config dict without a 'kind'; accepted kinds: weight-only, int8-dynamic"),
+        ({"kind": "weight-only", "bits": 12}, r"^WeightOnly field 'bits' = 12 is not accepted"),
+        ({"kind": "prune"}, r"^leanml\.quantize does not apply a Prune config \(kind 'prune'\); accepted kinds: weight-only"),
+    ],
+)
+def test_quantize_refuses_what_is_not_a_config(mlp, config, message):
+    handle = ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp")
+    for verb in (leanml.quantize, quantize):
+        with pytest.raises(LeanmlError, match=message) as info:
+            verb(handle, config)
+        assert "\n" not in str(info.value)
+    assert isinstance(handle.module[0], torch.nn.Linear) and "applied" not in handle.meta
+
+
+def test_quantize_takes_a_dict_with_a_kind(mlp):
+    handle = leanml.quantize(
+        ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"),
+        {"kind": "weight-only", "bits": 8, "method": "rtn", "group_size": None},
+    )
+    assert isinstance(handle.module[0], QuantLinear) and handle.meta["applied"][0]["bits"] == 8
+
+
+def test_quantize_and_prune_need_a_handle(mlp, tmp_path):
+    for verb, cfg in ((leanml.quantize, Int8Dynamic()), (leanml.prune, {"kind": "prune", "method": "magnitude"})):
+        for wrong in (mlp, str(tmp_path / "m.pt")):
+            with pytest.raises(LeanmlError, match=r"takes a ModelHandle \(from leanml\.load_model\), got (Sequential|str)"):
+                verb(wrong, cfg)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("sparse-50", r"^leanml\.prune takes a config object \(Prune, GradualPrune, StructuredPrune\) .* got str 'sparse-50'$"),
+        (None, r"^leanml\.prune takes a config object .* got NoneType None$"),
+        ({"sparsity": 0.5}, r"^leanml\.prune got a config dict without a 'kind'; accepted kinds: prune, gradual-prune"),
+        (WeightOnly(), r"^leanml\.prune does not apply a WeightOnly config \(kind 'weight-only'\)"),
+    ],
+)
+def test_prune_refuses_what_is_not_a_config(mlp, config, message):
+    with pytest.raises(LeanmlError, match=message) as info:
+        leanml.prune(ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"), config)
+    assert "\n" not in str(info.value)
+
+
+def test_prune_takes_a_dict_with_a_kind(mlp):
+    from leanml.prune import SparseLinear
+
+    handle = leanml.prune(
+        ModelHandle(module=copy.deepcopy(mlp), task="generic", name="mlp"), {"kind": "prune", "method": "magnitude"}
+    )
+    assert isinstance(handle.module[0], SparseLinear)

@@ -202,32 +202,20 @@ def _records(out: Path) -> list[dict]:
     return json.loads((out / "trials.json").read_text())
 
 
-def test_resume_after_a_killed_process_loses_and_repeats_no_trial(tmp_path):
-    from optuna.trial import TrialState
-
+@pytest.mark.process
+def test_resume_after_a_killed_process_loses_and_repeats_no_trial(tmp_path, processes):
     out = tmp_path / "opt"
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), "5"], env=_env())
-    deadline = time.time() + 240
-    killed_number = None
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if not (out / "study.db").exists():
-            continue
-        try:
-            trials = _study(out).get_trials(deepcopy=False)
-        except Exception:
-            continue
-        finished = [t for t in trials if "record" in t.user_attrs]
-        running = [t for t in trials if t.state == TrialState.RUNNING and "record" not in t.user_attrs]
-        if len(finished) >= 2 and running:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed_number = running[0].number
-            before = {t.number: t.user_attrs["record"] for t in finished}
-            break
-    assert killed_number is not None, "the worker finished before it could be killed"
-    done = subprocess.run([sys.executable, str(WORKER), str(out), "5", "resume"], env=_env(), timeout=300)
-    assert done.returncode == 0
+    # killed (SIGKILL, at a fixed point) as its third trial starts: two trials finished, one running
+    env = dict(_env(), LEANML_KILL_AT="optimize-in-trial:3")
+    proc = processes.popen([sys.executable, str(WORKER), str(out), "5"], env=env)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    trials = _study(out).get_trials(deepcopy=False)
+    before = {t.number: t.user_attrs["record"] for t in trials if "record" in t.user_attrs}
+    (killed_number,) = [t.number for t in trials if "record" not in t.user_attrs and t.params and "skipped" not in t.user_attrs]
+    assert len(before) >= 2
+    done = processes.run([sys.executable, str(WORKER), str(out), "5", "resume"], env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((out / ".work").glob("*")), "the dead worker's work folder was not cleaned"
     records = [r for r in _records(out) if r["status"] != "running"]
     assert len(records) == 5
     for number, rec in before.items():  # finished trials are kept, not run again
@@ -239,10 +227,25 @@ def test_resume_after_a_killed_process_loses_and_repeats_no_trial(tmp_path):
     assert len(set(keys)) == len(keys)
 
 
-def test_two_worker_processes_share_one_study(tmp_path):
+def _hold(processes, argv, env, flag: Path):
+    """Start a worker that stops at the start of its first trial until ``flag`` is removed."""
+    proc = processes.popen(argv, env=dict(env, LEANML_PAUSE_AT="optimize-in-trial", LEANML_PAUSE_FILE=str(flag)))
+    for _ in range(12000):
+        if flag.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert flag.exists(), "the worker never reached its first trial"
+    return proc
+
+
+@pytest.mark.process
+def test_two_worker_processes_share_one_study(tmp_path, processes):
     out = tmp_path / "opt"
-    first = subprocess.Popen([sys.executable, str(WORKER), str(out), "8"], env=_env())
-    second = subprocess.Popen([sys.executable, str(WORKER), str(out), "8", "resume"], env=_env())
+    # both workers are held at their first trial until both are there: each surely runs trials of the study
+    first = _hold(processes, [sys.executable, str(WORKER), str(out), "8"], _env(), tmp_path / "first")
+    second = _hold(processes, [sys.executable, str(WORKER), str(out), "8", "resume"], _env(), tmp_path / "second")
+    (tmp_path / "first").unlink()
+    (tmp_path / "second").unlink()
     assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
     records = [r for r in _records(out) if r["status"] != "running"]
     assert 8 <= len(records) <= 9  # each worker may start one trial while the other finishes the last
@@ -250,6 +253,23 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert workers == {str(first.pid), str(second.pid)}
     keys = [json.dumps(r["params"], sort_keys=True) for r in records]
     assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.process
+def test_workers_that_create_a_new_study_at_the_same_instant_do_not_race(tmp_path, processes):
+    """Four processes open one new SQLite study at once: the schema is created once, none fails."""
+    db = tmp_path / "s" / "study.db"
+    db.parent.mkdir()
+    script = (
+        "import sys; from leanml.search.study import _storage; import optuna; "
+        "s = _storage(sys.argv[1]); optuna.create_study(study_name='x', storage=s, load_if_exists=True); print('ok')"
+    )
+    procs = [
+        processes.popen([sys.executable, "-c", script, f"sqlite:///{db}"], env=_env(), stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0] and all(o.strip() == "ok" for o in outs)
 
 
 def _one_recipe_on_two_runtimes(monkeypatch, quant: str) -> list:
@@ -293,3 +313,32 @@ def test_a_rejected_recipe_is_not_compressed_again_for_another_runtime(llama128,
     assert [r["status"] for r in res.trials] == ["rejected", "rejected"]
     assert len(calls) == 1 and res.trials[1]["reused"] == "checks"
     assert res.trials[1]["reason"] == res.trials[0]["reason"]
+
+
+def test_a_run_that_fails_before_its_first_trial_leaves_nothing(tmp_path):
+    """A budget too small for one trial is known only after the original is measured: the folder the run
+    created is removed (so the corrected rerun is not blocked), and an output it was replacing comes back."""
+    handle, data = toy()
+    out = tmp_path / "opt"
+    with pytest.raises(LeanmlError, match="too small for one trial"):
+        optimize(handle, data, budget="2%", runtime="torch", time_budget="0.001s", out=out, threads=1, sensitivity=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    optimize(handle, data, budget="2%", runtime="torch", trials=1, out=out, threads=1, sensitivity=False)
+    kept = sorted(p.name for p in out.iterdir())
+    with pytest.raises(LeanmlError, match="too small for one trial"):
+        optimize(
+            handle, data, budget="2%", runtime="torch", time_budget="0.001s", out=out, force=True, threads=1, sensitivity=False
+        )
+    assert sorted(p.name for p in out.iterdir()) == kept and [p.name for p in tmp_path.iterdir()] == ["opt"]
+
+
+def test_a_resumed_search_gets_the_time_that_is_left(tmp_path):
+    handle, data = toy()
+    out = tmp_path / "opt"
+    optimize(handle, data, budget="2%", runtime="torch", trials=2, out=out, threads=1, sensitivity=False)
+    study = _study(out)
+    spent = study.user_attrs["search_seconds"]
+    assert spent > 0
+    study.set_user_attr("search_seconds", 3600.0)  # as if the first run had used the whole hour
+    res = optimize(handle, data, budget="2%", runtime="torch", time_budget="1h", out=out, resume=True, threads=1)
+    assert len([r for r in res.trials if r["status"] != "running"]) == 2  # no time left: no new trial

@@ -23,10 +23,15 @@ ORT_PREFERENCE = (
 )
 
 
+def check_device_name(device) -> None:
+    """Refuse a device name other than :data:`DEVICES` (whether the hardware is present is not checked)."""
+    if not isinstance(device, str) or device not in DEVICES:
+        raise LeanmlError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+
+
 def torch_device(device: str = "auto") -> torch.device:
     """The torch device for ``device`` (``auto``: cuda, then mps, then cpu); absent hardware is an error."""
-    if device not in DEVICES:
-        raise LeanmlError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device_name(device)
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     if device == "auto":
@@ -44,8 +49,7 @@ def ort_providers(device: str = "auto", available: list[str] | None = None) -> l
     ``available`` defaults to what the installed onnxruntime offers (a parameter so the choice is
     testable without the hardware).
     """
-    if device not in DEVICES:
-        raise LeanmlError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device_name(device)
     if available is None:
         import onnxruntime as ort
 

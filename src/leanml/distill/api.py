@@ -162,8 +162,11 @@ def distill(
     """Distil ``teacher`` into a student built per ``config.student`` (or the module ``student``) and
     return the student's handle; the teacher is not changed. ``checkpoint_dir`` + ``config.checkpoint_every``
     make the run resumable (``resume=True`` continues from the last checkpoint)."""
-    if not isinstance(config, Distill):
-        raise LeanmlError(f"leanml.distill takes a Distill config, not {type(config).__name__}")
+    from ..config import coerce_config
+    from ..quantize.api import check_handle
+
+    check_handle(teacher, "leanml.distill")
+    config = coerce_config(config, (Distill,), "leanml.distill")
     if not teacher.is_torch or not isinstance(teacher.module, nn.Module):
         raise LeanmlError(f"teacher {teacher.name!r} runs on {teacher.runtime}; distil from a PyTorch model")
     init_distributed()

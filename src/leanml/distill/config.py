@@ -63,7 +63,7 @@ class Distill(_LeanmlConfig):
     warmup: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     cache_teacher: bool = False
     select_fraction: float = Field(1.0, gt=0, le=1)
     select_by: Literal["hard", "easy", "random", "curriculum"] = "hard"

@@ -421,6 +421,9 @@ def train(
                         import torch.distributed as dist
 
                         dist.barrier()
+                from ..outputs import fault_point
+
+                fault_point("distill-step")
     finally:
         for h in hooks:
             h.remove()

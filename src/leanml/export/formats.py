@@ -26,9 +26,23 @@ FORMATS = ("onnx", "safetensors", "gguf")
 ONNX_DTYPES = ("fp32", "fp16")
 
 
+def check_export_args(fmt: str, path, force: bool, dtype: str = "fp32") -> Path:
+    """Every cheap check of an export, before the model is loaded."""
+    from ..outputs import check_file_target, check_folder_target
+
+    if fmt not in FORMATS:
+        raise LeanmlError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "onnx" and dtype not in ONNX_DTYPES:
+        raise LeanmlError(f"ONNX dtype {dtype!r} is not one of {', '.join(ONNX_DTYPES)}")
+    if fmt == "safetensors":
+        return check_folder_target(path, force)
+    return check_file_target(path, force)
+
+
 def _refuse(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise LeanmlError(f"{path} exists; pass --force to replace it")
+    from ..outputs import check_file_target
+
+    check_file_target(path, force)
 
 
 def export(
@@ -42,8 +56,7 @@ def export(
     accuracy_level: int = 4,
 ) -> dict:
     """Write ``handle`` as ``fmt`` to ``path`` and return a report (what was written, bytes, notes)."""
-    if fmt not in FORMATS:
-        raise LeanmlError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_export_args(fmt, path, force, dtype)
     if handle.runtime != "torch":
         raise LeanmlError(f"model {handle.name!r} runs on {handle.runtime}; export takes a torch model or a leanml artifact")
     path = Path(path)
@@ -68,14 +81,69 @@ def export(
                 "the causal-LM ONNX graph is written in fp32 with leanml's integer weights; dtype fp16 is "
                 "offered for other models"
             )
-        from ..accelerate.llm_onnx import build_llm_onnx
-
-        report = build_llm_onnx(handle, path, accuracy_level=accuracy_level)
-        return {"format": fmt, "path": str(path), **report}
-    return _export_onnx_graph(handle, path, dtype, data)
+        return _export_llm_onnx(handle, path, accuracy_level, force)
+    return _export_onnx_graph(handle, path, dtype, data, force)
 
 
-def _export_onnx_graph(handle: ModelHandle, path: Path, dtype: str, data) -> dict:
+SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GB limit, with room: larger graphs keep a weights file
+
+
+def _export_llm_onnx(handle: ModelHandle, path: Path, accuracy_level: int, force: bool) -> dict:
+    """The causal-LM graph, built in a temporary folder beside ``path`` and published atomically: one
+    self-contained file when it fits, else the graph and a weights file whose name is new on every export
+    (the graph is renamed into place last, so a reader sees the old pair or the new pair, never a mix)."""
+    import shutil
+    import uuid
+
+    import onnx
+
+    from ..accelerate.llm_onnx import build_llm_onnx
+    from ..outputs import clean_leftovers, fault_point, new_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
+    try:
+        built = work / "model.onnx"
+        report = build_llm_onnx(handle, built, accuracy_level=accuracy_level)
+        data = built.with_name(built.name + ".data")
+        size = built.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        old_data = _external_data_names(path) if path.exists() else set()
+        with new_file(path, force) as tmp:
+            if size < SINGLE_FILE_LIMIT:
+                onnx.save_model(onnx.load(str(built)), str(tmp))  # weights inlined: one file
+                new_data = None
+            else:
+                new_data = f"{path.name}.{uuid.uuid4().hex[:8]}.data"
+                os.replace(data, path.parent / new_data)
+                model = onnx.load(str(built), load_external_data=False)
+                for tensor in model.graph.initializer:
+                    for entry in tensor.external_data:
+                        if entry.key == "location":
+                            entry.value = new_data
+                onnx.save_model(model, str(tmp))
+            fault_point("export-written")
+        for name in old_data - {new_data}:  # the previous export's weights file, no longer referenced
+            (path.parent / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    files = [path] + ([path.parent / new_data] if new_data else [])
+    report["bytes"] = sum(f.stat().st_size for f in files)
+    return {"format": "onnx", "path": str(path), **report}
+
+
+def _external_data_names(path: Path) -> set[str]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX file: nothing of ours to remove
+        return set()
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return {n for n in names if n.startswith(path.name + ".") and n.endswith(".data") and os.sep not in n}
+
+
+def _export_onnx_graph(handle: ModelHandle, path: Path, dtype: str, data, force: bool = False) -> dict:
     """Export through the ONNX Runtime preparation (fusions, int8 kernels) and move the final graph to ``path``."""
     from ..accelerate.runtimes import _int8_mode
 
@@ -100,12 +168,9 @@ def _export_onnx_graph(handle: ModelHandle, path: Path, dtype: str, data) -> dic
         import onnx
 
         model = onnx.load(str(final))  # weights inlined: one self-contained file
-        fd, tmp_out = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            onnx.save_model(model, tmp_out)
-            os.replace(tmp_out, path)
-        finally:
-            if os.path.exists(tmp_out):
-                os.unlink(tmp_out)
+        from ..outputs import fault_point, new_file
+
+        with new_file(path, force) as tmp_out:
+            onnx.save_model(model, str(tmp_out))
+            fault_point("export-written")
     return {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, **report}

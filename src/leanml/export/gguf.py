@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import struct
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,11 +101,9 @@ def export_gguf(
         )
     if float_type not in FLOAT_TYPES:
         raise LeanmlError(f"float_type {float_type!r} is not accepted; use one of {', '.join(FLOAT_TYPES)}")
-    out = Path(path)
-    if out.is_dir():
-        raise LeanmlError(f"GGUF target '{out}' is a folder; give a file path such as '{out / 'model.gguf'}'")
-    if out.exists() and not force:
-        raise LeanmlError(f"{out} exists; pass force=True (--force) to replace it")
+    from ..outputs import check_file_target, fault_point, new_file
+
+    out = check_file_target(path, force)
     hp = _hparams(config)
     qfloat = gguf.GGMLQuantizationType.F32 if float_type == "f32" else gguf.GGMLQuantizationType.F16
     notes: list[str] = []
@@ -121,8 +118,7 @@ def export_gguf(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # same folder: os.replace is atomic
-    try:
+    with new_file(out, force) as tmp:  # same folder, published by one rename (or a no-clobber link)
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(str(getattr(handle, "name", "") or arch))
         _add_hparams(writer, hp)
@@ -137,10 +133,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fault_point("export-written")
     return {
         "path": str(out),
         "bytes": out.stat().st_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 import yaml
@@ -52,8 +53,11 @@ def get_profile(name: str | None = None, price_per_hour: float | None = None) ->
         raise LeanmlError(f"unknown hardware {name!r}; accepted: {', '.join(profiles)}")
     profile = profiles[name]
     if price_per_hour is not None:
-        if not price_per_hour > 0:
-            raise LeanmlError(f"--price-per-hour {price_per_hour} must be a positive number of dollars")
+        number = isinstance(price_per_hour, (int, float)) and not isinstance(price_per_hour, bool)
+        if not number or not math.isfinite(price_per_hour) or not price_per_hour > 0:
+            raise LeanmlError(
+                f"--price-per-hour {price_per_hour!r} is not accepted; give a finite, positive number of dollars per hour"
+            )
         profile = profile.model_copy(update={"usd_per_hour": float(price_per_hour), "price_kind": "user override"})
     return profile
 

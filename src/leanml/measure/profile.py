@@ -14,18 +14,52 @@ from ..models import ModelHandle, load_model
 from ..models.inputs import default_example_inputs, text_batch, text_prompt
 from .cost import count_flops, count_params, decode_benchmark, disk_bytes, sparse_accounting, time_calls, weight_bytes
 from .hardware import get_profile, usd_per_million
-from .quality import evaluate, fidelity
+from .quality import check_data_for, check_reference, evaluate, fidelity, fidelity_note, quality_notes
 from .record import Measurement
 from .stats import summarize
-from .system import PeakMemory, RaplMeter, cpu_name, memory_bandwidth_gbs, torch_threads
+from .system import PeakMemory, RaplMeter, check_threads, cpu_name, memory_bandwidth_gbs, torch_threads
 
 DEFAULT_PROMPT_TOKENS = 64
 DEFAULT_NEW_TOKENS = 32
+TORCH_RUNTIMES = ("torch", "torch-compile")
 
 
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise LeanmlError(f"{name} {value!r} is not accepted; give a whole number ≥ 1")
+
+
+def check_device(handle: ModelHandle, runtime: str, device: str) -> list[str]:
+    """Refuse a ``device`` the run would not use; the notes to add when ``auto`` leaves hardware unused.
+
+    The torch runtimes are timed on the CPU (the timers, memory and energy meters here are the CPU's),
+    so an explicit ``cuda``/``mps`` is refused for them rather than ignored, and absent hardware is an
+    error (:func:`~leanml.accelerate.devices.torch_device`). On ONNX Runtime the providers follow
+    ``device``; a model that already is an ONNX Runtime session keeps the providers it was loaded on,
+    so an explicit device that differs from them is refused.
+    """
+    from ..accelerate.devices import ort_providers, torch_device
+
+    if runtime in TORCH_RUNTIMES:
+        chosen = torch_device(device)
+        if chosen.type == "cpu":
+            return []
+        if device != "auto":
+            raise LeanmlError(
+                f"device {device!r} is not used by the {runtime} runtime: profile times torch models on the CPU "
+                f"only; pass --device cpu or auto, or --runtime onnxruntime to run on {device}"
+            )
+        return [f"device auto: {chosen.type} is present, but the {runtime} runtime is profiled on the CPU"]
+    providers = ort_providers(device)
+    session = getattr(handle.module, "session", None)
+    if runtime == handle.runtime and device != "auto" and hasattr(session, "get_providers"):
+        used = list(session.get_providers())
+        if used and used[0] != providers[0]:
+            raise LeanmlError(
+                f"model {handle.name!r} is an ONNX Runtime session already running on {used[0]}; device {device!r} "
+                f"would need {providers[0]}: pass --device auto to profile it as loaded"
+            )
+    return []
 
 
 def bytes_read_per_token(module: torch.nn.Module) -> int:
@@ -94,6 +128,7 @@ def profile(
     """Measure ``model`` on ``runtime`` (default: the one it is loaded on): size, FLOPs, speed, memory,
     energy, dollars and quality. Parameters, FLOPs and the roofline are counted on the torch model a
     runtime was prepared from; bytes on disk are the runtime's own files."""
+    check_threads(threads)
     for name, value in (
         ("threads", threads),
         ("batch", batch),
@@ -104,20 +139,29 @@ def profile(
         _check_positive(name, value)
     if new_tokens < 2:
         raise LeanmlError(f"new_tokens {new_tokens} is too small; decode speed needs at least 2")
-    profile_hw = get_profile(hardware, price_per_hour)
-    handle = model if isinstance(model, ModelHandle) else load_model(model)
-    data = load_data(data) if data is not None else None
+    from ..accelerate.devices import check_device_name
+
+    check_device_name(device)
     if runtime is not None:
-        from ..accelerate.runtimes import check_runtime, prepare
+        from ..accelerate.runtimes import check_runtime
 
         check_runtime(runtime)
-        if runtime != handle.runtime:
-            handle = prepare(handle, runtime, threads=threads, device=device, data=data)
-    twin = handle.meta.get("torch_handle") or handle
+    profile_hw = get_profile(hardware, price_per_hour)
+    # everything the user can get wrong is refused here, before a runtime is prepared or anything is timed
+    handle = model if isinstance(model, ModelHandle) else load_model(model)
+    notes: list[str] = check_device(handle, runtime or handle.runtime, device)
+    data = load_data(data) if data is not None else None
+    check_data_for(handle, data, verb="profile")
     ref = reference if (reference is None or isinstance(reference, ModelHandle)) else load_model(reference)
+    if ref is not None:
+        check_reference(handle, ref, data)
+    if runtime is not None and runtime != handle.runtime:
+        from ..accelerate.runtimes import prepare
+
+        handle = prepare(handle, runtime, threads=threads, device=device, data=data)
+    twin = handle.meta.get("torch_handle") or handle
     if hasattr(handle.module, "set_threads") and threads:
         handle.module.set_threads(threads)
-    notes: list[str] = []
     if handle.meta.get("example_inputs"):
         notes.append(handle.meta["example_inputs"])
     with torch_threads(threads) as n_threads:
@@ -152,7 +196,11 @@ def profile(
         else:
             energy, energy_source = profile_hw.power_w * seconds_per_item, "power-model"
         quality = evaluate(handle, data) if (data is not None and measure_quality) else None
+        if data is not None and measure_quality:
+            notes.extend(quality_notes(handle, data))
         fid = fidelity(handle, ref, data) if (ref is not None and data is not None) else None
+        if fid is not None and fidelity_note(fid):
+            notes.append(fidelity_note(fid))
         bandwidth = roofline = fraction = None
         if handle.task == "causal-lm" and twin.runtime == "torch":
             bandwidth = memory_bandwidth_gbs()

@@ -9,10 +9,281 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords
+from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords, load_data
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, output_tensor
 from ..progress import progress
+
+# How much evaluation data a figure needs to mean anything (chosen here; the numbers are in the messages):
+# * perplexity: fewer than 128 scored tokens in the evaluation split is refused - a handful of tokens
+#   gives a number (26,000 on 3 tokens) that says nothing about the model. 128 is a quarter of one
+#   512-token evaluation window; a TextCorpus evaluates min(eval_tokens, half its tokens), so a text
+#   needs at least 256 tokens.
+# * Spearman: fewer than 5 scored pairs (or scores that are all equal) is refused - with 2 pairs the
+#   rank correlation can only be ±1 and with equal scores it is undefined; below 30 pairs a note says
+#   the figure is noisy.
+# * accuracy: an empty evaluation split (a data set of one item) is refused; below 30 evaluation
+#   items a note says how much one item moves the figure.
+# * fidelity to a reference: a note when it is measured on fewer than 128 tokens or 30 items.
+MIN_PERPLEXITY_TOKENS = 128
+MIN_SPEARMAN_PAIRS = 5
+FEW_ITEMS = 30
+EVAL_WINDOW = 512
+
+TEXT_FOR_LM = "running text or text records: lee, enwiki, a .txt file or folder, a .jsonl/.csv file of texts"
+TEXT_FOR_ENCODER = "text: lee, lee-sim, enwiki, a .txt file or folder, a .jsonl/.csv file"
+TENSORS = "tensors: digits, a .pt/.pth/.npz file"
+TEXT_TASKS = ("sentence-embedding", "sequence-classification")
+
+
+def describe(data) -> str:
+    """What a data set holds, in words (for messages)."""
+    if isinstance(data, TextCorpus):
+        return "running text"
+    if isinstance(data, TextRecords):
+        return "text records" + (" with labels" if data.labels is not None else "")
+    if isinstance(data, SimilarityPairs):
+        return "similarity pairs"
+    x = data.x
+    return f"{'image ' if x.ndim == 4 else ''}tensors (items of shape {tuple(x.shape[1:])})"
+
+
+def _accepted(handle: ModelHandle) -> tuple[tuple[type, ...], str]:
+    """The data kinds ``handle``'s task can use, and how to say so."""
+    if handle.task == "causal-lm":
+        return (TextCorpus, TextRecords), TEXT_FOR_LM
+    if handle.task in TEXT_TASKS:
+        return (TextCorpus, TextRecords, SimilarityPairs), TEXT_FOR_ENCODER
+    if handle.task == "generic" and handle.tokenizer is not None:  # a model of unknown kind that reads text
+        return (TextCorpus, TextRecords, SimilarityPairs, TensorData), f"{TEXT_FOR_ENCODER}, or {TENSORS}"
+    return (TensorData,), TENSORS
+
+
+def _first_tensor(inputs) -> torch.Tensor | None:
+    if isinstance(inputs, dict):
+        inputs = list(inputs.values())
+    if isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], torch.Tensor):
+        return inputs[0]
+    return inputs if isinstance(inputs, torch.Tensor) else None
+
+
+@torch.no_grad()
+def _check_tensor_items(handle: ModelHandle, data: TensorData, verb: str) -> None:
+    """Items of ``data`` must fit ``handle`` when it has example inputs: equal per-item shape and dtype
+    pass at once; otherwise one small batch is run (convolutions take other image sizes), as profile feeds it."""
+    first = _first_tensor(handle.example_inputs)
+    if first is None or first.ndim == 0:
+        return
+    want, got = tuple(first.shape[1:]), tuple(data.x.shape[1:])
+    if want == got and first.dtype == data.x.dtype:
+        return
+    try:
+        handle.call((data.x[: max(1, min(len(data.x), first.shape[0]))],))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the cause is the data's shape or dtype
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise LeanmlError(
+            f"cannot {verb} model {handle.name!r} ({handle.task}) on data {data.name!r}: its items have shape {got} "
+            f"({str(data.x.dtype).removeprefix('torch.')}) but the model takes {want} "
+            f"({str(first.dtype).removeprefix('torch.')}); running it failed with {type(exc).__name__}: {why}"
+        ) from None
+
+
+def eval_token_count(handle: ModelHandle, data: TextCorpus) -> tuple[int, int]:
+    """(tokens in the evaluation split, tokens in all) of ``data`` under ``handle``'s tokenizer."""
+    lo, hi = data.split_range(handle.tokenizer, "eval")
+    return hi - lo, len(data.tokens(handle.tokenizer))
+
+
+def _check_perplexity_tokens(handle: ModelHandle, data: TextCorpus) -> None:
+    n_eval, n_all = eval_token_count(handle, data)
+    if n_eval < MIN_PERPLEXITY_TOKENS:
+        cap = f"its eval_tokens={data.eval_tokens}" if data.eval_tokens < n_all // 2 else f"half of its {n_all} tokens"
+        tokens = f"{n_eval} evaluation token{'s' * (n_eval != 1)}"
+        raise LeanmlError(
+            f"data {data.name!r} gives model {handle.name!r} only {tokens} ({cap}); perplexity "
+            f"needs at least {MIN_PERPLEXITY_TOKENS}, so give a text of at least {2 * MIN_PERPLEXITY_TOKENS} tokens"
+        )
+
+
+def _check_eval_size(handle: ModelHandle, data) -> None:
+    """Refuse evaluation sets too small to mean anything (see the comment at the top of the module)."""
+    if isinstance(data, TextCorpus) and handle.task == "causal-lm":
+        _check_perplexity_tokens(handle, data)
+    if isinstance(data, (TextRecords, TensorData)):
+        n = len(data.texts) if isinstance(data, TextRecords) else len(data.x)
+        if n < 2:
+            unit = "record" if isinstance(data, TextRecords) else "item"
+            raise LeanmlError(
+                f"data {data.name!r} holds {n} {unit}; at least 2 are needed "
+                f"(a seeded {data.eval_fraction:.0%} of them is the evaluation split)"
+            )
+    if isinstance(data, SimilarityPairs) and handle.task == "sentence-embedding":
+        if len(data.pairs) < MIN_SPEARMAN_PAIRS:
+            raise LeanmlError(
+                f"data {data.name!r} holds {len(data.pairs)} scored pairs; Spearman needs at least {MIN_SPEARMAN_PAIRS}"
+            )
+        if len(set(data.scores)) < 2:
+            raise LeanmlError(f"data {data.name!r}: every pair has the score {data.scores[0]}, so Spearman is undefined")
+
+
+def check_data_for(handle: ModelHandle, data, verb: str = "profile") -> None:
+    """Refuse, before anything is measured, ``data`` that ``handle``'s task cannot use.
+
+    Causal LMs take running text or text records; sentence encoders and sequence classifiers take text
+    (running text, records or similarity pairs); image and generic tensor models take tensors whose
+    items fit the model's example inputs. Text needs the model's tokenizer. Unless ``verb`` is
+    ``"calibrate"`` (which reads the calibration split), evaluation sets too small to give a meaningful
+    figure are refused too. ``verb`` is what the caller is about to do, for the message.
+    """
+    if data is None:
+        return
+    data = load_data(data)
+    kinds, accepted = _accepted(handle)
+    if not isinstance(data, kinds):
+        raise LeanmlError(
+            f"cannot {verb} model {handle.name!r} ({handle.task}) on data {data.name!r}: the data holds "
+            f"{describe(data)}; the model takes {accepted}"
+        )
+    if not isinstance(data, TensorData) and handle.tokenizer is None:
+        raise LeanmlError(
+            f"cannot {verb} model {handle.name!r} ({handle.task}) on text data {data.name!r}: the model has no "
+            "tokenizer (load it from a Hugging Face folder or .gguf file that has one)"
+        )
+    if isinstance(data, TensorData):
+        _check_tensor_items(handle, data, verb)
+    if verb != "calibrate":
+        _check_eval_size(handle, data)
+
+
+def metric_for(handle: ModelHandle, data) -> str | None:
+    """The quality metric :func:`evaluate` gives for ``handle`` on ``data``, or None."""
+    if handle.task == "causal-lm":
+        return "perplexity" if isinstance(data, TextCorpus) else None
+    if handle.task == "sentence-embedding":
+        return "spearman" if isinstance(data, SimilarityPairs) else None
+    if isinstance(data, TensorData) and data.y is not None:
+        return "accuracy"
+    if isinstance(data, TextRecords) and data.labels is not None and handle.tokenizer is not None:
+        return "accuracy"
+    return None
+
+
+def _eval_items(data) -> int:
+    return len(data.indices("eval"))
+
+
+def quality_notes(handle: ModelHandle, data) -> list[str]:
+    """Plain words for a profile's notes: why there is no quality figure, or why it is a weak one."""
+    metric = metric_for(handle, data)
+    name = data.name
+    if metric is None:
+        if handle.task == "causal-lm":
+            want = "perplexity, which needs running text (lee, enwiki, a .txt file or folder)"
+        elif handle.task == "sentence-embedding":
+            want = "Spearman on similarity pairs (lee-sim, or a .jsonl/.csv with text_a, text_b, score)"
+        elif isinstance(data, TensorData):
+            want = "accuracy, which needs labels (y) with the tensors"
+        else:
+            want = "accuracy, which needs labelled text records (a .jsonl/.csv with text and label)"
+        return [
+            f"no quality figure: model {handle.name!r} ({handle.task}) is scored by {want}; "
+            f"data {name!r} holds {describe(data)}, so only cost was measured"
+        ]
+    if metric == "accuracy" and _eval_items(data) < FEW_ITEMS:
+        n = _eval_items(data)
+        return [
+            f"accuracy is over only {n} evaluation item{'s' * (n != 1)} of data {name!r}, so one item moves it by "
+            f"{1 / n:.1%}; give data with at least {FEW_ITEMS} evaluation items for a figure that means something"
+        ]
+    if metric == "spearman" and len(data.pairs) < FEW_ITEMS:
+        return [
+            f"Spearman is over only {len(data.pairs)} pairs of data {name!r}; below {FEW_ITEMS} pairs it is too "
+            "noisy to compare models"
+        ]
+    return []
+
+
+def fidelity_note(fid: dict) -> str | None:
+    """A note when a fidelity figure rests on too little data."""
+    if fid.get("n_tokens") is not None and fid["n_tokens"] < MIN_PERPLEXITY_TOKENS:
+        return f"fidelity to the reference is over only {fid['n_tokens']} tokens; give more text for a stable figure"
+    if fid.get("n_items") is not None and fid["n_items"] < FEW_ITEMS:
+        return f"fidelity to the reference is over only {fid['n_items']} items; give more data for a stable figure"
+    return None
+
+
+def _config(handle: ModelHandle, key: str):
+    value = getattr(getattr(handle.module, "config", None), key, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _lm_vocab_size(handle: ModelHandle) -> int | None:
+    """Rows of a causal LM's output layer (what its logits cover), when it can be told."""
+    get = getattr(handle.module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0])
+    return _config(handle, "vocab_size")
+
+
+def _tokenizer_vocab(tokenizer):
+    """A tokenizer's vocabulary (a dict), else its size, else None."""
+    get = getattr(tokenizer, "get_vocab", None)
+    if callable(get):
+        try:
+            return dict(get())
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot list its vocabulary is compared by size
+            pass
+    size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_reference(handle: ModelHandle, reference: ModelHandle, data) -> None:
+    """Refuse, before anything is measured, a reference that fidelity cannot compare with ``handle`` on ``data``:
+    it must do the same task; causal LMs need the same vocabulary (and tokenizer vocabulary when both
+    have tokenizers), encoders the same embedding width, classifiers the same number of classes."""
+    pair = f"model {handle.name!r} ({handle.task}) and reference {reference.name!r} ({reference.task})"
+    if data is None:
+        raise LeanmlError(f"{pair}: fidelity to a reference is measured on data; give data (--data) too")
+    if reference.task != handle.task:
+        raise LeanmlError(f"{pair} do different tasks; a reference must also be a {handle.task} model")
+    if handle.task == "causal-lm":
+        a, b = _lm_vocab_size(handle), _lm_vocab_size(reference)
+        if a is not None and b is not None and a != b:
+            raise LeanmlError(
+                f"{pair} have vocabularies of {a} and {b} tokens; fidelity compares next-token "
+                "distributions, so the reference needs the same vocabulary"
+            )
+        if handle.tokenizer is not None and reference.tokenizer is not None and handle.tokenizer is not reference.tokenizer:
+            va, vb = _tokenizer_vocab(handle.tokenizer), _tokenizer_vocab(reference.tokenizer)
+            sa, sb = (len(v) if isinstance(v, dict) else v for v in (va, vb))
+            differ = va != vb if isinstance(va, dict) and isinstance(vb, dict) else sa != sb
+            if va is not None and vb is not None and differ:
+                raise LeanmlError(
+                    f"{pair} have different tokenizers ({sa} and {sb} tokens); the reference is fed the "
+                    "model's token ids, so it needs the same tokenizer"
+                )
+        return
+    if handle.task == "sentence-embedding":
+        a, b = _config(handle, "hidden_size"), _config(reference, "hidden_size")
+        if a is not None and b is not None and a != b:
+            raise LeanmlError(f"{pair} give embeddings of width {a} and {b}; cosine fidelity needs the same width")
+        if reference.tokenizer is None:
+            raise LeanmlError(f"{pair}: the reference has no tokenizer, so it cannot embed the texts of {data.name!r}")
+        return
+    if not isinstance(data, (TensorData, TextRecords)):
+        raise LeanmlError(
+            f"{pair}: fidelity of a {handle.task} model is measured on tensors or text records; "
+            f"data {data.name!r} holds {describe(data)}"
+        )
+    if isinstance(data, TextRecords) and reference.tokenizer is None:
+        raise LeanmlError(f"{pair}: the reference has no tokenizer, so it cannot read the texts of {data.name!r}")
+    a, b = _config(handle, "num_labels"), _config(reference, "num_labels")
+    if a is not None and b is not None and a != b:
+        raise LeanmlError(f"{pair} have {a} and {b} classes; fidelity compares class outputs, so they must match")
+    if isinstance(data, TensorData):
+        _check_tensor_items(reference, data, "compare with the reference")
 
 
 def lm_logits(handle: ModelHandle, window: torch.Tensor) -> torch.Tensor:
@@ -61,7 +332,7 @@ def classify(handle: ModelHandle, data, split: str = "eval", batch_size: int = 6
         for k in range(0, len(x), batch_size):
             outs.append(output_tensor(handle.call((x[k : k + batch_size],))).float())
     else:
-        texts, _ = data.labelled(split)
+        texts = data.documents(split)  # the same order as data.labelled(split); labels are not needed here
         for k in range(0, len(texts), batch_size):
             enc = handle.tokenizer(
                 texts[k : k + batch_size], padding=True, truncation=True, max_length=handle.max_length, return_tensors="pt"
@@ -77,16 +348,18 @@ def labels_of(data, split: str = "eval") -> torch.Tensor:
 
 
 def evaluate(handle: ModelHandle, data) -> dict | None:
-    """The task's quality metric on the evaluation split of ``data``, or None when none applies."""
-    if handle.task == "causal-lm" and isinstance(data, TextCorpus):
-        return perplexity(handle, data.windows(handle.tokenizer, "eval", 512))
-    if handle.task == "sentence-embedding" and isinstance(data, SimilarityPairs):
+    """The task's quality metric on the evaluation split of ``data``, or None when none applies
+    (:func:`metric_for`; :func:`quality_notes` says why)."""
+    metric = metric_for(handle, data)
+    if metric == "perplexity":
+        _check_perplexity_tokens(handle, data)
+        return perplexity(handle, data.windows(handle.tokenizer, "eval", EVAL_WINDOW))
+    if metric == "spearman":
         value = cosine_spearman(handle.embed(data.texts), data.pairs, data.scores)
         return {"metric": "spearman", "value": value, "higher_is_better": True, "n_items": len(data.pairs)}
-    labelled = (isinstance(data, TensorData) and data.y is not None) or (
-        isinstance(data, TextRecords) and data.labels is not None and handle.tokenizer is not None
-    )
-    if labelled and handle.task != "causal-lm":
+    if metric == "accuracy":
+        if _eval_items(data) == 0:
+            raise LeanmlError(f"data {data.name!r} has an empty evaluation split; accuracy needs at least 2 items")
         logits = classify(handle, data)
         y = labels_of(data)
         if logits.ndim != 2 or logits.shape[0] != len(y):
@@ -99,6 +372,22 @@ def evaluate(handle: ModelHandle, data) -> dict | None:
     return None
 
 
+def lm_windows(handle: ModelHandle, data, limit: int | None = None) -> list[torch.Tensor]:
+    """Evaluation windows of token ids: from running text by position, from records one per text."""
+    if isinstance(data, TextCorpus):
+        return data.windows(handle.tokenizer, "eval", EVAL_WINDOW, limit=limit)
+    out = []
+    for text in data.documents("eval"):
+        ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"][:EVAL_WINDOW]
+        if len(ids) >= 2:
+            out.append(torch.tensor(ids, dtype=torch.long))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise LeanmlError(f"data {data.name!r} has no evaluation text of 2 tokens or more")
+    return out
+
+
 @torch.no_grad()
 def fidelity(handle: ModelHandle, reference: ModelHandle, data, max_items: int = 8) -> dict:
     """Label-free agreement of ``handle`` with ``reference`` on the evaluation split of ``data``.
@@ -109,7 +398,7 @@ def fidelity(handle: ModelHandle, reference: ModelHandle, data, max_items: int =
     if handle.task == "causal-lm":
         agree = kl = 0.0
         n = 0
-        for window in data.windows(handle.tokenizer, "eval", 512, limit=max_items):
+        for window in lm_windows(handle, data, limit=max_items):
             p = lm_logits(reference, window).log_softmax(-1)
             q = lm_logits(handle, window).log_softmax(-1)
             agree += float((p.argmax(-1) == q.argmax(-1)).sum())

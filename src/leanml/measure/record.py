@@ -75,7 +75,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
+        from ..outputs import file_mode
+
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; results follow the umask like any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

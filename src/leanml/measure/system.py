@@ -12,6 +12,21 @@ from contextlib import contextmanager
 import psutil
 import torch
 
+from ..errors import LeanmlError
+
+
+def check_threads(threads) -> None:
+    """Refuse a thread count other than None or a whole number from 1 to this machine's CPU count
+    (more threads than CPUs only slows a run down, and a huge count aborts inside the OpenMP runtime)."""
+    if threads is None:
+        return
+    most = os.cpu_count() or 1
+    whole = isinstance(threads, int) and not isinstance(threads, bool)
+    if not whole or not 1 <= threads <= most:
+        raise LeanmlError(
+            f"threads {threads!r} is not accepted; give a whole number from 1 to {most} (the CPUs this machine has)"
+        )
+
 
 class PeakMemory:
     """Peak resident memory (bytes) of this process during a ``with`` block.

@@ -8,6 +8,7 @@ ONNX Runtime). Every failure the user can fix raises :class:`~leanml.errors.Lean
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -56,11 +57,18 @@ def load_model(spec: str | os.PathLike, task: str | None = None) -> ModelHandle:
             from ..artifact import load_artifact
 
             return load_artifact(path)
+        if safetensors_metadata(path / "model.safetensors").get("format") == "leanml":
+            raise LeanmlError(f"{text!r} is a leanml artifact whose leanml.json is missing; it cannot be rebuilt without it")
         if (path / "config.json").exists():
             return load_hf_folder(path, name=path.name, task=task)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return load_gguf(ggufs[0])
+        if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+            raise LeanmlError(
+                f"folder {text!r} holds weights but no config.json; a Hugging Face model folder needs its "
+                "config.json (save it with model.save_pretrained)"
+            )
         raise LeanmlError(f"folder {text!r} holds no config.json or single .gguf file; accepted: {ACCEPTED}")
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
@@ -108,35 +116,205 @@ def _detect_task(folder: Path, config) -> str:
     return "generic"
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safetensors_metadata(path: Path) -> dict:
+    """The metadata of a safetensors file's header ({} when the file is absent or unreadable); cheap,
+    the tensors are not read."""
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the loader that reads it
+        return {}
+
+
+def _check_config_file(folder: Path) -> None:
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LeanmlError(f"folder '{folder}' has no config.json; a Hugging Face model folder needs one") from None
+    except UnicodeDecodeError:
+        raise LeanmlError(f"'{path}' is not UTF-8 text, so it is not a Hugging Face config") from None
+    except json.JSONDecodeError as exc:
+        raise LeanmlError(f"'{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except OSError as exc:
+        raise LeanmlError(f"'{path}' cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise LeanmlError(f"'{path}' holds a JSON {type(data).__name__}, not the object of a Hugging Face config")
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Each safetensors file's header can be read and covers the whole file (a truncated copy fails here)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                fh.metadata()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: the file's fault
+            raise LeanmlError(
+                f"weights file '{path}' is damaged or truncated ({_first_line(exc)}); copy or download it again"
+            ) from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' multi-line load report while loading; leanml checks the loading info itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# buffers that a model recomputes at construction, so a checkpoint rightly lacks them
+_STATE_BUFFERS = ("running_mean", "running_var")
+
+
+def newly_initialised(model: torch.nn.Module, missing_keys) -> list[str]:
+    """The entries of ``missing_keys`` (from ``from_pretrained(..., output_loading_info=True)``) that left
+    the model with freshly initialised values, in the model's order: parameters that are not tied to a
+    loaded one (an ``lm_head`` sharing the input embedding's storage is fine) and batch-norm statistics;
+    recomputed buffers (``position_ids``, rotary ``inv_freq``) are not."""
+    missing = set(missing_keys or [])
+    if not missing:
+        return []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_storage: dict[int, list[str]] = {}
+    for name, p in params.items():
+        if p.numel():
+            by_storage.setdefault(p.data_ptr(), []).append(name)
+    out = []
+    for name in list(params) + [n for n, _ in model.named_buffers(remove_duplicate=False)]:
+        if name not in missing or name in out:
+            continue
+        if name in params:
+            p = params[name]
+            sharers = by_storage.get(p.data_ptr(), []) if p.numel() else []
+            if any(other != name and other not in missing for other in sharers):
+                continue  # tied to a weight that was loaded
+            out.append(name)
+        elif name.rsplit(".", 1)[-1] in _STATE_BUFFERS:
+            out.append(name)
+    return out
+
+
+def _check_loading_info(folder: Path, model: torch.nn.Module, info: dict) -> None:
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0] if isinstance(m, tuple) else m))
+    if mismatched:
+        first = mismatched[0]
+        if isinstance(first, tuple) and len(first) >= 3:
+            what = f"{first[0]!r} is {tuple(first[1])} in the weights but {tuple(first[2])} for the config"
+        else:
+            what = f"{first[0] if isinstance(first, tuple) else first!r} has another shape in the weights than in the config"
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise LeanmlError(
+            f"the weights in '{folder}' do not fit its config.json: {what}{more}; the config belongs to another model"
+        )
+    fresh = newly_initialised(model, info.get("missing_keys"))
+    if fresh:
+        shown = ", ".join(repr(n) for n in fresh[:3]) + (f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
+        raise LeanmlError(
+            f"'{folder}' lacks {len(fresh)} weight(s) its config.json needs ({shown}), so they would be freshly "
+            "initialised; the weights are incomplete or belong to another model"
+        )
+
+
+def _is_floating(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _persistent_buffers(module: torch.nn.Module):
+    for prefix, mod in module.named_modules():
+        skip = getattr(mod, "_non_persistent_buffers_set", set())
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in skip:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+def check_finite(module: torch.nn.Module, where: str) -> None:
+    """A one-line error naming the first float parameter or (persistent) buffer of ``module`` that holds
+    nan or inf; ``where`` names the model in the message (e.g. ``model 'path'``). One
+    ``isfinite().all()`` per tensor: cheap next to loading."""
+    if not isinstance(module, torch.nn.Module):
+        return
+    seen: set[int] = set()
+    for kind, items in (("parameter", module.named_parameters()), ("buffer", _persistent_buffers(module))):
+        for name, t in items:
+            if t is None or not isinstance(t, torch.Tensor) or t.is_meta or not t.numel() or not _is_floating(t):
+                continue
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if not bool(torch.isfinite(t).all()):
+                bad = "nan" if bool(torch.isnan(t).any()) else "inf"
+                raise LeanmlError(
+                    f"{where} holds non-finite values ({bad}) in {kind} {name!r}; the weights are damaged "
+                    "or come from a diverged run, so nothing measured on them would mean anything"
+                )
+
+
 def load_hf_folder(folder: Path, name: str | None = None, task: str | None = None) -> ModelHandle:
-    """Load a Hugging Face model folder; the task comes from its config unless given."""
+    """Load a Hugging Face model folder; the task comes from its config unless given.
+
+    A folder whose config.json is missing or not JSON, whose weight files are truncated, whose weights
+    do not fit its config (another model's config), or whose load would leave parameters freshly
+    initialised, or whose weights hold nan/inf, is a one-line :class:`LeanmlError`."""
     import transformers as tf
 
+    folder = Path(folder)
+    _check_config_file(folder)
+    _check_weight_files(folder)
     try:
-        config = tf.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise LeanmlError(f"folder '{folder}' is not a loadable Hugging Face model: {exc}") from None
+        with _quiet_transformers():
+            config = tf.AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the config is the folder's fault
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if "model_type" not in data:
+            raise LeanmlError(f"'{folder}/config.json' has no 'model_type', so it is not a Hugging Face model config") from None
+        raise LeanmlError(f"folder '{folder}' is not a loadable Hugging Face model: {_first_line(exc)}") from None
     task = task or _detect_task(folder, config)
     auto = {
         "causal-lm": tf.AutoModelForCausalLM,
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
     }.get(task, tf.AutoModel)
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if task == "sentence-embedding":
         kwargs["attn_implementation"] = "eager"
-    model = auto.from_pretrained(folder, **kwargs).eval()
+    try:
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(folder, **kwargs)
+    except LeanmlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a weight file that cannot be read, or a config that does not build
+        raise LeanmlError(f"the weights in '{folder}' could not be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
+    missing = list(info.get("missing_keys") or [])
+    if task == "sentence-embedding" and getattr(model, "pooler", None) is not None:
+        pooler = [k for k in missing if k.startswith("pooler.")]
+        if pooler:  # a sentence encoder saved without its pooler: embeddings never use it, so it goes
+            model.pooler = None
+            info = dict(info, missing_keys=[k for k in missing if k not in pooler])
+    _check_loading_info(folder, model, info)
+    model = model.eval()
+    check_finite(model, f"model '{folder}'")
     tokenizer = None
     if task == "image-classification":
-        try:
-            tokenizer = tf.AutoImageProcessor.from_pretrained(folder)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = _load_processor(folder, tf.AutoImageProcessor, "image processor")
     else:
-        try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = _load_processor(folder, tf.AutoTokenizer, "tokenizer")
     max_length = 128 if task == "sentence-embedding" else 512
     handle = ModelHandle(
         module=model,
@@ -149,6 +327,18 @@ def load_hf_folder(folder: Path, name: str | None = None, task: str | None = Non
     )
     handle.example_inputs = default_example_inputs(handle)
     return handle
+
+
+def _load_processor(folder: Path, auto, what: str):
+    """The folder's tokenizer or image processor; None when it has none (OSError/ValueError), a
+    one-line error when its files are there but broken."""
+    try:
+        with _quiet_transformers():
+            return auto.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer.json the tokenizers library cannot parse
+        raise LeanmlError(f"the {what} files in '{folder}' cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -217,6 +407,7 @@ def load_torch_file(path: Path, task: str | None = None) -> ModelHandle:
         )
     if not isinstance(module, torch.nn.Module):
         raise LeanmlError(f"model file '{path}' holds a {type(module).__name__}, not an nn.Module")
+    check_finite(module, f"model file '{path}'")
     handle = ModelHandle(module=module.eval(), task=task or "generic", name=path.stem, source=str(path), artifact=path)
     handle.example_inputs = default_example_inputs(handle)
     return handle

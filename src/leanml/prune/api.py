@@ -452,13 +452,15 @@ def _distill_or_task_loss(handle: ModelHandle, teacher: torch.nn.Module | None, 
 # ----------------------------------------------------------------------------------------------------
 
 
-def prune(handle: ModelHandle, config: TechniqueConfig, data=None) -> ModelHandle:
-    """Apply the pruning ``config`` to ``handle`` in place and return it (calibration from ``data``)."""
+def prune(handle: ModelHandle, config: TechniqueConfig | dict, data=None) -> ModelHandle:
+    """Apply the pruning ``config`` to ``handle`` in place and return it (calibration from ``data``).
+
+    ``config`` is a Prune, GradualPrune or StructuredPrune config, or a dict with its ``kind``."""
+    from ..config import coerce_config
+    from ..quantize.api import check_handle
     from ..registry import handler_for
 
-    if not isinstance(config, (Prune, GradualPrune, StructuredPrune)):
-        raise LeanmlError(
-            f"leanml.prune takes a prune, gradual-prune or prune-structured config, got {getattr(config, 'kind', config)!r}"
-        )
+    check_handle(handle, "leanml.prune")
+    config = coerce_config(config, (Prune, GradualPrune, StructuredPrune), "leanml.prune")
     data = load_data(data) if data is not None else None
     return handler_for(config)(handle, config, data)

@@ -2,8 +2,8 @@
 :data:`leanml.config.CONFIG_TYPES` at import so that recipes can name them (``kind: prune``,
 ``kind: gradual-prune`` and ``kind: prune-structured``).
 
-Unlike the quantization configs, constructing one with a bad value raises a one-line
-:class:`~leanml.errors.LeanmlError` directly (it is a ``ValueError``, like pydantic's ``ValidationError``).
+Like every config, constructing one with a bad value raises a one-line
+:class:`~leanml.errors.LeanmlError` (a ``ValueError``) naming the field, the value and what is accepted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from leanml.config import CONFIG_TYPES, TechniqueConfig
 from leanml.errors import LeanmlError
@@ -29,24 +29,9 @@ def register_config(cls: type[TechniqueConfig]) -> type[TechniqueConfig]:
     return cls
 
 
-def _one_line(kind: str, exc: ValidationError) -> LeanmlError:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or kind
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if not err["loc"]:
-        return LeanmlError(f"{kind}: {msg}")
-    return LeanmlError(f"{kind}: field {field!r} = {err.get('input')!r} is not accepted: {msg}")
-
-
-class _LeanmlConfig(TechniqueConfig):
-    """A config whose validation errors are one-line :class:`LeanmlError`s."""
-
-    def __init__(self, **data):
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            kind = type(self).model_fields["kind"].default
-            raise _one_line(kind, exc) from None
+# Every TechniqueConfig now raises a one-line LeanmlError for a bad value; the name is kept for the
+# configs defined on top of it elsewhere (fine-tuning, distillation).
+_LeanmlConfig = TechniqueConfig
 
 
 class Prune(_LeanmlConfig):
@@ -168,7 +153,7 @@ class GradualPrune(_LeanmlConfig):
     distill: bool = True
     calib_windows: int = Field(16, ge=1)
     window: int = Field(512, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
     def _order(self):

@@ -13,7 +13,7 @@ import types
 
 class _CallableModule(types.ModuleType):
     def __call__(self, handle, config, data=None):
-        """Apply one quantization config to ``handle`` in place and return it."""
+        """Apply one quantization config (or a dict with its ``kind``) to ``handle`` in place and return it."""
         from .api import quantize
 
         return quantize(handle, config, data)

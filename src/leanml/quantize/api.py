@@ -16,6 +16,7 @@ from ..config import (
     SmoothQuant,
     TechniqueConfig,
     WeightOnly,
+    coerce_config,
 )
 from ..data import load_data
 from ..errors import LeanmlError
@@ -351,9 +352,27 @@ def apply_codebook(handle: ModelHandle, cfg: Codebook, data=None) -> ModelHandle
     return handle
 
 
-def quantize(handle: ModelHandle, config: TechniqueConfig, data=None) -> ModelHandle:
-    """Apply ``config`` to ``handle`` in place and return it (calibration from ``data`` when needed)."""
+QUANTIZE_CONFIGS = (WeightOnly, Int8Dynamic, Int8Static, SmoothQuant, FloatCast, Codebook, MixedPrecision, QAT)
+
+
+def check_handle(handle, verb: str) -> ModelHandle:
+    """``handle`` when it is a :class:`ModelHandle`; a one-line error naming what was passed otherwise."""
+    if not isinstance(handle, ModelHandle):
+        raise LeanmlError(
+            f"{verb} takes a ModelHandle (from leanml.load_model), got {type(handle).__name__}; "
+            "load the model first: leanml.load_model(path_or_name)"
+        )
+    return handle
+
+
+def quantize(handle: ModelHandle, config: TechniqueConfig | dict, data=None) -> ModelHandle:
+    """Apply ``config`` to ``handle`` in place and return it (calibration from ``data`` when needed).
+
+    ``config`` is a quantization config (:data:`QUANTIZE_CONFIGS`) or a dict with its ``kind``
+    (e.g. ``{"kind": "weight-only", "bits": 4}``)."""
     from ..registry import handler_for
 
+    check_handle(handle, "leanml.quantize")
+    config = coerce_config(config, QUANTIZE_CONFIGS, "leanml.quantize")
     data = load_data(data) if data is not None else None
     return handler_for(config)(handle, config, data)

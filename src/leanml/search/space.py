@@ -108,12 +108,16 @@ class Space:
         raise LeanmlError(f"unknown quantization option {name!r}")
 
 
+def check_search_runtime(runtime: str) -> None:
+    if runtime != "auto" and runtime not in RUNTIMES:
+        raise LeanmlError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}")
+
+
 def build_space(
     handle, runtime: str = "auto", allow_distill: bool = False, n_layers: int | None = None, sensitive: list[str] | None = None
 ) -> Space:
     """The space for ``handle``'s task. ``runtime`` 'auto' searches ONNX Runtime and torch eager."""
-    if runtime != "auto" and runtime not in RUNTIMES:
-        raise LeanmlError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}")
+    check_search_runtime(runtime)
     runtimes = list(SEARCH_RUNTIMES) if runtime == "auto" else [runtime]
     task = handle.task
     hf = getattr(handle.module, "config", None) is not None

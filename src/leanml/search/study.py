@@ -104,20 +104,76 @@ def _alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def check_storage(url: str | None) -> None:
+    """Refuse a storage URL that cannot work, before anything is created: an unknown scheme, a database
+    driver that is not installed, or an SQLite file in a folder that cannot be written."""
+    if url is None:
+        return
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - sqlalchemy raises several types for a malformed URL
+        raise LeanmlError(
+            f"--storage {url!r} is not a database URL; accepted: sqlite:///path/study.db, postgresql://..., mysql://..."
+        ) from None
+    scheme = parsed.get_backend_name()
+    if scheme not in STORAGE_SCHEMES:
+        raise LeanmlError(f"--storage {url!r} has the unknown scheme {scheme!r}; accepted: {', '.join(STORAGE_SCHEMES)}")
+    try:
+        parsed.get_dialect()
+    except Exception as exc:  # noqa: BLE001 - the driver module is missing
+        raise LeanmlError(f"--storage {url!r}: its database driver is not installed ({str(exc).splitlines()[0]})") from None
+    if scheme == "sqlite":
+        db = parsed.database
+        if not db or db == ":memory:":
+            raise LeanmlError(f"--storage {url!r} is an in-memory SQLite database; give a file: sqlite:///path/study.db")
+        from ..outputs import check_parent
+
+        path = Path(db)
+        if path.is_dir():
+            raise LeanmlError(f"--storage {url!r} names a folder; give a file: sqlite:///{db.rstrip('/')}/study.db")
+        check_parent(path, "--storage")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise LeanmlError(f"--storage {url!r}: the file {db!r} cannot be read and written")
+        if not path.parent.exists() or not os.access(path.parent, os.W_OK):
+            raise LeanmlError(f"--storage {url!r}: the folder of {db!r} does not exist or is not writable")
+
+
 def _storage(url: str):
+    import contextlib
+    import fcntl
     import warnings
 
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=20,
-        grace_period=90,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    # workers that start together would race to create the schema of a new database (both insert the
+    # schema version): on one machine they take turns through a lock file beside an SQLite file, and
+    # a worker that still loses the race (another machine) retries once the winner has created it
+    lock_path = None
+    if url.startswith("sqlite:///"):
+        lock_path = Path(url[len("sqlite:///") :]).with_suffix(".lock")
+    with open(lock_path, "a") if lock_path else contextlib.nullcontext() as lock:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=20,
+                    grace_period=90,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
+            except Exception as exc:  # noqa: BLE001 - sqlalchemy IntegrityError / OperationalError
+                if attempt == 4 or type(exc).__name__ not in ("IntegrityError", "OperationalError"):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def _retried_numbers(study) -> set[int]:
@@ -203,6 +259,9 @@ class _Search:
 
     # one point of the space, start to finish
     def run(self, point: dict, number: int) -> dict:
+        from ..outputs import fault_point
+
+        fault_point("optimize-in-trial")
         t0 = time.perf_counter()
         rec = {
             "label": self.space.label(point),
@@ -354,6 +413,33 @@ class _Search:
         return fn
 
 
+def fresh_study(out: Path) -> bool:
+    """Whether the study in ``out`` has no finished trial (so removing it loses no work)."""
+    import optuna
+
+    db = out / STUDY_FILE
+    if not db.exists():
+        return True
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        return not any(
+            t.state.is_finished() and "record" in t.user_attrs
+            for summary in optuna.get_all_study_summaries(storage)
+            for t in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
+        )
+    except Exception:  # noqa: BLE001 - an unreadable database holds no finished work we could keep
+        return True
+
+
+def _clean_dead_workers(work_root: Path) -> None:
+    """Remove the work folders of this machine's workers that died (a killed run's ``.work/<host>-<pid>``)."""
+    host = socket.gethostname()
+    for d in work_root.glob(f"{host}-*") if work_root.is_dir() else []:
+        pid = d.name[len(host) + 1 :]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _fits_in_memory(handle: ModelHandle, copies: int) -> bool:
     """Whether ``copies`` more copies of the model's tensors take under a quarter of the free memory."""
     import psutil
@@ -412,172 +498,211 @@ def optimize(
     if gate <= 1:
         raise LeanmlError(f"gate {gate!r} must be > 1 (how many times over the budget a cheap estimate may be)")
     hw = get_profile(hardware)
+    from ..measure.quality import check_data_for
+    from ..measure.system import check_threads
+    from ..outputs import check_folder_target, drop_aside, fault_point, read_marker, replace_owned_folder, write_marker
+    from .space import check_search_runtime
+
+    check_threads(threads)
+    check_search_runtime(runtime)
+    check_storage(storage)
     out_path = Path(out) if out is not None else None
-    url = storage
-    if out_path is not None:
+    if out_path is not None:  # every check of the output before anything is loaded or created
         marker = out_path / STUDY_FILE
-        if out_path.exists() and not resume:
-            if not force:
+        if resume:
+            if out_path.exists() and not out_path.is_dir():
+                raise LeanmlError(f"--out {str(out_path)!r} is a file; --resume needs the folder of a search")
+            started = (read_marker(out_path) or {}).get("kind") == "optimize"  # killed before its study existed
+            if storage is None and not marker.exists() and not started:
+                raise LeanmlError(f"nothing to resume: {str(marker)!r} does not exist (start without --resume)")
+            if out_path.exists() and any(out_path.iterdir()) and read_marker(out_path) is None and not marker.exists():
+                raise LeanmlError(f"--out {str(out_path)!r} holds files leanml did not write; choose another folder")
+        else:
+            if out_path.is_dir() and any(out_path.iterdir()) and not force:
                 raise LeanmlError(
                     f"output {str(out_path)!r} already exists; use --resume to continue its search or --force to replace it"
                 )
-            shutil.rmtree(out_path)
-        if resume and storage is None and not marker.exists():
-            raise LeanmlError(f"nothing to resume: {str(marker)!r} does not exist (start without --resume)")
-        out_path.mkdir(parents=True, exist_ok=True)
-        url = url or f"sqlite:///{marker.resolve()}"
-        work = out_path / WORK / f"{socket.gethostname()}-{os.getpid()}"  # one per worker: others never touch it
-    else:
-        import tempfile
-
-        work = Path(tempfile.mkdtemp(prefix="leanml-optimize-"))
-    work.mkdir(parents=True, exist_ok=True)
-
+            check_folder_target(out_path, force)
+    # the model, the data and the candidates are loaded (and checked) before any output exists
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     if handle.runtime != "torch":
         raise LeanmlError(f"model {handle.name!r} runs on {handle.runtime}; optimize starts from a torch model")
     data = load_data(data)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_name = f"leanml-{handle.name}-{data.name}"
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
-    stor = _storage(url) if url else optuna.storages.InMemoryStorage()
-    study = optuna.create_study(
-        study_name=study_name, storage=stor, directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True
-    )
-    settings = {
-        "model": handle.name,
-        "data": data.name,
-        "max_drop": bud.max_drop,
-        "drop_type": bud.drop_type,
-        "objective": objective,
-        "hardware": hw.name,
-        "runtime": runtime,
-        "candidates": [str(c) for c in candidates or []],
-    }
-    old = study.user_attrs.get("settings")
-    if old is not None and old != settings:
-        diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
-        raise LeanmlError(f"the study {study_name!r} was started with other settings: {diff}")
-    study.set_user_attr("settings", settings)
-
-    # the original model, measured once for the whole study
-    if "before" in study.user_attrs:
-        before = study.user_attrs["before"]
-        base_seconds = study.user_attrs.get("before_seconds", 0.0)
-    else:
-        t0 = time.perf_counter()
-        before = profile(handle, data=data, hardware=hw.name, threads=threads).to_dict()
-        base_seconds = time.perf_counter() - t0
-        study.set_user_attr("before", _jsonable(before))
-        study.set_user_attr("before_seconds", base_seconds)
-    base_q, metric, hib = _base_quality(before, data.name)
-    if seconds is not None and seconds < 2 * base_seconds:
-        raise LeanmlError(
-            f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
-            f"{base_seconds:.0f} s (give at least {math.ceil(2 * base_seconds)} s)"
-        )
-
-    sens = study.user_attrs.get("sensitivity")
-    if sens is None and sensitivity:
-        from .sensitivity import layer_sensitivity
-
-        try:
-            sens = layer_sensitivity(handle, data)
-        except LeanmlError:
-            sens = {}
-        study.set_user_attr("sensitivity", _jsonable(sens))
-    sens = sens or {}
-    sensitive = list(sens)[: max(1, len(sens) // 10)] if (sens and handle.task == "causal-lm") else []
-    n_layers = getattr(getattr(handle.module, "config", None), "num_hidden_layers", None)
-    allow = seconds is None or seconds >= DISTILL_MIN_SECONDS.get(handle.task, DISTILL_MIN_DEFAULT)
-    space = build_space(handle, runtime, allow_distill=allow, n_layers=n_layers, sensitive=sensitive)
+    check_data_for(handle, data, verb="optimize")
     models = {"original": handle}
     for c in candidates or []:
         cand = c if isinstance(c, ModelHandle) else load_model(c)
         if cand.task != handle.task:
             raise LeanmlError(f"candidate {cand.name!r} is a {cand.task} model; the original is {handle.task}")
         models[cand.name] = cand
-    if len(models) > 1:
-        space.choices = {"model": list(models), **space.choices}
-        space.seeds = [dict(s, model="original") for s in space.seeds]
-    if not study.trials:
-        for s in space.seeds:
-            study.enqueue_trial(s)
-    recover_interrupted(study)
+    url = storage
+    aside = None
+    if out_path is not None:
+        if out_path.exists() and not resume and any(out_path.iterdir()):
+            aside = replace_owned_folder(out_path, "optimize")  # checked above: --force and a folder of leanml's
+        fresh = not out_path.exists()
+        out_path.mkdir(parents=True, exist_ok=True)
+        if fresh or read_marker(out_path) is None:
+            write_marker(out_path, "optimize", complete=False)
+        url = url or f"sqlite:///{marker.resolve()}"
+        _clean_dead_workers(out_path / WORK)
+        work = out_path / WORK / f"{socket.gethostname()}-{os.getpid()}"  # one per worker: others never touch it
+    else:
+        import tempfile
 
-    search = _Search(handle, data, bud, objective, hw.name, threads, space, base_q, hib, work, models, gate)
-    seen = {
-        point_key(t.params): t.number
-        for t in study.get_trials(deepcopy=False)
-        if "record" in t.user_attrs and len(t.params) == len(space.choices)
-    }
-    fn = search.objective_fn(seen)
-    budget_end = None if seconds is None else t_start + seconds
-    n_points = len(space.points())
-    while True:
-        recs = [r for r in _records(study) if r["status"] != "running"]
-        if trials is not None and len(recs) >= trials:
-            break
-        if len(seen) >= n_points or search.exhausted:
-            break
-        if budget_end is not None:
-            expected = statistics.median(search.durations) if search.durations else 2 * base_seconds
-            if time.perf_counter() + expected > budget_end:
-                break
-        study.optimize(fn, n_trials=1, catch=())
-        chosen, _ = choose([r for r in _records(study) if r["status"] != "running"])
-        search.tidy({chosen["number"]} if chosen else set())
+        work = Path(tempfile.mkdtemp(prefix="leanml-optimize-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fault_point("optimize-start")
 
-    records = sorted(_records(study), key=lambda r: r["number"])
-    if budget_end is not None and not search.durations and not records:
-        raise LeanmlError(
-            f"time budget {time_budget!r} is too small for one trial: it ran out before the first "
-            f"(measuring the original model took {base_seconds:.0f} s)"
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study_name = f"leanml-{handle.name}-{data.name}"
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+        stor = _storage(url) if url else optuna.storages.InMemoryStorage()
+        study = optuna.create_study(
+            study_name=study_name, storage=stor, directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True
         )
-    chosen, met = choose(records)
-    done = [r for r in records if r["status"] == "complete"]
-    front = [done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])]
-    item = before.get("item", "item")
-    summary = {
-        "model": handle.name,
-        "data": data.name,
-        "metric": metric,
-        "higher_is_better": hib,
-        "budget": {
+        settings = {
+            "model": handle.name,
+            "data": data.name,
             "max_drop": bud.max_drop,
             "drop_type": bud.drop_type,
-            "threshold": bud.threshold(base_q, hib),
-            "text": bud.text(metric, hib),
-            "base": base_q,
-        },
-        "objective": objective,
-        "objective_label": objective_label(objective, item),
-        "hardware": hw.name,
-        "runtime": chosen["runtime"] if chosen else None,
-        "before": before,
-        "after": chosen["measurement"] if chosen else None,
-        "chosen": chosen["number"] if chosen else None,
-        "met": met,
-        "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
-        "pareto": front,
-        "baseline": None,
-        "elapsed_s": round(time.perf_counter() - t_start, 1),
-        "time_budget_s": seconds,
-        "trials_total": len(records),
-        "sensitivity_bits": 4 if handle.task == "causal-lm" else 8,
-    }
-    summary["why"] = why(summary, records, chosen)
-    result_handle = None
-    if chosen is not None:
-        result_handle = _materialize(search, chosen)
-    if out_path is not None:
-        import fcntl
+            "objective": objective,
+            "hardware": hw.name,
+            "runtime": runtime,
+            "candidates": [str(c) for c in candidates or []],
+        }
+        old = study.user_attrs.get("settings")
+        if old is not None and old != settings:
+            diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v)
+            raise LeanmlError(f"the study {study_name!r} was started with other settings: {diff}")
+        study.set_user_attr("settings", settings)
 
-        with open(out_path / ".lock", "w") as lock:  # workers on one machine finish one at a time
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            _write_outputs(out_path, summary, records, sens, chosen, result_handle, search)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+        # the original model, measured once for the whole study
+        if "before" in study.user_attrs:
+            before = study.user_attrs["before"]
+            base_seconds = study.user_attrs.get("before_seconds", 0.0)
+        else:
+            t0 = time.perf_counter()
+            before = profile(handle, data=data, hardware=hw.name, threads=threads).to_dict()
+            base_seconds = time.perf_counter() - t0
+            study.set_user_attr("before", _jsonable(before))
+            study.set_user_attr("before_seconds", base_seconds)
+        base_q, metric, hib = _base_quality(before, data.name)
+        if seconds is not None and seconds < 2 * base_seconds:
+            raise LeanmlError(
+                f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
+                f"{base_seconds:.0f} s (give at least {math.ceil(2 * base_seconds)} s)"
+            )
+
+        sens = study.user_attrs.get("sensitivity")
+        if sens is None and sensitivity:
+            from .sensitivity import layer_sensitivity
+
+            try:
+                sens = layer_sensitivity(handle, data)
+            except LeanmlError:
+                sens = {}
+            study.set_user_attr("sensitivity", _jsonable(sens))
+        sens = sens or {}
+        sensitive = list(sens)[: max(1, len(sens) // 10)] if (sens and handle.task == "causal-lm") else []
+        n_layers = getattr(getattr(handle.module, "config", None), "num_hidden_layers", None)
+        allow = seconds is None or seconds >= DISTILL_MIN_SECONDS.get(handle.task, DISTILL_MIN_DEFAULT)
+        space = build_space(handle, runtime, allow_distill=allow, n_layers=n_layers, sensitive=sensitive)
+        if len(models) > 1:
+            space.choices = {"model": list(models), **space.choices}
+            space.seeds = [dict(s, model="original") for s in space.seeds]
+        if not study.trials:
+            for s in space.seeds:
+                study.enqueue_trial(s)
+        recover_interrupted(study)
+
+        search = _Search(handle, data, bud, objective, hw.name, threads, space, base_q, hib, work, models, gate)
+        seen = {
+            point_key(t.params): t.number
+            for t in study.get_trials(deepcopy=False)
+            if "record" in t.user_attrs and len(t.params) == len(space.choices)
+        }
+        fn = search.objective_fn(seen)
+        spent_before = float(study.user_attrs.get("search_seconds", 0.0))  # a resumed search has what is left
+        budget_end = None if seconds is None else t_start + seconds - spent_before
+        n_points = len(space.points())
+        while True:
+            recs = [r for r in _records(study) if r["status"] != "running"]
+            if trials is not None and len(recs) >= trials:
+                break
+            if len(seen) >= n_points or search.exhausted:
+                break
+            if budget_end is not None:
+                expected = statistics.median(search.durations) if search.durations else 2 * base_seconds
+                if time.perf_counter() + expected > budget_end:
+                    break
+            study.optimize(fn, n_trials=1, catch=())
+            study.set_user_attr("search_seconds", spent_before + time.perf_counter() - t_start)
+            fault_point("optimize-trial")
+            chosen, _ = choose([r for r in _records(study) if r["status"] != "running"])
+            search.tidy({chosen["number"]} if chosen else set())
+
+        records = sorted(_records(study), key=lambda r: r["number"])
+        if budget_end is not None and not search.durations and not records:
+            raise LeanmlError(
+                f"time budget {time_budget!r} is too small for one trial: it ran out before the first "
+                f"(measuring the original model took {base_seconds:.0f} s)"
+            )
+        chosen, met = choose(records)
+        done = [r for r in records if r["status"] == "complete"]
+        front = [done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])]
+        item = before.get("item", "item")
+        summary = {
+            "model": handle.name,
+            "data": data.name,
+            "metric": metric,
+            "higher_is_better": hib,
+            "budget": {
+                "max_drop": bud.max_drop,
+                "drop_type": bud.drop_type,
+                "threshold": bud.threshold(base_q, hib),
+                "text": bud.text(metric, hib),
+                "base": base_q,
+            },
+            "objective": objective,
+            "objective_label": objective_label(objective, item),
+            "hardware": hw.name,
+            "runtime": chosen["runtime"] if chosen else None,
+            "before": before,
+            "after": chosen["measurement"] if chosen else None,
+            "chosen": chosen["number"] if chosen else None,
+            "met": met,
+            "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
+            "pareto": front,
+            "baseline": None,
+            "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "time_budget_s": seconds,
+            "trials_total": len(records),
+            "sensitivity_bits": 4 if handle.task == "causal-lm" else 8,
+        }
+        summary["why"] = why(summary, records, chosen)
+        result_handle = None
+        if chosen is not None:
+            result_handle = _materialize(search, chosen)
+        if out_path is not None:
+            import fcntl
+
+            with open(out_path / ".lock", "w") as lock:  # workers on one machine finish one at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _write_outputs(out_path, summary, records, sens, chosen, result_handle, search)
+                write_marker(out_path, "optimize", complete=True)
+            drop_aside(aside, out_path)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    except LeanmlError:
+        # a run that fails before its first trial (a budget too small, data without a metric) leaves
+        # nothing behind: the folder it created goes, and an output it was replacing comes back
+        if out_path is not None and not resume and fresh_study(out_path):
+            shutil.rmtree(out_path, ignore_errors=True)
+            if aside is not None:
+                os.rename(aside, out_path)
+        raise
     return OptimizeResult(result_handle, chosen, records, summary, out_path)
 
 
@@ -647,7 +772,10 @@ def _write_outputs(
 
     work = search.work
 
+    from ..outputs import fault_point
+
     write_atomic(out / "before.json", json.dumps(summary["before"], indent=2) + "\n")
+    fault_point("optimize-outputs")
     write_atomic(out / "trials.json", json.dumps(records, indent=2, default=str) + "\n")
     write_atomic(out / "sensitivity.json", json.dumps(sens, indent=2) + "\n")
     if chosen is not None:
