@@ -302,6 +302,12 @@ def distill(
     train_data = load_data_arg(data)
     teacher = load_model(model)
     check_data_for(teacher, train_data, verb="distill")
+    from .measure.cost import weight_bytes
+    from .outputs import check_free_space
+
+    if teacher.is_torch:
+        need = 2 * weight_bytes(teacher.module)
+        check_free_space(out.parent, need, f"the student and its checkpoints at {str(out)!r}")
     if "task" in cfg.terms and teacher.task != "causal-lm" and not _has_labels(train_data):
         raise LeanmlError(f"--loss {loss!r} has a task term, which needs labels; data {train_data.name!r} has none (use kd)")
     rank = world()[0]

@@ -39,6 +39,17 @@ def check_export_args(fmt: str, path, force: bool, dtype: str = "fp32") -> Path:
     return check_file_target(path, force)
 
 
+def _check_space(handle: ModelHandle, path: Path) -> None:
+    """Refuse at once when the disk cannot hold the export (its float weights bound its size)."""
+    import torch
+
+    from ..measure.cost import weight_bytes
+    from ..outputs import check_free_space
+
+    if isinstance(handle.module, torch.nn.Module):
+        check_free_space(path.parent, weight_bytes(handle.module), f"the export {str(path)!r}")
+
+
 def _refuse(path: Path, force: bool) -> None:
     from ..outputs import check_file_target
 
@@ -57,6 +68,7 @@ def export(
 ) -> dict:
     """Write ``handle`` as ``fmt`` to ``path`` and return a report (what was written, bytes, notes)."""
     check_export_args(fmt, path, force, dtype)
+    _check_space(handle, Path(path))
     if handle.runtime != "torch":
         raise LeanmlError(f"model {handle.name!r} runs on {handle.runtime}; export takes a torch model or a leanml artifact")
     path = Path(path)
