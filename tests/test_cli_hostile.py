@@ -64,6 +64,10 @@ def assets(tmp_path_factory, hf_llama_dir, hf_bert_dir, text_file):
     key = next(k for k in state if k.endswith("q_proj.weight"))
     state[key][0, 0] = float("nan")
     save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    (a / "group-7.yaml").write_text("name: x\nsteps:\n  - kind: weight-only\n    bits: 4\n    group_size: 7\n")
+    (a / "pairs.jsonl").write_text(
+        "".join(json.dumps({"text_a": f"a {i}", "text_b": f"b {i}", "score": i % 5}) + "\n" for i in range(30))
+    )
     # leanml artifacts, then damaged copies of them
     art = a / "art"
     assert _cli(["compress", str(hf_llama_dir), "--recipe", "w8", "--out", str(art), "--repeats", "1"]) == 0
@@ -73,6 +77,7 @@ def assets(tmp_path_factory, hf_llama_dir, hf_bert_dir, text_file):
         "art-no-tokenizer": lambda d: [p.unlink() for p in d.iterdir() if "token" in p.name or p.name == "vocab.json"],
         "art-no-config": lambda d: (d / "config.json").unlink(),
         "art-shapes": lambda d: _edit_config(d, hidden_size=48),
+        "art-swapped-config": lambda d: shutil.copy(hf_bert_dir / "config.json", d / "config.json"),
     }.items():
         shutil.copytree(art, a / name)
         damage(a / name)
@@ -159,6 +164,7 @@ CASES = {
     "profile-price-inf": (["profile", "{a}/m.pt", "--price-per-hour", "1e999"], "price"),
     "profile-price-negative": (["profile", "{a}/m.pt", "--price-per-hour", "-1"], "price"),
     "profile-device-tpu": (["profile", "{a}/m.pt", "--device", "tpu"], "'tpu'"),
+    "profile-device-absent": (["profile", "{a}/m.pt", "--device", "cuda" if not torch.cuda.is_available() else "mps"], "device"),
     "distill-lr-nan": (["distill", "{a}/m.pt", "--data", "{a}/d.pt", "--out", "s", "--lr", "nan"], "not a number"),
     # ---- wrong data for the task
     "profile-bert-images": (["profile", "{bert}", "--data", "{a}/d.pt"], "text"),
@@ -191,6 +197,13 @@ CASES = {
     "profile-artifact-no-tokenizer": (["profile", "{a}/art-no-tokenizer"], "tokenizer"),
     "profile-artifact-no-config": (["profile", "{a}/art-no-config"], "art-no-config"),
     "profile-artifact-shapes": (["profile", "{a}/art-shapes"], "art-shapes"),
+    "profile-artifact-swapped-config": (["profile", "{a}/art-swapped-config"], "art-swapped-config"),
+    "compress-recipe-group-size": (["compress", "{llama}", "--recipe", "{a}/group-7.yaml", "--out", "c"], "7"),
+    "profile-llama-pairs": (["profile", "{llama}", "--data", "{a}/pairs.jsonl"], "pairs"),
+    "optimize-budget-too-small": (
+        ["optimize", "{a}/m.pt", "--data", "{a}/d.pt", "--out", "o", "--time-budget", "1s", "--threads", "1"],
+        "too small",
+    ),
     "compress-recipe-not-utf8": (["compress", "{a}/m.pt", "--recipe", "{a}/bad-utf8.yaml", "--out", "c"], "bad-utf8.yaml"),
     "compress-recipe-bad-regex": (["compress", "{llama}", "--recipe", "{a}/bad-regex.yaml", "--out", "c"], "model.("),
     "compress-recipe-no-kind": (["compress", "{a}/m.pt", "--recipe", "{a}/no-kind.yaml", "--out", "c"], "kind"),
