@@ -201,7 +201,7 @@ CASES = {
     "compress-recipe-group-size": (["compress", "{llama}", "--recipe", "{a}/group-7.yaml", "--out", "c"], "7"),
     "profile-llama-pairs": (["profile", "{llama}", "--data", "{a}/pairs.jsonl"], "pairs"),
     "optimize-budget-too-small": (
-        ["optimize", "{a}/m.pt", "--data", "{a}/d.pt", "--out", "o", "--time-budget", "1s", "--threads", "1"],
+        ["optimize", "{a}/m.pt", "--data", "{a}/d.pt", "--out", "o", "--time-budget", "0.001s", "--threads", "1"],
         "too small",
     ),
     "compress-recipe-not-utf8": (["compress", "{a}/m.pt", "--recipe", "{a}/bad-utf8.yaml", "--out", "c"], "bad-utf8.yaml"),

@@ -86,7 +86,8 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
     if pid <= 0:
         return False
     try:
@@ -287,7 +288,7 @@ def clean_leftovers(path: Path) -> None:
     for prefix in (f".{path.name}.tmp-", f".{path.name}.old-"):
         for p in parent.glob(prefix + "*"):
             pid_text = p.name[len(prefix) :].split("-", 1)[0]
-            if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            if not pid_text.isdigit() or pid_alive(int(pid_text)):
                 continue
             if p.is_dir():
                 if read_marker(p) is None:
@@ -455,5 +456,5 @@ def drop_aside(aside: Path | None, path: Path | None = None) -> None:
     prefix = f".{path.name}.old-"
     for p in path.parent.glob(prefix + "*"):
         pid = p.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)) and read_marker(p) is not None:
+        if pid.isdigit() and not pid_alive(int(pid)) and read_marker(p) is not None:
             shutil.rmtree(p, ignore_errors=True)

@@ -301,19 +301,11 @@ def _validate_structured(handle: ModelHandle, cfg: TechniqueConfig, gone: set[st
     from torch import nn
 
     from .prune import structured as st
-    from .prune.transformer import detect_layout
     from .prune.units import units_to_remove
     from .targeting import get_module, select_layers
 
     model = handle.module
-    layout = detect_layout(model)
-    if cfg.unit in ("heads", "layers") and layout is None:
-        raise LeanmlError(
-            f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
-            "llama-style or BERT-style transformers; use unit 'filters' or 'neurons'"
-        )
-    if cfg.unit == "filters" and layout is not None:
-        raise LeanmlError(f"unit 'filters' does not apply to transformer {handle.name!r}; use neurons, heads or layers")
+    layout = st.check_unit_layout(handle, cfg)
     if layout is None:  # filters or neurons of a plain network
         producer_types = st.CONV if cfg.unit == "filters" else (nn.Linear,)
         if not any(isinstance(m, producer_types) for m in model.modules()):

@@ -478,6 +478,16 @@ def _model_files(path: Path) -> list[Path]:
     return files + ([data] if data.exists() else [])
 
 
+def point_external_data(onnx, graph: Path, data_name: str) -> None:
+    """Rewrite the ONNX file ``graph`` so that its initializers read their bytes from ``data_name``."""
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save_model(model, str(graph))
+
+
 def _save_atomic(onnx, proto, path: Path) -> None:
     """Write ``path`` (and its ``.data`` file of weights) via temporary names and renames."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,12 +502,7 @@ def _save_atomic(onnx, proto, path: Path) -> None:
         )
         os.replace(tmp_data, path.parent / data_name)
         # the graph names its data file; point it at the final name before the graph itself lands
-        model = onnx.load(str(tmp), load_external_data=False)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
-        onnx.save_model(model, str(tmp))
+        point_external_data(onnx, tmp, data_name)
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp_data):

@@ -109,7 +109,7 @@ def _export_llm_onnx(handle: ModelHandle, path: Path, accuracy_level: int, force
 
     import onnx
 
-    from ..accelerate.llm_onnx import build_llm_onnx
+    from ..accelerate.llm_onnx import build_llm_onnx, point_external_data
     from ..outputs import clean_leftovers, fault_point, new_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,12 +128,8 @@ def _export_llm_onnx(handle: ModelHandle, path: Path, accuracy_level: int, force
             else:
                 new_data = f"{path.name}.{uuid.uuid4().hex[:8]}.data"
                 os.replace(data, path.parent / new_data)
-                model = onnx.load(str(built), load_external_data=False)
-                for tensor in model.graph.initializer:
-                    for entry in tensor.external_data:
-                        if entry.key == "location":
-                            entry.value = new_data
-                onnx.save_model(model, str(tmp))
+                point_external_data(onnx, built, new_data)
+                os.replace(built, tmp)
             fault_point("export-written")
         for name in old_data - {new_data}:  # the previous export's weights file, no longer referenced
             (path.parent / name).unlink(missing_ok=True)

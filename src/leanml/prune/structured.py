@@ -43,14 +43,9 @@ from .transformer import Block, Layout, detect_layout, drop_layers, ffn_slices, 
 from .units import lowest_units, unit_activation, unit_magnitude, unit_taylor, units_to_remove
 
 
-@register(StructuredPrune)
-def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None) -> ModelHandle:
-    """Remove the lowest-ranked ``cfg.unit`` units of ``handle``'s model in place (see the module
-    docstring) and write the ``prune.json`` report."""
-    model = handle.module
-    if not handle.is_torch or not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise LeanmlError(f"structured pruning needs an eager PyTorch model; {handle.name!r} runs on {handle.runtime}")
-    layout = detect_layout(model)
+def check_unit_layout(handle: ModelHandle, cfg) -> object:
+    """The transformer layout of ``handle`` (``None`` for a plain network), refusing a unit it lacks."""
+    layout = detect_layout(handle.module)
     if cfg.unit in ("heads", "layers") and layout is None:
         raise LeanmlError(
             f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
@@ -58,6 +53,17 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         )
     if cfg.unit == "filters" and layout is not None:
         raise LeanmlError(f"unit 'filters' does not apply to transformer {handle.name!r}; use neurons, heads or layers")
+    return layout
+
+
+@register(StructuredPrune)
+def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None) -> ModelHandle:
+    """Remove the lowest-ranked ``cfg.unit`` units of ``handle``'s model in place (see the module
+    docstring) and write the ``prune.json`` report."""
+    model = handle.module
+    if not handle.is_torch or not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise LeanmlError(f"structured pruning needs an eager PyTorch model; {handle.name!r} runs on {handle.runtime}")
+    layout = check_unit_layout(handle, cfg)
     before = count_params(model)
     if cfg.unit in ("filters", "neurons") and layout is None:
         details = prune_channels(handle, cfg, data)

@@ -29,6 +29,7 @@ from ..measure.hardware import get_profile
 from ..measure.quality import evaluate, fidelity
 from ..measure.record import write_atomic
 from ..models import ModelHandle, load_model
+from ..outputs import pid_alive
 from ..pipeline import apply_recipe
 from .budget import Budget, check_objective, higher_is_better, objective_label, objective_value, parse_drop, parse_duration
 from .pareto import pareto_front
@@ -87,16 +88,6 @@ def choose(records: list[dict]) -> tuple[dict | None, bool]:
     if done:
         return min(done, key=lambda r: (r["quality_drop"], r["objective"], r["number"])), False
     return None, False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def recover_interrupted(study) -> list[int]:
         worker = t.user_attrs.get("worker", "")
         if t.state == TrialState.RUNNING:
             w_host, _, pid = worker.rpartition(":")
-            if w_host != host or not pid.isdigit() or _alive(int(pid)):
+            if w_host != host or not pid.isdigit() or pid_alive(int(pid)):
                 continue  # another machine's trial: its heartbeat decides
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.number in retried or not t.params:
@@ -436,7 +427,7 @@ def _clean_dead_workers(work_root: Path) -> None:
     host = socket.gethostname()
     for d in work_root.glob(f"{host}-*") if work_root.is_dir() else []:
         pid = d.name[len(host) + 1 :]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
