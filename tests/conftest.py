@@ -24,11 +24,12 @@ class CharTokenizer:
         return {"input_ids": [min(ord(c), 127) for c in text]}
 
 
-def tiny_llama_module(seed: int = 0, layers: int = 2):
+def tiny_llama_module(seed: int = 0, layers: int = 2, **config_overrides):
+    """A tiny Llama causal LM (vocabulary 128, width 32, tied head unless overridden), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -38,7 +39,7 @@ def tiny_llama_module(seed: int = 0, layers: int = 2):
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config_overrides})).eval()
 
 
 @pytest.fixture
@@ -149,24 +150,12 @@ def _tiny_tokenizer(kind: str):
 @pytest.fixture(scope="session")
 def hf_llama_dir(tmp_path_factory):
     """A tiny Llama causal LM saved as a Hugging Face folder with its tokenizer (a model a user brings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     tok = _tiny_tokenizer("bpe")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    model = tiny_llama_module(
+        vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
     )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -99,6 +99,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_writer(name: str, prefix: str) -> bool:
+    """Whether ``name`` is ``prefix`` + ``<pid>-…`` (or ``<pid>``) for a process that no longer runs."""
+    pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
+    return pid.isdigit() and not pid_alive(int(pid))
+
+
 def read_marker(folder: Path) -> dict | None:
     """The marker of a folder leanml wrote (``None`` when it has none or it is unreadable)."""
     try:
@@ -287,8 +293,7 @@ def clean_leftovers(path: Path) -> None:
         return
     for prefix in (f".{path.name}.tmp-", f".{path.name}.old-"):
         for p in parent.glob(prefix + "*"):
-            pid_text = p.name[len(prefix) :].split("-", 1)[0]
-            if not pid_text.isdigit() or pid_alive(int(pid_text)):
+            if not dead_writer(p.name, prefix):
                 continue
             if p.is_dir():
                 if read_marker(p) is None:
@@ -374,7 +379,6 @@ class FolderOutput:
     def __init__(self, out: str | os.PathLike, kind: str, force: bool = False, flag: str = "--out"):
         self.out = check_folder_target(out, force, flag)
         self.kind, self.force, self.flag = kind, force, flag
-        self.existed = self.out.exists() and any(self.out.iterdir())
         self.tmp: Path | None = None
         self._lock = _Lock(self.out)
         self.committed = False
@@ -436,7 +440,7 @@ class FolderOutput:
         self._cleanup()
 
 
-def replace_owned_folder(path: Path, kind: str) -> Path | None:
+def replace_owned_folder(path: Path) -> Path | None:
     """Move a folder leanml wrote out of the way in one rename (for outputs built in place, like an
     ``optimize`` study); returns where it went, for :func:`drop_aside` once the new output is complete."""
     if not path.exists():
@@ -455,6 +459,5 @@ def drop_aside(aside: Path | None, path: Path | None = None) -> None:
         return
     prefix = f".{path.name}.old-"
     for p in path.parent.glob(prefix + "*"):
-        pid = p.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and read_marker(p) is not None:
+        if dead_writer(p.name, prefix) and read_marker(p) is not None:
             shutil.rmtree(p, ignore_errors=True)

@@ -123,18 +123,9 @@ def test_several_deleted_tensors_show_the_first_three(folder):
 
 
 def test_an_untied_head_that_is_missing_is_named(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import tiny_llama_module
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "untied")
+    tiny_llama_module(layers=1, tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
     assert load_model(tmp_path / "untied").module.lm_head.weight.data_ptr() != 0
     rewrite_weights(tmp_path / "untied", lambda s: s.pop("lm_head.weight"))
     raises(tmp_path / "untied", r"lacks 1 weight\(s\) its config\.json needs \('lm_head\.weight'\)")

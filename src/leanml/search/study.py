@@ -29,7 +29,7 @@ from ..measure.hardware import get_profile
 from ..measure.quality import evaluate, fidelity
 from ..measure.record import write_atomic
 from ..models import ModelHandle, load_model
-from ..outputs import pid_alive
+from ..outputs import dead_writer, pid_alive
 from ..pipeline import apply_recipe
 from .budget import Budget, check_objective, higher_is_better, objective_label, objective_value, parse_drop, parse_duration
 from .pareto import pareto_front
@@ -426,8 +426,7 @@ def _clean_dead_workers(work_root: Path) -> None:
     """Remove the work folders of this machine's workers that died (a killed run's ``.work/<host>-<pid>``)."""
     host = socket.gethostname()
     for d in work_root.glob(f"{host}-*") if work_root.is_dir() else []:
-        pid = d.name[len(host) + 1 :]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if dead_writer(d.name, f"{host}-"):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -530,7 +529,7 @@ def optimize(
     aside = None
     if out_path is not None:
         if out_path.exists() and not resume and any(out_path.iterdir()):
-            aside = replace_owned_folder(out_path, "optimize")  # checked above: --force and a folder of leanml's
+            aside = replace_owned_folder(out_path)  # checked above: --force and a folder of leanml's
         fresh = not out_path.exists()
         out_path.mkdir(parents=True, exist_ok=True)
         if fresh or read_marker(out_path) is None:
