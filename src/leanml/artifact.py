@@ -273,4 +273,8 @@ def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:
     }.get(task, tf.AutoModel)
     if task == "sentence-embedding":
         config._attn_implementation = "eager"
-    return auto.from_config(config)  # weights are overwritten by the saved ones
+    model = auto.from_config(config)  # weights are overwritten by the saved ones
+    from .models.arch import normalise
+
+    normalise(model)  # saved Conv1D layers are nn.Linear (see leanml.models.arch.normalise)
+    return model

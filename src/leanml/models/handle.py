@@ -36,6 +36,10 @@ class ModelHandle:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if isinstance(self.module, torch.nn.Module):
+            from .arch import normalise
+
+            normalise(self.module)  # GPT-2's Conv1D layers become nn.Linear (same function)
 
     @property
     def is_torch(self) -> bool:
