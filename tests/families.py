@@ -64,21 +64,41 @@ def config_for(family: str, **overrides):
         cfg = tf.Phi3Config(**c, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
     elif family == "gpt2":
         cfg = tf.GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=128, bos_token_id=1, eos_token_id=2,
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=96,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
             **overrides,
         )
     elif family == "bert":
         cfg = tf.BertConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            max_position_embeddings=128, **overrides,
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            **overrides,
         )
     elif family == "roberta":
         cfg = tf.RobertaConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            max_position_embeddings=130, pad_token_id=1, **overrides,
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=130,
+            pad_token_id=1,
+            **overrides,
         )
     elif family == "distilbert":
-        cfg = tf.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128, **overrides)
+        cfg = tf.DistilBertConfig(
+            vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128, **overrides
+        )
     else:
         raise ValueError(family)
     return cfg

@@ -314,10 +314,10 @@ def _validate_structured(handle: ModelHandle, cfg: TechniqueConfig, gone: set[st
         select_layers(model, producer_types, cfg.targets, cfg.ignore, handle.task, exclude=gone)
         return
     if cfg.unit == "neurons":
-        st._check_blocks(handle, layout, cfg, lambda b: [*b.ffn_rows, b.ffn_cols])
+        st._check_blocks(handle, layout, cfg, lambda b: b.ffn_layers)
         units_to_remove(cfg.ratio, layout.intermediate, f"the FFN of {layout.blocks[0].name!r}")
     elif cfg.unit == "heads":
-        st._check_blocks(handle, layout, cfg, lambda b: [b.q, b.k, b.v, b.o])
+        st._check_blocks(handle, layout, cfg, lambda b: b.attn_layers)
         name0 = layout.blocks[0].name
         if cfg.gqa == "kv-groups" or layout.rep == 1:
             what = "key/value heads" if layout.rep > 1 else "attention heads"

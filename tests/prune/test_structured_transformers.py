@@ -287,7 +287,7 @@ def test_bert_heads_zeroed_removed_exactly_and_reload(tmp_path):
     leanml.prune(handle, StructuredPrune(unit="heads", ratio=0.25, criterion="l1"))
     report = handle.meta["reports"]["prune.json"]
     assert [report["layers"][f"encoder.layer.{i}"]["removed_heads"] for i in range(2)] == heads
-    assert "num_attention_heads" in report["note"]
+    assert "head count" in report["note"]
     torch.testing.assert_close(states(model), before, atol=1e-5, rtol=1e-5)
     for layer in model.encoder.layer:
         assert layer.attention.self.query.out_features == 48 and layer.attention.output.dense.in_features == 48

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leanml.errors import LeanmlError
+from leanml.models.arch import resolve
 from leanml.quantize.gptq import dequantize_groups
 from leanml.quantize.weight_only import (
     WeightQuantSpec,
@@ -17,7 +18,7 @@ from leanml.quantize.weight_only import (
     quantize_weights,
     random_rotation,
     refit_scales,
-    rotate_llama,
+    rotate_residual,
 )
 from tests.conftest import tiny_llama_module
 
@@ -139,7 +140,7 @@ def test_llama_folds_leave_float_outputs_unchanged() -> None:
     ref = outputs(model, ws)
     modules = dict(model.named_modules())
     kinds = {}
-    for i, layer in enumerate(model.model.layers):
+    for i in range(len(model.model.layers)):
         prefix = f"model.layers.{i}"
         for k, stage in enumerate(
             (
@@ -149,7 +150,7 @@ def test_llama_folds_leave_float_outputs_unchanged() -> None:
                 ["mlp.down_proj"],
             )
         ):
-            producer = find_producer(layer, prefix, [f"{prefix}.{n}" for n in stage])
+            producer = find_producer(modules, resolve(model), prefix, [f"{prefix}.{n}" for n in stage])
             assert producer is not None
             kinds[stage[0]] = producer.kind
             n_src = producer.module.weight.shape[0]
@@ -160,8 +161,7 @@ def test_llama_folds_leave_float_outputs_unchanged() -> None:
 
 def test_gqa_scales_are_shared_by_query_heads() -> None:
     model = llama()
-    layer = model.model.layers[0]
-    producer = find_producer(layer, "model.layers.0", ["model.layers.0.self_attn.o_proj"])
+    producer = find_producer(dict(model.named_modules()), resolve(model), "model.layers.0", ["model.layers.0.self_attn.o_proj"])
     assert (producer.rep, producer.head_dim) == (2, 8)  # 4 query heads of 8 channels on 2 kv heads
     s = producer.expand(torch.arange(16.0))
     assert torch.equal(s.view(2, 2, 8)[:, 0], s.view(2, 2, 8)[:, 1])
@@ -171,13 +171,14 @@ def test_gqa_scales_are_shared_by_query_heads() -> None:
 def test_bert_fold_value_into_output_dense_only() -> None:
     model, ws = tiny_bert(), windows(3)
     ref = outputs(model, ws)
-    layer = model.encoder.layer[0]
+    mods, found = dict(model.named_modules()), resolve(model)
     p = "encoder.layer.0"
     # LayerNorm outputs also feed the residual connections: no exact producer for these stages
-    assert find_producer(layer, p, [f"{p}.attention.self.query", f"{p}.attention.self.key", f"{p}.attention.self.value"]) is None
-    assert find_producer(layer, p, [f"{p}.intermediate.dense"]) is None
-    assert find_producer(layer, p, [f"{p}.output.dense"]) is None
-    producer = find_producer(layer, p, [f"{p}.attention.output.dense"])
+    qkv = [f"{p}.attention.self.query", f"{p}.attention.self.key", f"{p}.attention.self.value"]
+    assert find_producer(mods, found, p, qkv) is None
+    assert find_producer(mods, found, p, [f"{p}.intermediate.dense"]) is None
+    assert find_producer(mods, found, p, [f"{p}.output.dense"]) is None
+    producer = find_producer(mods, found, p, [f"{p}.attention.output.dense"])
     assert producer is not None and producer.name == f"{p}.attention.self.value"
     fold_scales(dict(model.named_modules()), producer, random_scales(32, 3), {})
     torch.testing.assert_close(outputs(model, ws), ref, rtol=1e-5, atol=1e-5)
@@ -205,15 +206,15 @@ def test_rotation_leaves_float_outputs_unchanged_and_unties_embeddings() -> None
     model, ws = llama(), windows(3)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ref = outputs(model, ws)
-    rotate_llama(model)
+    rotate_residual(model)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False
     torch.testing.assert_close(outputs(model, ws), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rotation_needs_llama() -> None:
-    with pytest.raises(LeanmlError, match="llama-like"):
-        rotate_llama(tiny_bert())
+    with pytest.raises(LeanmlError, match="rotate=True supports the model families llama, .*BertModel"):
+        rotate_residual(tiny_bert())
 
 
 def test_refit_scales_never_worse() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LeanmlError
+from .tokens import bos_id, text_ids, token_windows
 
 
 def seeded_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -35,12 +36,20 @@ class TextCorpus:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def tokens(self, tokenizer) -> torch.Tensor:
-        """The whole text tokenized with the tokenizer's defaults (no BOS is added)."""
-        key = id(tokenizer)
-        if key not in self._cache:
-            ids = tokenizer(self.text, add_special_tokens=False)["input_ids"]
-            self._cache[key] = torch.tensor(ids, dtype=torch.long)
-        return self._cache[key]
+        """The text tokens of the whole text (no special tokens; :meth:`windows` adds the BOS)."""
+        return self._cached("tokens", tokenizer, lambda: torch.tensor(text_ids(tokenizer, self.text), dtype=torch.long))
+
+    def bos(self, tokenizer) -> int | None:
+        """The BOS id that starts every window under ``tokenizer`` (:func:`~leanml.data.tokens.bos_id`)."""
+        return self._cached("bos", tokenizer, lambda: bos_id(tokenizer))
+
+    def _cached(self, what: str, tokenizer, compute):
+        # The tokenizer is kept with its entry, so its id cannot be reused by another one while cached.
+        key = (what, id(tokenizer))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not tokenizer:
+            hit = self._cache[key] = (tokenizer, compute())
+        return hit[1]
 
     def split_range(self, tokenizer, split: str) -> tuple[int, int]:
         n = len(self.tokens(tokenizer))
@@ -53,11 +62,12 @@ class TextCorpus:
         raise LeanmlError(f"unknown split {split!r}; accepted: eval, calib, train")
 
     def windows(self, tokenizer, split: str = "eval", window: int = 512, limit: int | None = None) -> list[torch.Tensor]:
-        """Non-overlapping windows of ``window`` tokens from ``split`` (a short tail is kept if ≥ 2 tokens)."""
+        """Non-overlapping windows of ``window`` tokens from ``split`` (a short tail is kept if ≥ 2 tokens).
+
+        When the tokenizer adds a BOS token, each window is the BOS and ``window - 1`` text tokens
+        (:func:`~leanml.data.tokens.token_windows`)."""
         lo, hi = self.split_range(tokenizer, split)
-        ids = self.tokens(tokenizer)[lo:hi]
-        out = [ids[i : i + window] for i in range(0, len(ids), window)]
-        out = [w for w in out if len(w) >= 2]
+        out = token_windows(self.tokens(tokenizer)[lo:hi], window, self.bos(tokenizer))
         if not out:
             raise LeanmlError(f"data {self.name!r} has too few tokens for a {split} split ({hi - lo} tokens)")
         return out[:limit] if limit else out

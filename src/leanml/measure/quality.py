@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords, load_data
+from ..data.tokens import bos_id, text_ids, token_windows
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, output_tensor
 from ..progress import progress
@@ -297,6 +298,8 @@ def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "p
 
     Each window is scored independently on its T-1 next-token predictions (no context carried over),
     the negative log-likelihoods are summed over all windows and divided by the number of predictions.
+    A window that starts with the tokenizer's BOS token has its BOS position as context only (never a
+    target): T-1 predictions, the first from BOS.
     """
     total, count = 0.0, 0
     for window in progress(windows, label):
@@ -353,7 +356,8 @@ def evaluate(handle: ModelHandle, data) -> dict | None:
     metric = metric_for(handle, data)
     if metric == "perplexity":
         _check_perplexity_tokens(handle, data)
-        return perplexity(handle, data.windows(handle.tokenizer, "eval", EVAL_WINDOW))
+        result = perplexity(handle, data.windows(handle.tokenizer, "eval", EVAL_WINDOW))
+        return {**result, "bos": data.bos(handle.tokenizer) is not None}
     if metric == "spearman":
         value = cosine_spearman(handle.embed(data.texts), data.pairs, data.scores)
         return {"metric": "spearman", "value": value, "higher_is_better": True, "n_items": len(data.pairs)}
@@ -373,14 +377,14 @@ def evaluate(handle: ModelHandle, data) -> dict | None:
 
 
 def lm_windows(handle: ModelHandle, data, limit: int | None = None) -> list[torch.Tensor]:
-    """Evaluation windows of token ids: from running text by position, from records one per text."""
+    """Evaluation windows of token ids: from running text by position, from records one per text (its
+    first window); each starts with BOS when the tokenizer adds one."""
     if isinstance(data, TextCorpus):
         return data.windows(handle.tokenizer, "eval", EVAL_WINDOW, limit=limit)
     out = []
+    bos = bos_id(handle.tokenizer)
     for text in data.documents("eval"):
-        ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"][:EVAL_WINDOW]
-        if len(ids) >= 2:
-            out.append(torch.tensor(ids, dtype=torch.long))
+        out.extend(token_windows(torch.tensor(text_ids(handle.tokenizer, text), dtype=torch.long), EVAL_WINDOW, bos)[:1])
         if limit and len(out) >= limit:
             break
     if not out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.tokens import bos_id, text_ids, token_windows
 from .handle import ModelHandle
 
 # A neutral English paragraph used when no data is given (repeated to reach the prompt length).
@@ -15,12 +16,16 @@ DEFAULT_TEXT = (
 
 
 def text_prompt(tokenizer, length: int, text: str | None = None) -> torch.Tensor:
-    """``length`` token ids (shape (1, length)) from ``text`` (repeated if too short)."""
+    """``length`` token ids (shape (1, length)) from ``text`` (repeated if too short); the first is
+    the BOS token when the tokenizer adds one (:func:`leanml.data.tokens.token_windows`)."""
     ids: list[int] = []
     source = text or DEFAULT_TEXT
     while len(ids) < length:
-        ids.extend(tokenizer(source, add_special_tokens=False)["input_ids"])
-    return torch.tensor(ids[:length], dtype=torch.long)[None]
+        ids.extend(text_ids(tokenizer, source))
+    out = torch.tensor(ids, dtype=torch.long)
+    if length >= 2 and (bos := bos_id(tokenizer)) is not None:
+        out = token_windows(out, length, bos)[0]
+    return out[:length][None]
 
 
 def text_batch(tokenizer, texts: list[str], max_length: int) -> dict:

@@ -60,10 +60,14 @@ def _slice(module: nn.Module, axis: int, positions: torch.Tensor, with_bias: boo
 
 def keep_rows(module: nn.Module, idx: Sequence[int], chunk: int = 1, name: str = "") -> None:
     """Keep the output units ``idx`` of a Linear or dense Conv (weight rows and bias entries)."""
+    keep_row_positions(module, expand_index(idx, chunk), name)
+
+
+def keep_row_positions(module: nn.Module, positions: torch.Tensor, name: str = "") -> None:
+    """Keep the output rows at ``positions`` (in that order) of a Linear or dense Conv."""
     check_resizable(module, name, (nn.Linear, *CONV))
     if isinstance(module, CONV) and module.groups != 1:
         raise LeanmlError(f"conv {name!r} has groups={module.groups}; only dense convs lose output filters this way")
-    positions = expand_index(idx, chunk)
     _slice(module, 0, positions, with_bias=True)
     if isinstance(module, nn.Linear):
         module.out_features = module.weight.shape[0]

@@ -1,20 +1,18 @@
 """Structured surgery on Hugging Face transformers: FFN neurons, attention heads and whole layers.
 
-The layout is found from the module structure, not the model name, so every model built like these
-two families works:
-
-* **llama-style** decoders (Llama, Mistral, Qwen2, SmolLM...): a ``ModuleList`` of blocks with
-  ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate_proj,up_proj,down_proj}`` (``gate_proj`` optional);
-* **BERT-style** encoders (BERT, RoBERTa, MiniLM...): ``attention.self.{query,key,value}``,
-  ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``.
+The layout comes from the family adapter (:mod:`leanml.models.arch`): every family it knows (llama,
+mistral, qwen2/3, gemma/2/3, phi3 with fused projections, gpt2, bert, roberta, distilbert) is pruned the
+same way. A fused projection (Phi-3's ``qkv_proj``/``gate_up_proj``, GPT-2's ``c_attn``) is a layer
+with several :class:`Part`s: each part is a row range, and a unit owns rows in every part.
 
 Every layer loses the same number of units, so the result is described by the model's config, which is
-updated (``intermediate_size``; ``num_attention_heads``, ``num_key_value_heads`` and an explicit
-``head_dim`` for llama-style models; ``num_hidden_layers``, and ``layer_types`` when present): a model
-rebuilt from the saved config has the new shapes (this is how :mod:`leanml.artifact` reloads it).
-BERT's config cannot describe fewer heads of the same size (it derives the head size as ``hidden_size /
-num_attention_heads``), so after head pruning a BERT config keeps its head count; the artifact reloads
-such a model from the saved tensor shapes instead.
+updated through the adapter (:func:`leanml.models.arch.set_widths`: FFN width; head counts and an
+explicit head size where the config can state them; layer count, and ``layer_types`` when present): a
+model rebuilt from the saved config has the new shapes (this is how :mod:`leanml.artifact` reloads it).
+Encoders whose config cannot describe fewer heads of the same size (BERT derives the head size as
+``hidden_size / num_attention_heads``) keep their head count in the config; the artifact reloads such a
+model from the saved tensor shapes instead. Families whose attention cannot run with fewer heads than
+its config says (GPT-2 splits its fused projection by the hidden size) refuse head removal.
 
 Grouped-query attention (``n_kv < n_heads``; query head ``h`` reads key/value head ``h // rep``) is
 pruned in one of two ways, both representable by the config: remove whole key/value groups (a kv head
@@ -30,30 +28,55 @@ import torch
 from torch import nn
 
 from leanml.errors import LeanmlError
+from leanml.models.arch import Found, hf_config, resolve, set_widths
 
-from .surgery import keep_columns, keep_rows
+from .surgery import expand_index, keep_columns, keep_row_positions
+
+__all__ = ["Block", "Layout", "Part", "detect_layout", "drop_layers", "hf_config", "prune_ffn", "prune_heads"]
+
+# families whose attention splits a fused projection by the hidden size, so fewer heads cannot run
+_NO_HEAD_REMOVAL = ("gpt2",)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``rows`` (all rows when None) of layer ``layer``."""
+
+    layer: str
+    rows: tuple[int, int] | None = None
+
+    def start(self) -> int:
+        return 0 if self.rows is None else self.rows[0]
 
 
 @dataclass(frozen=True)
 class Block:
-    """Names (relative to the model) of one transformer layer's prunable parts."""
+    """One transformer layer's prunable parts (full module names)."""
 
     index: int
     name: str
-    ffn_rows: tuple[str, ...]  # layers producing the FFN neurons (rows are removed)
+    ffn_rows: tuple[Part, ...]  # parts producing the FFN neurons (rows are removed)
     ffn_cols: str  # the layer reading them (columns are removed)
     ffn: str  # the module that records the width (``intermediate_size``), if any
-    q: str
-    k: str
-    v: str
+    q: Part
+    k: Part
+    v: Part
     o: str
     attn: str  # the module that records the head counts
+
+    @property
+    def ffn_layers(self) -> list[str]:
+        return list(dict.fromkeys([p.layer for p in self.ffn_rows] + [self.ffn_cols]))
+
+    @property
+    def attn_layers(self) -> list[str]:
+        return list(dict.fromkeys([self.q.layer, self.k.layer, self.v.layer, self.o]))
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A transformer's prunable structure: ``family`` (``llama`` or ``bert``), the name of the
-    ``ModuleList`` of layers, its blocks, and the attention geometry shared by all of them."""
+    """A transformer's prunable structure: its family, the name of the ``ModuleList`` of layers, its
+    blocks, and the attention geometry shared by all of them."""
 
     family: str
     layers: str
@@ -62,103 +85,46 @@ class Layout:
     n_heads: int
     n_kv: int
     intermediate: int
+    found: Found
 
     @property
     def rep(self) -> int:
         """Query heads per key/value head."""
         return self.n_heads // self.n_kv
 
-
-def _is_linear(module: nn.Module, *names: str) -> bool:
-    """``module`` has submodules ``names`` (their types are checked by the surgery, which refuses
-    layers it cannot resize, such as quantized ones)."""
-    return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+    @property
+    def heads_removable(self) -> bool:
+        return self.family not in _NO_HEAD_REMOVAL
 
 
-def _llama_block(prefix: str, i: int, blk: nn.Module) -> Block | None:
-    attn, mlp = getattr(blk, "self_attn", None), getattr(blk, "mlp", None)
-    if attn is None or mlp is None or not _is_linear(attn, "q_proj", "k_proj", "v_proj", "o_proj"):
-        return None
-    if not _is_linear(mlp, "up_proj", "down_proj"):
-        return None
-    name = f"{prefix}.{i}"
-    rows = tuple(f"{name}.mlp.{n}" for n in ("gate_proj", "up_proj") if _is_linear(mlp, n))
-    a = f"{name}.self_attn"
-    return Block(
-        i, name, rows, f"{name}.mlp.down_proj", f"{name}.mlp", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.o_proj", a
-    )
-
-
-def _bert_block(prefix: str, i: int, blk: nn.Module) -> Block | None:
-    att = getattr(blk, "attention", None)
-    sa, so = getattr(att, "self", None), getattr(att, "output", None)
-    inter, out = getattr(blk, "intermediate", None), getattr(blk, "output", None)
-    if any(m is None for m in (sa, so, inter, out)):
-        return None
-    if not (
-        _is_linear(sa, "query", "key", "value")
-        and _is_linear(so, "dense")
-        and _is_linear(inter, "dense")
-        and _is_linear(out, "dense")
-    ):
-        return None
-    name = f"{prefix}.{i}"
-    s = f"{name}.attention.self"
-    return Block(
-        i,
-        name,
-        (f"{name}.intermediate.dense",),
-        f"{name}.output.dense",
-        f"{name}.intermediate",
-        f"{s}.query",
-        f"{s}.key",
-        f"{s}.value",
-        f"{name}.attention.output.dense",
-        s,
-    )
-
-
-def hf_config(model: nn.Module):
-    """The (text) config a Hugging Face model is rebuilt from, or None."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
-        return None
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+def _block(found: Found, i: int) -> Block:
+    b = found.blocks[i]
+    ffn_parts = tuple(Part(*found.part(b, w)) for w in (("gate", "up") if found.arch.gated else ("up",)))
+    q, k, v = (Part(*found.part(b, w)) for w in ("q", "k", "v"))
+    return Block(i, b.name, ffn_parts, b.down, b.mlp, q, k, v, b.o, b.attn)
 
 
 def detect_layout(model: nn.Module) -> Layout | None:
-    """The prunable layout of a llama-style or BERT-style Hugging Face model, or None for other models."""
-    if hf_config(model) is None:
+    """The prunable layout of a Hugging Face transformer of a supported family, or None."""
+    found = resolve(model)
+    if found is None:
         return None
-    for prefix, ml in model.named_modules():
-        if not isinstance(ml, nn.ModuleList) or len(ml) == 0 or not prefix:
-            continue
-        for family, make in (("llama", _llama_block), ("bert", _bert_block)):
-            blocks = [make(prefix, i, blk) for i, blk in enumerate(ml)]
-            if all(b is not None for b in blocks):
-                return _geometry(model, family, prefix, tuple(blocks))
-    return None
-
-
-def _geometry(model: nn.Module, family: str, prefix: str, blocks: tuple[Block, ...]) -> Layout:
+    blocks = tuple(_block(found, i) for i in range(len(found.blocks)))
     widths = set()
     for b in blocks:
-        attn = model.get_submodule(b.attn)
-        head_dim = int(getattr(attn, "head_dim", 0) or getattr(attn, "attention_head_size", 0))
-        if head_dim <= 0:
-            raise LeanmlError(f"attention {b.attn!r} does not record its head size (head_dim)")
-        q, k = (model.get_submodule(n).weight.shape[0] for n in (b.q, b.k))
+        q = model.get_submodule(b.q.layer).weight.shape[0] if b.q.rows is None else b.q.rows[1] - b.q.rows[0]
+        k = model.get_submodule(b.k.layer).weight.shape[0] if b.k.rows is None else b.k.rows[1] - b.k.rows[0]
         inter = model.get_submodule(b.ffn_cols).weight.shape[1]
-        widths.add((head_dim, q // head_dim, k // head_dim, inter))
+        widths.add((q // found.head_dim, k // found.head_dim, inter))
     if len(widths) != 1:
         raise LeanmlError(
-            f"the layers of {prefix!r} have different widths {sorted(widths)[:2]}; structured pruning of a "
+            f"the layers of {found.layers!r} have different widths {sorted(widths)[:2]}; structured pruning of a "
             "Hugging Face model keeps every layer alike, so it cannot continue from a non-uniform model"
         )
-    head_dim, n_heads, n_kv, inter = widths.pop()
+    n_heads, n_kv, inter = widths.pop()
     if n_kv < 1 or n_heads % n_kv:
         raise LeanmlError(f"{n_heads} query heads do not split evenly over {n_kv} key/value heads")
-    return Layout(family, prefix, blocks, head_dim, n_heads, n_kv, inter)
+    return Layout(found.family, found.layers, blocks, found.head_dim, n_heads, n_kv, inter, found)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,18 +132,21 @@ def _geometry(model: nn.Module, family: str, prefix: str, blocks: tuple[Block, .
 # ----------------------------------------------------------------------------------------------------
 
 
-def ffn_slices(block: Block) -> list[tuple[str, int]]:
-    """``(layer, axis)`` pairs holding the FFN neurons of ``block``: rows of the producers, columns of the
-    reader."""
-    return [(n, 0) for n in block.ffn_rows] + [(block.ffn_cols, 1)]
+Slice = tuple[str, int, "tuple[int, int] | None"]  # (layer, axis, row range or None)
 
 
-def head_slices(block: Block, kv_groups: bool) -> list[tuple[str, int]]:
-    """``(layer, axis)`` pairs holding the attention units of ``block``: with ``kv_groups`` a unit is a
-    key/value head with its query heads (q, k, v rows and o columns); otherwise a query head (q rows
+def ffn_slices(block: Block) -> list[Slice]:
+    """``(layer, axis, rows)`` slices holding the FFN neurons of ``block``: rows of the producers (a
+    range of a fused layer), columns of the reader."""
+    return [(p.layer, 0, p.rows) for p in block.ffn_rows] + [(block.ffn_cols, 1, None)]
+
+
+def head_slices(block: Block, kv_groups: bool) -> list[Slice]:
+    """``(layer, axis, rows)`` slices holding the attention units of ``block``: with ``kv_groups`` a unit
+    is a key/value head with its query heads (q, k, v rows and o columns); otherwise a query head (q rows
     and o columns)."""
-    pairs = [(block.q, 0), (block.o, 1)]
-    return pairs + [(block.k, 0), (block.v, 0)] if kv_groups else pairs
+    pairs = [(block.q.layer, 0, block.q.rows), (block.o, 1, None)]
+    return pairs + [(block.k.layer, 0, block.k.rows), (block.v.layer, 0, block.v.rows)] if kv_groups else pairs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,13 +169,19 @@ def prune_ffn(model: nn.Module, layout: Layout, keep: dict[int, list[int]]) -> N
         raise LeanmlError("FFN pruning of a Hugging Face model must cover every layer (the config has one width)")
     width = _check_uniform(keep, "FFN neurons")
     for b in layout.blocks:
-        for name in b.ffn_rows:
-            keep_rows(model.get_submodule(name), keep[b.index], 1, name)
+        _keep_parts(model, [(p, keep[b.index], 1) for p in b.ffn_rows])
         keep_columns(model.get_submodule(b.ffn_cols), keep[b.index], 1, b.ffn_cols)
-        ffn = model.get_submodule(b.ffn)
-        if isinstance(getattr(ffn, "intermediate_size", None), int):
-            ffn.intermediate_size = width
-    hf_config(model).intermediate_size = width
+    set_widths(model, layout.found, ffn=width)
+
+
+def _keep_parts(model: nn.Module, parts: list[tuple[Part, list[int], int]]) -> None:
+    """Keep units ``idx`` (of ``chunk`` rows each) in every part; the parts of one fused layer are cut
+    together, so its row ranges stay in order."""
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    for part, idx, chunk in parts:
+        by_layer.setdefault(part.layer, []).append(part.start() + expand_index(idx, chunk))
+    for layer, positions in by_layer.items():
+        keep_row_positions(model.get_submodule(layer), torch.cat(positions), layer)
 
 
 @torch.no_grad()
@@ -217,6 +192,11 @@ def prune_heads(model: nn.Module, layout: Layout, keep_q: dict[int, list[int]], 
     the result reads kv head ``j // rep'``); the callers guarantee it by removing whole groups, or the same
     number of query heads from every group.
     """
+    if not layout.heads_removable:
+        raise LeanmlError(
+            f"attention heads of {layout.family} models cannot be removed (its attention splits the fused "
+            "projection by the hidden size); use unit 'neurons' or 'layers'"
+        )
     hd = layout.head_dim
     n_q = _check_uniform(keep_q, "query heads")
     n_kv = _check_uniform(keep_kv, "key/value heads")
@@ -229,26 +209,12 @@ def prune_heads(model: nn.Module, layout: Layout, keep_q: dict[int, list[int]], 
                 raise LeanmlError(f"query head {h} of {b.name!r} would lose its key/value head {h // layout.rep}")
         if [kv_heads.index(h // layout.rep) for h in q_heads] != [j // (n_q // n_kv) for j in range(n_q)]:
             raise LeanmlError(f"the kept query heads of {b.name!r} do not form equal groups over the kept kv heads")
-        keep_rows(model.get_submodule(b.q), q_heads, hd, b.q)
+        parts = [(b.q, q_heads, hd)]
+        if len(kv_heads) != layout.n_kv or b.k.layer == b.q.layer:
+            parts += [(b.k, kv_heads, hd), (b.v, kv_heads, hd)]
+        _keep_parts(model, parts)
         keep_columns(model.get_submodule(b.o), q_heads, hd, b.o)
-        if len(kv_heads) != layout.n_kv:
-            keep_rows(model.get_submodule(b.k), kv_heads, hd, b.k)
-            keep_rows(model.get_submodule(b.v), kv_heads, hd, b.v)
-        attn = model.get_submodule(b.attn)
-        for attr, value in (
-            ("num_heads", n_q),
-            ("num_attention_heads", n_q),
-            ("num_key_value_heads", n_kv),
-            ("num_key_value_groups", n_q // n_kv),
-            ("all_head_size", n_q * hd),
-        ):
-            if isinstance(getattr(attn, attr, None), int):
-                setattr(attn, attr, value)
-    config = hf_config(model)
-    if layout.family == "llama":
-        config.num_attention_heads = n_q
-        config.num_key_value_heads = n_kv
-        config.head_dim = hd
+    set_widths(model, layout.found, heads=(n_q, n_kv))
 
 
 @torch.no_grad()
@@ -268,8 +234,4 @@ def drop_layers(model: nn.Module, layout: Layout, remove: list[int]) -> None:
                 sub.layer_idx = new_idx
     parent, _, child = layout.layers.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-    config = hf_config(model)
-    config.num_hidden_layers = len(kept)
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == n:
-        config.layer_types = [types[i] for i in kept]
+    set_widths(model, layout.found, layers=kept)

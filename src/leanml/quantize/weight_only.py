@@ -2,7 +2,7 @@
 
 :func:`quantize_weights` walks the model with :func:`leanml.calibrate.sequential.run_sequential`. In each
 block the target linears are processed in "stages" of linears that read the same input (q/k/v, o,
-gate/up, down for a llama block), in forward order. For each stage:
+gate/up, down in a decoder block), in forward order. For each stage:
 
 1. the input Hessian ``H = 2/n XᵀX`` (optionally outlier-aware: huge-norm "attention sink" rows are
    clipped, see :class:`~leanml.calibrate.hessian.HessianAccumulator`) and ``mean |x|`` are gathered from
@@ -11,12 +11,13 @@ gate/up, down for a llama block), in forward order. For each stage:
 2. AWQ methods search per-input-channel scales ``s = mean|x|^alpha`` (normalised) minimising the stage's
    output error ``tr(ΔW H ΔWᵀ)`` of round-to-nearest over ``alpha = 0, 1/n, ..., 1`` (``alpha = 0`` is
    ``s = 1``, so the scaling never makes the search objective worse) and fold them EXACTLY: ``W · s`` into
-   every linear fed by the producer and ``1 / s`` into the producer - a norm's weight (and bias), or the
-   output rows (and bias) of the previous linear (llama: ``input_layernorm -> q/k/v``,
-   ``post_attention_layernorm -> gate/up``, ``up_proj -> down_proj``, ``v_proj -> o_proj`` with one scale
-   per kv-head channel under grouped-query attention; BERT: ``value -> attention.output.dense``). A
-   producer that is already quantized gets its row scales divided (codes unchanged, still exact).
-   Stages without an exact producer are not scaled;
+   every linear fed by the producer and ``1 / s`` into the producer - a norm's weight (and bias; Gemma's
+   ``1 + w``), or the output rows (and bias) of the previous linear, which may be a row range of a fused
+   projection. The producers come from the family adapter (:func:`leanml.models.arch.producers`: pre-norm
+   -> q/k/v, pre-norm -> gate/up, up -> down in gated FFNs, value -> output projection with one scale
+   per kv-head channel under grouped-query attention). A producer that is already quantized gets its row
+   scales divided (codes unchanged, still exact). Stages without an exact producer (or models without an
+   adapter) are not scaled;
 3. each linear is quantized by RTN or GPTQ (``act_order``, dampening, MSE clipping) on the scaled weight
    with the scaled Hessian ``diag(1/s) H diag(1/s)``; ``refine_scales`` then refits each row's group
    scales by least squares on ``tr(ΔW H ΔWᵀ)`` for the chosen integer codes (kept only where it lowers
@@ -24,8 +25,8 @@ gate/up, down for a llama block), in forward order. For each stage:
 4. the module's weight is replaced by the dequantized weight, so the returned
    :class:`~leanml.quantize.gptq.QuantizedWeight` codes dequantize exactly to what the module holds.
 
-``rotate=True`` (llama-like decoders only) first applies a QuaRot-style rotation of the residual stream
-and per-head value rotations folded into the float weights (see :func:`rotate_llama`); outputs are
+``rotate=True`` (decoders with RMS pre-norms only) first applies a QuaRot-style rotation of the residual
+stream and per-head value rotations folded into the float weights (see :func:`rotate_residual`); outputs are
 unchanged before quantization. It unties tied input/output embeddings.
 """
 
@@ -182,9 +183,11 @@ def rescale_rows(qw: QuantizedWeight, r: torch.Tensor) -> QuantizedWeight:
 
 @dataclass
 class Producer:
-    """What outputs a stage's input ``X``: a norm (``kind="norm"``: weight, optional bias) or a linear
-    whose output rows are X's channels (``"rows"``; ``"heads"`` with kv-head sharing: ``rep`` query heads
-    of ``head_dim`` channels read each kv channel). ``consumers`` are all linears that read X."""
+    """What outputs a stage's input ``X`` (resolved from :func:`leanml.models.arch.producers`): a norm
+    (``kind="norm"``: weight, optional bias; ``offset`` 1 for Gemma's ``(1 + w)`` norms) or the output
+    rows ``rows`` of a linear (all rows when None) that are X's channels (``"rows"``; ``"heads"`` with
+    kv-head sharing: ``rep`` query heads of ``head_dim`` channels read each kv channel). ``consumers``
+    are all linears that read X."""
 
     name: str
     module: nn.Module
@@ -192,6 +195,8 @@ class Producer:
     consumers: list[str]
     rep: int = 1
     head_dim: int = 1
+    rows: tuple[int, int] | None = None
+    offset: float = 0.0
 
     def expand(self, s_src: torch.Tensor) -> torch.Tensor:
         """Consumer-side scales from producer-side channel scales."""
@@ -206,26 +211,17 @@ class Producer:
             return m
         return m.view(-1, self.rep, self.head_dim).mean(1).reshape(-1)
 
-
-LLAMA_PRODUCERS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
-    ("self_attn.v_proj", ("self_attn.o_proj",), "heads"),
-    ("mlp.up_proj", ("mlp.down_proj",), "rows"),
-)
-BERT_PRODUCERS = (("attention.self.value", ("attention.output.dense",), "heads"),)
+    def row_factors(self, s_src: torch.Tensor) -> torch.Tensor:
+        """Per output row of the producer linear: ``1 / s`` on its rows, 1 elsewhere."""
+        r = torch.ones(self.module.weight.shape[0], dtype=torch.float64, device=s_src.device)
+        a, b = self.rows or (0, r.numel())
+        r[a:b] = 1.0 / s_src.double()
+        return r
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def _norm_scales_exactly(norm: nn.Module) -> bool:
-    """Whether dividing the norm's weight (and bias) by s divides its output by s (checked numerically)."""
+def _norm_scales_exactly(norm: nn.Module, offset: float = 0.0) -> bool:
+    """Whether setting the norm's ``offset + weight`` (and bias) to themselves divided by s divides its
+    output by s (checked numerically)."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return False
@@ -237,9 +233,7 @@ def _norm_scales_exactly(norm: nn.Module) -> bool:
     with torch.no_grad():
         ref = norm(x)
         w0, b0 = weight.detach().clone(), None if bias is None else bias.detach().clone()
-        weight.div_(s)
-        if b0 is not None:
-            bias.div_(s)
+        _fold_norm(norm, s, offset)
         out = norm(x)
         weight.copy_(w0)
         if b0 is not None:
@@ -247,32 +241,40 @@ def _norm_scales_exactly(norm: nn.Module) -> bool:
     return bool(torch.allclose(out * s, ref, rtol=1e-4, atol=1e-5))
 
 
-def find_producer(block: nn.Module, prefix: str, stage: Sequence[str]) -> Producer | None:
-    """The producer whose output feeds exactly ``stage`` (full names) and can absorb ``1/s``, or None."""
-    rel = [n[len(prefix) + 1 :] if prefix else n for n in stage]
-    for table in (LLAMA_PRODUCERS, BERT_PRODUCERS):
-        for prod, consumers, kind in table:
-            if not set(rel) <= set(consumers):
-                continue
-            pmod = _get(block, prod)
-            cmods = [_get(block, c) for c in consumers]
-            if pmod is None or any(not isinstance(c, nn.Linear) for c in cmods):
-                continue
-            full = [f"{prefix}.{c}" if prefix else c for c in consumers]
-            pname = f"{prefix}.{prod}" if prefix else prod
-            if kind == "norm":
-                if _norm_scales_exactly(pmod):
-                    return Producer(pname, pmod, kind, full)
-                continue
-            if not isinstance(pmod, nn.Linear):
-                continue
-            width = cmods[0].in_features
-            if pmod.out_features == width:
-                return Producer(pname, pmod, "rows", full)
-            attn = _get(block, prod.rsplit(".", 1)[0]) if "." in prod else block
-            head_dim = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
-            if kind == "heads" and head_dim and width % pmod.out_features == 0 and pmod.out_features % head_dim == 0:
-                return Producer(pname, pmod, "heads", full, width // pmod.out_features, int(head_dim))
+def _fold_norm(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
+    w = norm.weight
+    w.copy_((w.double() + offset).div(s.double()).sub(offset).to(w.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+
+
+def find_producer(modules: dict[str, nn.Module], found, prefix: str, stage: Sequence[str]) -> Producer | None:
+    """The producer whose output feeds exactly ``stage`` (full names) and can absorb ``1/s``, or None
+    (no adapter, or a stage without an exact producer)."""
+    from leanml.models.arch import producers
+
+    block = None if found is None else next((b for b in found.blocks if b.name == prefix), None)
+    if block is None:
+        return None
+    for spec in producers(found, block):
+        if not set(stage) <= set(spec.consumers):
+            continue
+        pmod = modules[spec.producer]
+        cmods = [modules[c] for c in spec.consumers]
+        if any(not isinstance(c, nn.Linear) for c in cmods):
+            continue
+        if spec.kind == "norm":
+            if _norm_scales_exactly(pmod, spec.offset):
+                return Producer(spec.producer, pmod, "norm", list(spec.consumers), offset=spec.offset)
+            continue
+        if not isinstance(pmod, nn.Linear):
+            continue
+        a, b = spec.rows or (0, pmod.out_features)
+        width = cmods[0].in_features
+        if b - a == width:
+            return Producer(spec.producer, pmod, "rows", list(spec.consumers), rows=spec.rows)
+        if spec.kind == "heads" and width % (b - a) == 0 and (b - a) % spec.head_dim == 0:
+            return Producer(spec.producer, pmod, "heads", list(spec.consumers), width // (b - a), spec.head_dim, spec.rows)
     return None
 
 
@@ -288,17 +290,16 @@ def fold_scales(
     s_cons = producer.expand(s_src)
     pmod = producer.module
     if producer.kind == "norm":
-        pmod.weight.div_(s_src.to(pmod.weight.dtype))
-        if getattr(pmod, "bias", None) is not None:
-            pmod.bias.div_(s_src.to(pmod.bias.dtype))
+        _fold_norm(pmod, s_src, producer.offset)
     else:
+        r = producer.row_factors(s_src)
         if producer.name in records:
-            records[producer.name] = rescale_rows(records[producer.name], 1.0 / s_src.double())
+            records[producer.name] = rescale_rows(records[producer.name], r)
             pmod.weight.copy_(records[producer.name].weight)
         else:
-            pmod.weight.div_(s_src.to(pmod.weight.dtype)[:, None])
+            pmod.weight.mul_(r.to(pmod.weight.dtype)[:, None])
         if pmod.bias is not None:
-            pmod.bias.div_(s_src.to(pmod.bias.dtype))
+            pmod.bias.mul_(r.to(pmod.bias.dtype))
     for name in producer.consumers:
         lin = model_modules[name]
         if name in records:  # cannot happen in forward order; keep the record exact anyway
@@ -396,12 +397,12 @@ def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
     return Q * torch.sign(torch.diagonal(R))[None, :]
 
 
-def _rmsnorm_is_rotation_invariant(norm: nn.Module, n: int) -> bool:
+def _rmsnorm_is_rotation_invariant(norm: nn.Module, n: int, offset: float) -> bool:
     import copy
 
     probe = copy.deepcopy(norm).float()
     with torch.no_grad():
-        probe.weight.fill_(1.0)
+        probe.weight.fill_(1.0 - offset)
         if getattr(probe, "bias", None) is not None:
             return False
         gen = torch.Generator().manual_seed(1)
@@ -411,55 +412,41 @@ def _rmsnorm_is_rotation_invariant(norm: nn.Module, n: int) -> bool:
 
 
 @torch.no_grad()
-def rotate_llama(model: nn.Module, seed: int = 0) -> None:
+def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     """Fold an orthogonal rotation ``R1`` of the residual stream and one ``R2`` per attention head
-    (``v_proj`` rows / ``o_proj`` columns) into a llama-like decoder; float outputs are unchanged.
+    (value rows / output-projection columns) into a decoder whose family supports it (RMS pre-norms
+    only: :attr:`leanml.models.arch.Arch.rotate`); float outputs are unchanged.
 
-    Norm weights are first folded into the linears they feed (norm weights become 1); then ``E <- E R1``
-    for the embedding, ``W <- W R1`` for every linear reading the residual stream (q/k/v, gate/up,
-    lm_head) and ``W <- R1ᵀ W`` (and ``b <- b R1``) for every linear writing it (o, down). Tied
-    input/output embeddings are UNTIED (the lm_head gets its own weight; ``config.tie_word_embeddings``
+    Norm weights are first folded into the linears they feed (norm weights become the identity); then
+    ``E <- E R1`` for the embedding, ``W <- W R1`` for every linear reading the residual stream (q/k/v,
+    gate/up, the head) and ``W <- R1ᵀ W`` (and ``b <- b R1``) for every linear writing it (o, down). Tied
+    input/output embeddings are UNTIED (the head gets its own weight; ``config.tie_word_embeddings``
     is set to False).
     """
-    core = getattr(model, "model", None)
-    layers = getattr(core, "layers", None)
-    lm_head = getattr(model, "lm_head", None)
-    names = (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-    )
-    ok = (
-        isinstance(layers, nn.ModuleList)
-        and isinstance(lm_head, nn.Linear)
-        and isinstance(getattr(core, "embed_tokens", None), nn.Embedding)
-        and getattr(core, "norm", None) is not None
-        and all(_get(layer, n) is not None for layer in layers for n in names)
-    )
-    if not ok:
-        raise LeanmlError(
-            f"rotate=True supports llama-like decoders (model.layers with self_attn/mlp projections "
-            f"and RMSNorms, lm_head); {type(model).__name__} is not one - use rotate=False"
-        )
-    hidden = core.embed_tokens.weight.shape[1]
-    norms = [core.norm] + [_get(layer, n) for layer in layers for n in ("input_layernorm", "post_attention_layernorm")]
-    if not all(_rmsnorm_is_rotation_invariant(nm, hidden) for nm in norms):
+    from leanml.models.arch import require
+
+    found = require(model, "rotate=True", kind="decoder", feature="rotate")
+    get = model.get_submodule
+    head, emb_mod, final = (get(n) if n else None for n in (found.head, found.embed, found.final_norm))
+    if not isinstance(head, nn.Linear) or not isinstance(emb_mod, nn.Embedding) or final is None:
+        raise LeanmlError(f"rotate=True needs an nn.Embedding, a final norm and a linear head; {type(model).__name__} lacks one")
+    offset = 1.0 if found.arch.norm == "rms+1" else 0.0
+    hidden = found.hidden
+    norms = [final] + [get(n) for b in found.blocks for n in (b.attn_norm, b.mlp_norm)]
+    if not all(_rmsnorm_is_rotation_invariant(nm, hidden, offset) for nm in norms):
         raise LeanmlError("rotate=True needs RMSNorms without bias (weight * x / rms(x)); this model's norms are not")
     R1 = random_rotation(hidden, seed)
-    emb = core.embed_tokens.weight
-    if lm_head.weight is emb or lm_head.weight.data_ptr() == emb.data_ptr():
-        lm_head.weight = nn.Parameter(emb.detach().clone())
+    emb = emb_mod.weight
+    if head.weight is emb or head.weight.data_ptr() == emb.data_ptr():
+        head.weight = nn.Parameter(emb.detach().clone())
         if getattr(model, "config", None) is not None:
             model.config.tie_word_embeddings = False
 
-    def read(lin: nn.Linear, norm_weight: torch.Tensor) -> None:
-        W = lin.weight.double() * norm_weight.double()[None, :]
+    def gain(norm: nn.Module) -> torch.Tensor:
+        return norm.weight.double() + offset
+
+    def read(lin: nn.Linear, norm_gain: torch.Tensor) -> None:
+        W = lin.weight.double() * norm_gain[None, :]
         lin.weight.copy_(W @ R1)
 
     def write(lin: nn.Linear) -> None:
@@ -468,28 +455,31 @@ def rotate_llama(model: nn.Module, seed: int = 0) -> None:
             lin.bias.copy_(lin.bias.double() @ R1)
 
     emb.copy_(emb.double() @ R1)
-    read(lm_head, core.norm.weight)
-    core.norm.weight.fill_(1.0)
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-            read(lin, layer.input_layernorm.weight)
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            read(lin, layer.post_attention_layernorm.weight)
-        layer.input_layernorm.weight.fill_(1.0)
-        layer.post_attention_layernorm.weight.fill_(1.0)
-        write(attn.o_proj)
-        write(mlp.down_proj)
-        head_dim = getattr(attn, "head_dim", None)
-        if head_dim and attn.v_proj.out_features % head_dim == 0 and attn.o_proj.in_features % head_dim == 0:
-            R2 = random_rotation(head_dim, seed + 1)
-            n_kv, n_q = attn.v_proj.out_features // head_dim, attn.o_proj.in_features // head_dim
-            Wv = attn.v_proj.weight.double().view(n_kv, head_dim, -1)
-            attn.v_proj.weight.copy_(torch.einsum("dk,hdi->hki", R2, Wv).reshape(attn.v_proj.weight.shape))
-            if attn.v_proj.bias is not None:
-                attn.v_proj.bias.copy_((attn.v_proj.bias.double().view(n_kv, head_dim) @ R2).reshape(-1))
-            Wo = attn.o_proj.weight.double().view(-1, n_q, head_dim)
-            attn.o_proj.weight.copy_((Wo @ R2).reshape(attn.o_proj.weight.shape))
+    read(head, gain(final))
+    final.weight.fill_(1.0 - offset)
+    hd = found.head_dim
+    R2 = random_rotation(hd, seed + 1)
+    for b in found.blocks:
+        attn_norm, mlp_norm = get(b.attn_norm), get(b.mlp_norm)
+        for n in b.qkv_layers:
+            read(get(n), gain(attn_norm))
+        for n in b.ffn_in_layers:
+            read(get(n), gain(mlp_norm))
+        attn_norm.weight.fill_(1.0 - offset)
+        mlp_norm.weight.fill_(1.0 - offset)
+        o = get(b.o)
+        write(o)
+        write(get(b.down))
+        v_name, rows = found.part(b, "v")
+        v = get(v_name)
+        a, z = rows or (0, v.out_features)
+        n_kv, n_q = (z - a) // hd, o.in_features // hd
+        Wv = v.weight[a:z].double().view(n_kv, hd, -1)
+        v.weight[a:z] = torch.einsum("dk,hdi->hki", R2, Wv).reshape(z - a, -1).to(v.weight.dtype)
+        if v.bias is not None:
+            v.bias[a:z] = (v.bias[a:z].double().view(n_kv, hd) @ R2).reshape(-1).to(v.bias.dtype)
+        Wo = o.weight.double().view(-1, n_q, hd)
+        o.weight.copy_((Wo @ R2).reshape(o.weight.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,11 +509,12 @@ def _process_stage(
     spec: WeightQuantSpec,
     modules: dict[str, nn.Module],
     records: dict[str, QuantizedWeight],
+    found=None,
 ) -> None:
     acc = accs[stage[0]] if accs else None
     H = None if acc is None else acc.hessian.to(torch.float64)
     if spec.uses_awq and H is not None:
-        producer = find_producer(ctx.module, ctx.prefix, stage)
+        producer = find_producer(modules, found, ctx.prefix, stage)
         if producer is not None:
             W = torch.cat([ctx.linears[n].weight.detach() for n in stage])
             cfg = dataclasses.replace(spec, method="rtn", refine_scales=False, mse_clip=False)  # plain RTN: fast search
@@ -549,19 +540,22 @@ def quantize_weights(
     if not windows:
         raise LeanmlError("no calibration windows given; pass at least one")
     if spec.rotate:
-        rotate_llama(model, seed=spec.rotation_seed)
+        rotate_residual(model, seed=spec.rotation_seed)
+    from leanml.models.arch import resolve
+
+    found = resolve(model)
     modules = dict(model.named_modules())
     records: dict[str, QuantizedWeight] = {}
 
     def process(ctx: BlockContext) -> None:
         if not spec.needs_hessian:
             for stage in ctx.stages:
-                _process_stage(ctx, stage, {}, spec, modules, records)
+                _process_stage(ctx, stage, {}, spec, modules, records, found)
             return
         accs = {} if spec.true_sequential else ctx.collect(ctx.targets, early_stop=False)
         for stage in ctx.stages:
             stage_accs = ctx.collect(stage) if spec.true_sequential else accs
-            _process_stage(ctx, stage, stage_accs, spec, modules, records)
+            _process_stage(ctx, stage, stage_accs, spec, modules, records, found)
 
     if spec.needs_hessian:
         run_sequential(model, windows, list(targets), process, outlier_factor=spec.outlier_factor, label="quantize")

@@ -61,11 +61,7 @@ def arch_of(model: nn.Module) -> Arch | None:
 
 def supported(kind: str | None = None, feature: str | None = None) -> list[str]:
     """Family names (optionally of one ``kind`` and with a truthy ``feature`` such as ``"gguf"``)."""
-    return [
-        a.family
-        for a in ADAPTERS
-        if (kind is None or a.kind == kind) and (feature is None or getattr(a, feature))
-    ]
+    return [a.family for a in ADAPTERS if (kind is None or a.kind == kind) and (feature is None or getattr(a, feature))]
 
 
 def describe(model: nn.Module) -> str:
@@ -80,8 +76,7 @@ def require(model: nn.Module, what: str, kind: str | None = None, feature: str |
     if not ok:
         reason = "" if found is not None or arch_of(model) is None else " (its modules do not have the family's layout)"
         raise LeanmlError(
-            f"{what} supports the model families {', '.join(supported(kind, feature))}; "
-            f"{describe(model)} is not one{reason}"
+            f"{what} supports the model families {', '.join(supported(kind, feature))}; {describe(model)} is not one{reason}"
         )
     return found
 
@@ -243,7 +238,9 @@ def producers(found: Found, block: FoundBlock) -> list[ProducerSpec]:
 # ---------------------------------------------------------------------------------------- structure
 
 
-def set_widths(model: nn.Module, found: Found, *, ffn: int | None = None, heads: tuple[int, int] | None = None, layers=None) -> None:
+def set_widths(
+    model: nn.Module, found: Found, *, ffn: int | None = None, heads: tuple[int, int] | None = None, layers=None
+) -> None:
     """Write the new widths into the config (and the modules that cache them) after a structured removal:
     ``ffn`` neurons per layer, ``heads = (query, kv)`` per layer, ``layers`` = kept layer indices."""
     arch, config = found.arch, hf_config(model)
