@@ -18,11 +18,11 @@ VOCAB = 96
 _COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
-    intermediate_size=96,
+    intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=128,
+    max_position_embeddings=576,
     tie_word_embeddings=False,
 )
 
@@ -68,8 +68,8 @@ def config_for(family: str, **overrides):
             n_embd=64,
             n_layer=2,
             n_head=4,
-            n_inner=96,
-            n_positions=128,
+            n_inner=128,
+            n_positions=576,
             bos_token_id=1,
             eos_token_id=2,
             **overrides,
@@ -80,8 +80,8 @@ def config_for(family: str, **overrides):
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=128,
+            intermediate_size=128,
+            max_position_embeddings=576,
             **overrides,
         )
     elif family == "roberta":
@@ -90,14 +90,14 @@ def config_for(family: str, **overrides):
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=130,
+            intermediate_size=128,
+            max_position_embeddings=578,
             pad_token_id=1,
             **overrides,
         )
     elif family == "distilbert":
         cfg = tf.DistilBertConfig(
-            vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128, **overrides
+            vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=576, **overrides
         )
     else:
         raise ValueError(family)
@@ -118,9 +118,58 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if p.dim() == 1 and "norm" in name.lower() or name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            if "post_attention_layernorm" in name and family in ("gemma2", "gemma3") or "post_feedforward" in name:
+                # trained Gemma 2/3 post-norms have gains (1 + w) well below 1: a block adds a small
+                # update to the residual stream (unit gains make every block overwrite it)
+                p.copy_(-0.8 + 0.05 * torch.randn(p.shape, generator=gen))
+    from leanml.models.arch import normalise
+
+    normalise(model)  # as every loaded model is: GPT-2's Conv1D layers become nn.Linear
     return model.eval()
 
 
 def tokens(n: int = 24, batch: int = 1, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, n), generator=gen)
+
+
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:'!?-()"
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def tokenizer(bos: bool = False):
+    """A real character-level tokenizer (fast, vocabulary < 96); ``bos`` adds "<s>" at the start of every
+    text (as Llama 3 and Gemma do)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+TEXT = " ".join(
+    f"sentence {i} says the quick brown fox jumps over the lazy dog, and the cheap model runs fast." for i in range(60)
+)
+
+
+def corpus():
+    from leanml.data import TextCorpus
+
+    return TextCorpus(name="tiny", text=TEXT, eval_tokens=600, calib_start=1200)
+
+
+def handle(family: str, seed: int = 0, bos: bool = False, **overrides):
+    """A ModelHandle of the tiny ``family`` model with the character tokenizer."""
+    from leanml.models import ModelHandle
+    from leanml.models.inputs import default_example_inputs
+
+    task = "sentence-embedding" if family in ENCODERS else "causal-lm"
+    h = ModelHandle(module=tiny_model(family, seed, **overrides), task=task, name=f"tiny-{family}", tokenizer=tokenizer(bos))
+    h.example_inputs = default_example_inputs(h)
+    return h

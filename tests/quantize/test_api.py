@@ -107,13 +107,17 @@ def test_lm_head_is_ignored_by_default(tiny_llama):
 def test_smoothquant_folds_into_rms_norms_without_changing_float_outputs(tiny_llama, tiny_text):
     from leanml.quantize.api import norm_producers
 
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.o_proj"]
+    p = "model.layers.0"
+    qkv = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
+    gate_up = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
     ids = {"input_ids": torch.randint(0, 128, (1, 12))}
-    producers = norm_producers(tiny_llama, names, ids)
+    producers = norm_producers(tiny_llama, [*qkv, *gate_up, f"{p}.self_attn.o_proj"])
     assert producers == {
-        "model.layers.0.self_attn.q_proj": "model.layers.0.input_layernorm",
-        "model.layers.0.mlp.up_proj": "model.layers.0.post_attention_layernorm",
+        **dict.fromkeys(qkv, (f"{p}.input_layernorm", 0.0)),
+        **dict.fromkeys(gate_up, (f"{p}.post_attention_layernorm", 0.0)),
     }
+    # a norm that also feeds a layer left in float cannot absorb the scale
+    assert norm_producers(tiny_llama, [qkv[0], gate_up[1]]) == {}
     ref = output_tensor(tiny_llama.call(ids))
     quantize(tiny_llama, SmoothQuant(alpha=0.5, calib_windows=2), tiny_text)
     assert isinstance(tiny_llama.module.model.layers[1].mlp.gate_proj, Int8ActLinear)

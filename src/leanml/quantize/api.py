@@ -27,7 +27,7 @@ from ..targeting import get_module, select_layers, set_module
 from .awq import smoothquant_scales
 from .gptq import rtn_quantize_weight
 from .mixed import FLOAT_BITS, allocate_bits, layer_sensitivity, storage_bits
-from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantEmbedding, QuantLinear
+from .modules import CastLinear, CodebookLinear, Int8ActConv2d, Int8ActLinear, QuantEmbedding, QuantLinear, embedding_scale
 from .observers import KLObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .primitives import kmeans_quantize, log2_dequantize, log2_quantize, nf4_levels
 from .qat import qat_train
@@ -100,7 +100,9 @@ def replace_linear(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
         return
     for emb_name, emb in list(model.named_modules()):
         if isinstance(emb, torch.nn.Embedding) and emb.weight is old_weight:
-            set_module(model, emb_name, QuantEmbedding(emb.num_embeddings, emb.embedding_dim, name, emb.padding_idx).bind(new))
+            scale = embedding_scale(emb, emb_name)
+            quant = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, name, emb.padding_idx, scale)
+            set_module(model, emb_name, quant.bind(new))
 
 
 def _check_groups(model: torch.nn.Module, names: list[str], group_size: int | None) -> None:
@@ -210,17 +212,98 @@ def _set_static_range(layer, observer, symmetric: bool) -> None:
     layer.act_zero_point = qp.zero_point.reshape(()).to(torch.float32).clone()
 
 
+def _own_forward(layer: torch.nn.Module) -> bool:
+    """A Conv2d/Linear subclass with a forward of its own (timm's ``Conv2dSame`` pads in it)."""
+    base = torch.nn.Conv2d if isinstance(layer, torch.nn.Conv2d) else torch.nn.Linear
+    return type(layer).forward is not base.forward
+
+
+def _close(out, ref: torch.Tensor) -> bool:
+    return (
+        isinstance(out, torch.Tensor)
+        and out.shape == ref.shape
+        and bool((out.double() - ref.double()).abs().max() <= 1e-4 * (1 + ref.double().abs().max()))
+    )
+
+
+@torch.no_grad()
+def _static_padding(layer: torch.nn.Module, name: str, shape: tuple | None) -> bool:
+    """How the int8 layer reproduces ``layer``, a Conv2d/Linear subclass with its own forward: ``True``
+    for TensorFlow "SAME" padding computed at run time, ``False`` for its static padding (a Linear: the
+    plain product). Checked in float against its forward on seeded inputs at the calibrated input
+    ``shape`` and, for a conv, at two other sizes; a one-line error when neither reproduces it there."""
+    import copy
+
+    what = f"layer {name!r} ({type(layer).__name__}) computes its output in its own forward"
+    leave = f"leave it in float (ignore: [{name!r}])"
+    if shape is None:
+        raise LeanmlError(f"{what} and was never called on the calibration inputs, so it cannot be checked; {leave}")
+    ref = copy.deepcopy(layer).eval()
+    w = layer.weight
+    g = torch.Generator().manual_seed(0)
+    if isinstance(layer, torch.nn.Conv2d):
+        *_, c, h, wd = shape
+        sizes = [(h, wd), (h + 1, wd + 2), (h + 3, wd + 1)]
+        inputs = [torch.randn(1, c, a, b, generator=g) for a, b in sizes]
+        candidates = {pad: Int8ActConv2d(layer, "static", pad_same=pad) for pad in (False, True)}
+
+        def run(pad, x):
+            return candidates[pad].conv(x, w)
+    else:
+        inputs = [torch.randn((1, *shape[1:]), generator=g)]
+        candidates = {False: None}
+
+        def run(_pad, x):
+            return torch.nn.functional.linear(x, w, layer.bias)
+
+    refs = []
+    for x in inputs:
+        try:
+            refs.append(ref(x.to(w.dtype).to(w.device)))
+        except Exception:  # noqa: BLE001 - the float layer does not run at this size either
+            refs.append(None)
+    if refs[0] is None:
+        raise LeanmlError(f"{what} and does not run on one item of its calibrated input shape {tuple(shape[1:])}; {leave}")
+    at_calibrated = False
+    for pad in candidates:
+        ok = [_close(run(pad, x.to(w.dtype).to(w.device)), r) for x, r in zip(inputs, refs, strict=True) if r is not None]
+        if all(ok):
+            return pad
+        at_calibrated = at_calibrated or ok[0]
+    if at_calibrated:
+        raise LeanmlError(
+            f"{what}, which int8-static reproduces only at the calibrated input size {h}x{wd} (its padding "
+            f"is not static nor TensorFlow 'SAME'); {leave}"
+        )
+    raise LeanmlError(f"{what}, which int8-static cannot reproduce with a plain convolution/product; {leave}")
+
+
 @register(Int8Static)
 def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelHandle:
-    """int8 weights per channel, int8 activations per tensor with ranges calibrated by an observer."""
+    """int8 weights per channel, int8 activations per tensor with ranges calibrated by an observer.
+    A Conv2d/Linear subclass with its own forward (timm's ``Conv2dSame``) is replaced only when the int8
+    layer reproduces it (see :func:`_static_padding`): the quantized model then runs at every input
+    size the float one does."""
     model = handle.module
     names = select_layers(model, (torch.nn.Linear, torch.nn.Conv2d), cfg.targets, cfg.ignore, handle.task)
     batches = calibration_batches(handle, data, cfg.calib_batches)
-    observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer, cfg.percentile))
+    custom = [n for n in names if _own_forward(get_module(model, n))]
+    shapes: dict[str, tuple] = {}
+
+    def record(name: str, args: tuple) -> None:  # a pre-hook must return None to leave the input alone
+        shapes.setdefault(name, tuple(args[0].shape))
+
+    hooks = [get_module(model, n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args)) for n in custom]
+    try:
+        observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer, cfg.percentile))
+    finally:
+        for h in hooks:
+            h.remove()
+    pad_same = {n: _static_padding(get_module(model, n), n, shapes.get(n)) for n in custom}  # all checks first
     for name in names:
         layer = get_module(model, name)
         if isinstance(layer, torch.nn.Conv2d):
-            new = Int8ActConv2d(layer, "static", cfg.symmetric_activations)
+            new = Int8ActConv2d(layer, "static", cfg.symmetric_activations, pad_same=pad_same.get(name, False))
         else:
             new = Int8ActLinear(layer, "static", symmetric_act=cfg.symmetric_activations)
         _set_static_range(new, observers[name], cfg.symmetric_activations)
@@ -230,46 +313,42 @@ def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelH
 
 
 @torch.no_grad()
-def norm_producers(handle: ModelHandle, names: list[str], batch) -> dict[str, str]:
-    """For each named linear layer, the RMS-norm module whose output is exactly its input (pre-norm
-    blocks: the norm output feeds only these projections, so a per-channel scale folds into its weight)."""
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    producer: dict[str, str] = {}
-    hooks = []
+def norm_producers(handle: ModelHandle, names: list[str]) -> dict[str, tuple[str, float]]:
+    """For each named linear layer, the pre-norm whose output is exactly its input and feeds only named
+    layers, as ``(norm name, offset)`` (``offset`` 1 for Gemma's ``(1 + w)`` norms): a per-channel scale
+    folds into that norm's weight. From the family adapter; models without one get no folding."""
+    from ..models.arch import producers, resolve
+    from .weight_only import _norm_scales_exactly
 
-    def keep(name: str, out: torch.Tensor) -> None:
-        outputs[out.data_ptr()] = (name, out)  # holding the tensor keeps its address from being reused
-
-    for n, m in handle.module.named_modules():
-        if "RMSNorm" in type(m).__name__ and hasattr(m, "weight"):
-            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: keep(n, out)))
-
-    def record(name: str, args: tuple) -> None:  # a pre-hook must return None to leave the input alone
-        producer.setdefault(name, outputs.get(args[0].data_ptr(), ("", None))[0])
-
-    for n in names:
-        hooks.append(get_module(handle.module, n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args)))
-    try:
-        handle.call(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: p for n, p in producer.items() if p}
+    model = handle.module
+    found = resolve(model)
+    if found is None:
+        return {}
+    chosen, out = set(names), {}
+    for b in found.blocks:
+        for spec in producers(found, b):
+            if spec.kind != "norm" or not set(spec.consumers) <= chosen:
+                continue
+            if _norm_scales_exactly(model.get_submodule(spec.producer), spec.offset):
+                out.update(dict.fromkeys(spec.consumers, (spec.producer, spec.offset)))
+    return out
 
 
 @register(SmoothQuant)
 def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> ModelHandle:
     """SmoothQuant W8A8: per-channel scales s = max|X|^α / max|W|^(1-α) divide the activations and
-    multiply the weights (folded into the preceding RMS norm where the architecture allows, else kept
+    multiply the weights (folded into the preceding pre-norm where the family adapter allows, else kept
     as an exact per-channel input scale), then int8 weights × int8 activations."""
+    from .weight_only import _fold_norm
+
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
     batches = calibration_batches(handle, data, cfg.calib_windows)
     observers = observe_inputs(handle, names, batches, lambda: _ChannelAbsMax(cfg.outlier_factor))
-    producers = norm_producers(handle, names, batches[0])
+    producers = norm_producers(handle, names)
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(producers.get(n) or f"self:{n}", []).append(n)
+        groups.setdefault(producers[n][0] if n in producers else f"self:{n}", []).append(n)
     for key, members in groups.items():
         act = torch.stack([observers[n].absmax for n in members]).amax(0)
         w_max = torch.stack([get_module(model, n).weight.detach().abs().amax(0) for n in members]).amax(0)
@@ -279,8 +358,8 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
             layer.weight.data.mul_(s)
             layer.smooth_inv = (1.0 / s).to(torch.float32)  # kept as an exact input scale
         else:
-            norm = get_module(model, key)
-            norm.weight.data.div_(s)
+            with torch.no_grad():
+                _fold_norm(get_module(model, key), s, producers[members[0]][1])
             for n in members:
                 get_module(model, n).weight.data.mul_(s)
     static = cfg.activations == "static"

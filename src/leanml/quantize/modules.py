@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import LeanmlError
 from .gptq import QuantizedWeight, dequantize_groups
 from .packing import pack_bits, unpack_bits
 from .primitives import qrange
@@ -228,17 +229,44 @@ class Int8ActLinear(_Int8Act):
         return f"in={self.in_features}, out={self.out_features}, W8A8 {self.mode}"
 
 
-class Int8ActConv2d(_Int8Act):
-    """int8 convolution: int8 weights per output channel, int8 activations per tensor."""
+def same_pad(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """``x`` padded as TensorFlow's "SAME" convolution pads it, from its size at run time (timm's
+    ``pad_same``): ``max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)`` per axis, the odd one at the end."""
+    pads = []
+    for i, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation, strict=True):
+        total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, [left, right, top, bottom]) if top or bottom or left or right else x
 
-    def __init__(self, conv: torch.nn.Conv2d, mode: str = "static", symmetric_act: bool = False):
+
+class Int8ActConv2d(_Int8Act):
+    """int8 convolution: int8 weights per output channel, int8 activations per tensor.
+
+    The padding is the conv's: static (``conv_args["padding"]``, with its ``padding_mode``), or, with
+    ``pad_same``, TensorFlow "SAME" computed from the input size at run time (timm's ``Conv2dSame``), so
+    the layer runs at every input size the float one does. At stride 1 "SAME" is static (PyTorch's
+    ``padding="same"``), so ``pad_same`` stays on only for strided convs; ``conv_args`` are the keyword
+    arguments of an equivalent ``nn.Conv2d`` whenever it is off."""
+
+    def __init__(self, conv: torch.nn.Conv2d, mode: str = "static", symmetric_act: bool = False, pad_same: bool = False):
         super().__init__()
         self.conv_args = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
+        self.pad_same = bool(pad_same)
+        if self.pad_same and tuple(conv.stride) == (1, 1):  # at stride 1, "SAME" pads d * (k - 1) at any size
+            self.pad_same, self.conv_args["padding"] = False, "same"
+        elif self.pad_same:
+            self.conv_args["padding"] = (0, 0)
+        padding_mode = getattr(conv, "padding_mode", "zeros")
+        self._pre_pad = None
+        if padding_mode != "zeros" and not self.pad_same:
+            self.conv_args["padding_mode"] = padding_mode
+            self._pre_pad = list(conv._reversed_padding_repeated_twice)
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self._init_int8(conv.weight, conv.bias, mode, False, symmetric_act)
 
     def to_spec(self) -> dict:
-        return {
+        spec = {
             "type": "Int8ActConv2d",
             "in": self.in_channels,
             "out": self.out_channels,
@@ -248,6 +276,9 @@ class Int8ActConv2d(_Int8Act):
             "bias": self.bias is not None,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in self.conv_args.items()},
         }
+        if self.pad_same:
+            spec["pad_same"] = True
+        return spec
 
     @classmethod
     def from_spec(cls, s: dict) -> Int8ActConv2d:
@@ -260,14 +291,26 @@ class Int8ActConv2d(_Int8Act):
             dilation=tuple(s["dilation"]),
             groups=s["groups"],
             bias=s["bias"],
+            padding_mode=s.get("padding_mode", "zeros"),
         )
-        return cls(conv, s["mode"], s["symmetric_act"])
+        return cls(conv, s["mode"], s["symmetric_act"], s.get("pad_same", False))
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The float convolution of ``x`` by ``weight`` with this layer's padding, stride and groups."""
+        args = {k: v for k, v in self.conv_args.items() if k != "padding_mode"}
+        if self.pad_same:
+            x = same_pad(x, self.kernel_size, args["stride"], args["dilation"])
+        elif self._pre_pad is not None:
+            x = F.pad(x, self._pre_pad, mode=self.conv_args["padding_mode"])
+            args["padding"] = 0
+        return F.conv2d(x, weight, self.bias, **args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.quantize_input(x), self.weight.to(x.dtype), self.bias, **self.conv_args)
+        return self.conv(self.quantize_input(x), self.weight.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}→{self.out_channels}, kernel={tuple(self.kernel_size)}, W8A8 {self.mode}"
+        pad = ", pad=SAME (dynamic)" if self.pad_same else ""
+        return f"{self.in_channels}→{self.out_channels}, kernel={tuple(self.kernel_size)}{pad}, W8A8 {self.mode}"
 
 
 class CodebookLinear(torch.nn.Module):
@@ -373,12 +416,14 @@ class CastLinear(torch.nn.Module):
 
 class QuantEmbedding(torch.nn.Module):
     """An embedding whose table is the (tied) :class:`QuantLinear` output head named ``tied_to``: row ``v``
-    is the head's dequantized row ``v``. It owns no tensors; :meth:`bind` attaches the head."""
+    is the head's dequantized row ``v``, times ``scale`` (Gemma's embeddings multiply the looked-up rows
+    by sqrt(hidden); 1 elsewhere). It owns no tensors; :meth:`bind` attaches the head."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tied_to: str, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tied_to: str, padding_idx: int | None = None, scale: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tied_to = num_embeddings, embedding_dim, tied_to
         self.padding_idx = padding_idx
+        self.scale = float(scale)
         self.__dict__["_head"] = None  # not a submodule: the head is saved once, where it lives
 
     def bind(self, head: QuantLinear) -> QuantEmbedding:
@@ -401,7 +446,8 @@ class QuantEmbedding(torch.nn.Module):
         return self.head.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.head.weight, self.padding_idx)
+        rows = F.embedding(ids, self.head.weight, self.padding_idx)
+        return rows if self.scale == 1.0 else rows * torch.tensor(self.scale, dtype=rows.dtype)
 
     def to_spec(self) -> dict:
         return {
@@ -410,14 +456,32 @@ class QuantEmbedding(torch.nn.Module):
             "dim": self.embedding_dim,
             "tied_to": self.tied_to,
             "padding_idx": self.padding_idx,
+            "scale": self.scale,
         }
 
     @classmethod
     def from_spec(cls, s: dict) -> QuantEmbedding:
-        return cls(s["num"], s["dim"], s["tied_to"], s.get("padding_idx"))
+        return cls(s["num"], s["dim"], s["tied_to"], s.get("padding_idx"), s.get("scale", 1.0))
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows of {self.tied_to}"
+        scale = "" if self.scale == 1.0 else f" x {self.scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of {self.tied_to}{scale}"
+
+
+@torch.no_grad()
+def embedding_scale(emb: torch.nn.Embedding, name: str) -> float:
+    """The constant ``c`` with ``emb(ids) == c * rows(ids)`` (1 for a plain embedding, sqrt(hidden) for
+    Gemma's scaled one), checked numerically; an embedding that is not such a lookup is refused."""
+    ids = torch.arange(min(emb.num_embeddings, 16), device=emb.weight.device)
+    out, rows = emb(ids).double(), F.embedding(ids, emb.weight).double()
+    denom = float(rows.pow(2).sum())
+    c = float((out * rows).sum()) / denom if denom > 0 else 1.0
+    if not torch.allclose(out, c * rows, rtol=1e-3, atol=1e-6):
+        raise LeanmlError(
+            f"the input embedding {name!r} ({type(emb).__name__}) is not a (scaled) row lookup, so it cannot "
+            "read its rows from the quantized output head it is tied to; leave the head in float (head_bits: null)"
+        )
+    return 1.0 if abs(c - 1.0) < 1e-6 else c
 
 
 def bind_embeddings(model: torch.nn.Module) -> None:

@@ -153,6 +153,9 @@ def resolve(model: nn.Module) -> Found | None:
         required += [n for n in (b.attn_norm, b.mlp_norm, b.post_attn_norm, b.post_mlp_norm, b.q_norm, b.k_norm) if n]
         if any(module_at(model, n) is None for n in required):
             return None
+        conv1d = _conv1d_type()
+        if conv1d is not None and any(isinstance(module_at(model, n), conv1d) for n in required):
+            return None  # GPT-2's Conv1D before normalise(): its weights are transposed
     config = hf_config(model)
     b0 = blocks[0]
     attn = module_at(model, b0.attn)

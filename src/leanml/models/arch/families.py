@@ -39,9 +39,19 @@ _GEMMA = dict(
     norm="rms+1",
     embed_scale="sqrt_hidden",
 )
-GEMMA = Arch("gemma", ("gemma",), **{**_DECODER, **_LLAMA_BLOCK}, norm="rms+1", embed_scale="sqrt_hidden", gguf="gemma")
-GEMMA2 = Arch("gemma2", ("gemma2",), **_GEMMA, gguf="gemma2")
-GEMMA3 = Arch("gemma3", ("gemma3_text",), **_GEMMA, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", gguf="gemma3")
+GEMMA = Arch(
+    "gemma", ("gemma",), **{**_DECODER, **_LLAMA_BLOCK}, norm="rms+1", embed_scale="sqrt_hidden", gguf="gemma", onnx_llm=True
+)
+GEMMA2 = Arch("gemma2", ("gemma2",), **_GEMMA, gguf="gemma2", onnx_llm=True)
+GEMMA3 = Arch(
+    "gemma3",
+    ("gemma3_text",),
+    **_GEMMA,
+    q_norm="self_attn.q_norm",
+    k_norm="self_attn.k_norm",
+    gguf="gemma3",
+    onnx_llm=True,
+)
 PHI3 = Arch(
     "phi3",
     ("phi3",),
@@ -82,6 +92,7 @@ GPT2 = Arch(
     cfg_hidden="n_embd",
     cfg_eps="layer_norm_epsilon",
     gguf="gpt2",
+    onnx_llm=True,
 )
 _BERT = dict(
     kind="encoder",
