@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import torch
@@ -73,8 +75,11 @@ class TextCorpus:
         return out[:limit] if limit else out
 
     def documents(self, split: str = "eval") -> list[str]:
-        """Paragraphs of the text (blank-line or line separated), split by position like the tokens."""
+        """Paragraphs of the text (blank-line or line separated), split by position like the tokens; a
+        text of fewer than 8 paragraphs is cut into sentences instead, so both splits hold documents."""
         docs = [d.strip() for d in self.text.replace("\r\n", "\n").split("\n") if d.strip()]
+        if len(docs) < 8:
+            docs = [d.strip() for d in re.split(r"(?<=[.!?])\s+", " ".join(docs)) if d.strip()]
         cut = max(1, len(docs) // 4)
         return docs[:cut] if split == "eval" else docs[cut:]
 
