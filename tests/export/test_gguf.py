@@ -267,11 +267,11 @@ def test_refuses_overwrite_and_other_architectures(tmp_path, bpe_tokenizer, mlp)
     export_gguf(handle, target, force=True)
     assert target.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary file left behind
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
-    for model in (gpt2, mlp):
-        with pytest.raises(LeanmlError, match="does not support the architecture .*accepted: LlamaForCausalLM") as err:
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)).eval()
+    for model in (neox, mlp):
+        with pytest.raises(LeanmlError, match="GGUF export supports the model families llama, .*gpt2") as err:
             export_gguf(ModelHandle(module=model, task="generic", name="x"), tmp_path / "x.gguf")
         assert "\n" not in str(err.value)
     with pytest.raises(LeanmlError, match="float_type 'bf16'"):

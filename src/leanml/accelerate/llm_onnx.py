@@ -1,17 +1,28 @@
-"""A decoder LLM (Llama family) written as an ONNX Runtime graph with a key/value cache.
+"""A decoder LLM written as an ONNX Runtime graph with a key/value cache.
 
 The graph is built from the model's own tensors, not traced, so that every layer maps to the fastest
-ONNX Runtime kernel for it and so that leanml's quantized integers go in unchanged:
+ONNX Runtime kernel for it and so that leanml's quantized integers go in unchanged. The model's family
+adapter (:func:`leanml.models.arch.resolve`) names its modules and says what each family does
+differently; the families whose adapter has ``onnx_llm`` are accepted (Llama, Mistral, Qwen2/3, Phi-3,
+Gemma 1/2/3, GPT-2 where their flags are set):
 
 * ``QuantLinear`` → ``com.microsoft.MatMulNBits`` fed with leanml's codes, scales and zero points
   (widths below 4 sit in 4-bit containers, 5-7 in 8-bit ones; the values are the same). Columns
   quantized out of order (GPTQ ``act_order``) are gathered into group order before the product,
-  which is exact. Float layers → ``MatMul`` on the transposed weight.
+  which is exact. Float layers → ``MatMul`` on the transposed weight; biases are added.
 * Projections that read the same input with the same layout are fused: q/k/v into one product,
-  gate/up into another.
-* RMS norms → ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (the residual
-  add fused in), attention → ``com.microsoft.GroupQueryAttention`` with rotary embeddings and the
-  cache (present = past + new keys, in BNSH layout).
+  gate/up into another (a fused layer of the model, Phi-3's ``qkv_proj``/``gate_up_proj`` or GPT-2's
+  ``c_attn``, is one product), split back into parts.
+* Norms → ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMS; Gemma's
+  ``(1 + w)`` baked into the weight) or ``LayerNormalization`` / ``SkipLayerNormalization`` (GPT-2), the
+  residual add fused in; Gemma 2/3's post-attention and post-FFN norms before the add; Qwen3/Gemma 3's
+  per-head q/k norms before the rotary embedding.
+* Attention → ``com.microsoft.GroupQueryAttention`` with rotary embeddings (one cos/sin table per rotary
+  base: Gemma 3's local layers have their own), the cache (present = past + new keys, in BNSH layout),
+  the model's attention scale, logit soft-capping and sliding windows per layer (``layer_types``).
+  GPT-2 adds learned position embeddings of positions past .. past + seq and runs without rotary.
+* The FFN activation is recognised by probing the model's own activation module (SiLU, GELU-tanh,
+  GELU, ReLU); Gemma's embeddings are scaled by sqrt(hidden); final logits are soft-capped (Gemma 2).
 * A ``QuantEmbedding`` tied to a quantized head → ``com.microsoft.GatherBlockQuantized`` on the head's
   codes, so the shared table is stored once, quantized.
 
@@ -33,11 +44,11 @@ import numpy as np
 import torch
 
 from ..errors import LeanmlError
+from ..models.arch import Found, hf_config, module_at, require
 from ..models.handle import ModelHandle
 from ..quantize.modules import QuantEmbedding, QuantLinear
 from ..quantize.primitives import qrange
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MS = "com.microsoft"
 OPSET = 17
 
@@ -238,17 +249,30 @@ def _linear(
     report: dict,
     out_orders: list[np.ndarray | None] | None = None,
     input_ordered: bool = False,
+    splits: list[list[int]] | None = None,
 ) -> list[str]:
-    """One product for ``layers`` (fused along N when their layouts allow), split back into one output each.
+    """One product for ``layers`` (fused along N when their layouts allow), split into one output per part.
 
-    ``out_orders``: per layer, a reordering of its output features (rows) or None. ``input_ordered``: the
-    input already arrives in the act-order column order of the (single) layer, so no Gather is needed."""
+    ``splits``: per layer, the sizes of the parts its output is split into (default: the whole layer; a
+    fused q/k/v or gate/up layer gives its sections). ``out_orders``: per layer, a reordering of its
+    output features (rows) or None. ``input_ordered``: the input already arrives in the act-order column
+    order of the (single) layer, so no Gather is needed."""
     sizes = [m.out_features for m in layers]
+    splits = splits or [[n] for n in sizes]
+    flat = [s for part in splits for s in part]
     orders = out_orders or [None] * len(layers)
     biases = [
         None if m.bias is None else (m.bias if o is None else m.bias[torch.from_numpy(o)])
         for m, o in zip(layers, orders, strict=True)
     ]
+
+    def each() -> list[str]:
+        return [
+            out
+            for i, (m, o, s) in enumerate(zip(layers, orders, splits, strict=True))
+            for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o], splits=[s])
+        ]
+
     if all(isinstance(m, QuantLinear) for m in layers):
         parts = [nbits_weight(m) for m in layers]
         parts = [p if p is None or o is None else permute_rows(p, o) for p, o in zip(parts, orders, strict=True)]
@@ -256,21 +280,13 @@ def _linear(
         if fused is not None:
             report["nbits"] += len(layers)
             y = _nbits_linear(g, x, fused, biases, sizes, name, opts, input_ordered)
-            return _split(g, y, sizes, name)
+            return _split(g, y, flat, name)
         if len(layers) > 1:
-            return [
-                out
-                for i, (m, o) in enumerate(zip(layers, orders, strict=True))
-                for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])
-            ]
+            return each()
         report["dequantized"].append(name)
-        return [_float_linear(g, x, [_rows(layers[0].weight, orders[0])], biases, name)]
+        return _split(g, _float_linear(g, x, [_rows(layers[0].weight, orders[0])], biases, name), flat, name)
     if any(isinstance(m, QuantLinear) for m in layers):
-        return [
-            out
-            for i, (m, o) in enumerate(zip(layers, orders, strict=True))
-            for out in _linear(g, x, [m], f"{name}.{i}", opts, report, [o])
-        ]
+        return each()
     for m in layers:
         if type(m) is not torch.nn.Linear:
             raise LeanmlError(
@@ -279,7 +295,7 @@ def _linear(
             )
     report["float"] += len(layers)
     y = _float_linear(g, x, [_rows(m.weight, o) for m, o in zip(layers, orders, strict=True)], biases, name)
-    return _split(g, y, sizes, name)
+    return _split(g, y, flat, name)
 
 
 def _rows(w: torch.Tensor, order: np.ndarray | None) -> torch.Tensor:
@@ -292,22 +308,46 @@ def _split(g: _Graph, y: str, sizes: list[int], name: str) -> list[str]:
     return g.node("Split", [y, g.init(f"{name}.split", np.array(sizes, np.int64))], len(sizes), f"{name}/split", axis=-1)
 
 
-def _rope(config, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+# rotary embeddings whose frequencies do not depend on the sequence length (transformers' own init functions)
+_STATIC_ROPE = ("linear", "llama3", "yarn")
+
+
+def _rope(config, head_dim: int, layer_type: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (positions x head_dim/2) of the rotary embedding of ``layer_type``'s layers."""
     params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
-    if rope_type != "default":
-        raise LeanmlError(f"rope_type {rope_type!r} is not supported by the ONNX Runtime LLM graph (accepted: default)")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    nested = isinstance(params, dict) and layer_type is not None and isinstance(params.get(layer_type), dict)
+    if nested:
+        params = params[layer_type]
+    params = params if isinstance(params, dict) else {}
+    rope_type = params.get("rope_type", "default")
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
     if partial != 1.0:
         raise LeanmlError(f"partial_rotary_factor {partial} is not supported by the ONNX Runtime LLM graph (accepted: 1.0)")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = 1.0
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    elif rope_type in _STATIC_ROPE:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **({"layer_type": layer_type} if nested else {}))
+        inv_freq = inv_freq.float()
+    else:
+        raise LeanmlError(
+            f"rope_type {rope_type!r} is not supported by the ONNX Runtime LLM graph "
+            f"(accepted: default, {', '.join(_STATIC_ROPE)})"
+        )
+    if inv_freq.numel() * 2 != head_dim:
+        raise LeanmlError(
+            f"the rotary embedding covers {inv_freq.numel() * 2} of {head_dim} head channels; the graph rotates all"
+        )
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
-    return freqs.cos().numpy(), freqs.sin().numpy()
+    # transformers multiplies cos and sin by the attention scaling (yarn); the same factor here
+    return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
 
 
-def _embedding(g: _Graph, emb: torch.nn.Module, report: dict) -> str:
+def _embedding(g: _Graph, emb: torch.nn.Module, report: dict, head: str) -> str:
     if isinstance(emb, QuantEmbedding):
         q = nbits_weight(emb.head)
         if q is not None and q.order is None:
@@ -315,7 +355,7 @@ def _embedding(g: _Graph, emb: torch.nn.Module, report: dict) -> str:
             n_blocks = q.k // q.block
             # the same packed codes as the head's MatMulNBits (one copy in the file), viewed as
             # (rows, blocks, block bytes) and quantized along the last axis
-            data = g.init(f"{emb.tied_to}.qweight", q.packed) if emb.tied_to == "lm_head" else g.init("embed.qweight", q.packed)
+            data = g.init("lm_head.qweight", q.packed) if emb.tied_to == head else g.init("embed.qweight", q.packed)
             rows = g.node(
                 "GatherBlockQuantized",
                 [
@@ -344,102 +384,288 @@ def _embedding(g: _Graph, emb: torch.nn.Module, report: dict) -> str:
     return g.node("Gather", [g.init("embed.weight", table.numpy()), "input_ids"], 1, "embed", axis=0)[0]
 
 
-def _check_model(handle: ModelHandle):
+def _positions(g: _Graph, h: str, table: torch.nn.Module) -> str:
+    """``h`` plus the learned position embeddings of positions past .. past + seq (GPT-2)."""
+    if type(table) is not torch.nn.Embedding:
+        raise LeanmlError(f"the position embedding is a {type(table).__name__}; accepted: Embedding")
+    # rows total - seq .. total of the table (1-D starts/ends, as Slice takes them)
+    seq = g.node("Shape", ["input_ids"], 1, "positions/seq", start=1, end=2)[0]
+    total = g.node("Cast", ["total_sequence_length"], 1, "positions/cast", to=7)[0]  # int64
+    total = g.node("Reshape", [total, g.init("positions.one", np.array([1], np.int64))], 1, "positions/total")[0]
+    start = g.node("Sub", [total, seq], 1, "positions/start")[0]
+    table_w = g.init("positions.weight", table.weight.detach().float().numpy())
+    rows = g.node("Slice", [table_w, start, total, g.init("positions.axes", np.array([0], np.int64))], 1, "positions")
+    return g.node("Add", [h, rows[0]], 1, "positions/add")[0]
+
+
+# activations of the feed-forward network, recognised by their values (probing the model's own module)
+_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+}
+
+
+def _activation_of(mlp: torch.nn.Module | None, config) -> str:
+    """Which of :data:`_ACTIVATIONS` the FFN applies: its activation module probed on a range of inputs, or
+    (a functional activation) the config's ``hidden_activation`` / ``hidden_act`` / ``activation_function``."""
+    from ..quantize.modules import LAYER_TYPES
+
+    skip = (torch.nn.Linear, torch.nn.Dropout, *LAYER_TYPES.values())
+    acts = [] if mlp is None else [m for m in mlp.children() if not isinstance(m, skip) and not list(m.parameters())]
+    fns = list(acts)
+    if not fns:
+        from transformers.activations import ACT2FN
+
+        for field in ("hidden_activation", "hidden_act", "activation_function"):
+            name = getattr(config, field, None)
+            if isinstance(name, str) and name in ACT2FN:
+                fns = [ACT2FN[name]]
+                break
+    if len(fns) == 1:
+        x = torch.linspace(-8, 8, 2001)
+        with torch.no_grad():
+            y = fns[0](x)
+        for name, fn in _ACTIVATIONS.items():
+            if torch.allclose(y, fn(x), rtol=0, atol=1e-5):
+                return name
+    found = ", ".join(type(f).__name__ for f in fns) or "none found"
+    raise LeanmlError(
+        f"the feed-forward activation ({found}) is not supported by the ONNX Runtime LLM graph "
+        f"(accepted: {', '.join(_ACTIVATIONS)})"
+    )
+
+
+def _activate(g: _Graph, x: str, kind: str, name: str) -> str:
+    if kind == "silu":
+        sig = g.node("Sigmoid", [x], 1, f"{name}/sigmoid")[0]
+        return g.node("Mul", [x, sig], 1, f"{name}/silu")[0]
+    if kind == "gelu_tanh":
+        return g.node("FastGelu", [x], 1, f"{name}/gelu_tanh", MS)[0]
+    if kind == "gelu":
+        return g.node("Gelu", [x], 1, f"{name}/gelu", MS)[0]
+    return g.node("Relu", [x], 1, f"{name}/relu")[0]
+
+
+@dataclass
+class _Norm:
+    """A norm's parameters as the graph applies them: ``(1 + w)`` already baked in for Gemma's RMS norms."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None  # LayerNorm only
+    eps: float
+
+
+def _norm_params(model: torch.nn.Module, found: Found, name: str, eps_default: float) -> _Norm:
+    mod = module_at(model, name)
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        raise LeanmlError(f"norm {name} has no weight vector; the ONNX Runtime LLM graph needs one")
+    w = w.detach().float()
+    if found.arch.norm == "rms+1":
+        w = 1.0 + w
+    bias = None
+    if found.arch.norm == "layer":
+        b = getattr(mod, "bias", None)
+        bias = (b.detach().float() if isinstance(b, torch.Tensor) else torch.zeros_like(w)).numpy()
+    eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None) or eps_default
+    return _Norm(w.numpy(), bias, float(eps))
+
+
+def _norm(g: _Graph, x: str, norm: _Norm, wname: str, name: str) -> str:
+    w = g.init(wname, norm.weight)
+    if norm.bias is not None:
+        b = g.init(f"{wname}.bias", norm.bias)
+        return g.node("LayerNormalization", [x, w, b], [name], name, axis=-1, epsilon=norm.eps)[0]
+    return g.node("SimplifiedLayerNormalization", [x, w], [name], name, axis=-1, epsilon=norm.eps)[0]
+
+
+def _skip_norm(g: _Graph, x: str, skip: str, norm: _Norm, wname: str, name: str) -> tuple[str, str]:
+    """``(norm(x + skip), x + skip)`` in one node."""
+    w = g.init(wname, norm.weight)
+    if norm.bias is not None:
+        b = g.init(f"{wname}.bias", norm.bias)
+        normed, _, _, total = g.node("SkipLayerNormalization", [x, skip, w, b], 4, name, MS, epsilon=norm.eps)
+    else:
+        normed, _, _, total = g.node("SkipSimplifiedLayerNormalization", [x, skip, w], 4, name, MS, epsilon=norm.eps)
+    return normed, total
+
+
+def _head_norm(g: _Graph, x: str, norm: _Norm, head_dim: int, wname: str, name: str) -> str:
+    """A norm over each head's channels of ``x`` (batch, seq, heads * head_dim): Qwen3's and Gemma 3's q/k norms."""
+    split = g.node("Reshape", [x, g.init("heads.shape", np.array([0, 0, -1, head_dim], np.int64))], 1, f"{name}/heads")[0]
+    normed = _norm(g, split, norm, wname, name)
+    return g.node("Reshape", [normed, g.init("flat.shape", np.array([0, 0, -1], np.int64))], 1, f"{name}/flat")[0]
+
+
+def _check_model(handle: ModelHandle) -> Found:
     if handle.task != "causal-lm":
         raise LeanmlError(f"the ONNX Runtime LLM graph is for causal LMs; this model's task is {handle.task!r}")
-    arch = type(handle.module).__name__
-    if arch not in SUPPORTED:
+    found = require(handle.module, "the ONNX Runtime LLM graph", kind="decoder", feature="onnx_llm")
+    b0 = found.blocks[0]
+    if found.head is None or found.final_norm is None or b0.attn_norm is None or b0.mlp_norm is None:
         raise LeanmlError(
-            f"architecture {arch} is not supported by the ONNX Runtime LLM graph (accepted: {', '.join(SUPPORTED)})"
+            f"the ONNX Runtime LLM graph needs pre-norm blocks, a final norm and an output head; "
+            f"this {found.family} model lacks one of them"
         )
-    return handle.module.config
+    if getattr(hf_config(handle.module), "use_bidirectional_attention", False):
+        raise LeanmlError("the ONNX Runtime LLM graph is causal; this model uses bidirectional attention")
+    return found
+
+
+def _layer_types(config, n: int) -> list[str | None]:
+    types = getattr(config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or len(types) != n:
+        return [None] * n
+    for t in types:
+        if t not in ("full_attention", "sliding_attention"):
+            raise LeanmlError(
+                f"layer type {t!r} is not supported by the ONNX Runtime LLM graph (accepted: full_attention, sliding_attention)"
+            )
+    return list(types)
+
+
+def _window(config, layer_type: str | None) -> int | None:
+    """The sliding window (keys a query sees, itself included) of a layer, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if layer_type == "full_attention" or not window:
+        return None
+    return int(window)
 
 
 def build_llm_onnx(handle: ModelHandle, path: str | os.PathLike, *, accuracy_level: int = 4) -> dict:
-    """Write the ONNX graph of a Llama-family causal LM (float or weight-only quantized) to ``path``.
+    """Write the ONNX graph of a decoder causal LM (float or weight-only quantized) to ``path``.
 
-    ``accuracy_level`` is ``MatMulNBits``'s compute type (4: int8 products of the activations, quantized
-    per block at run time; 0/1: float). Returns a report of what each part became.
+    The model's family adapter (:func:`leanml.models.arch.resolve`) names its modules; families with
+    ``onnx_llm`` are accepted. ``accuracy_level`` is ``MatMulNBits``'s compute type (4: int8 products of
+    the activations, quantized per block at run time; 0/1: float). Returns a report of what each part became.
     """
     import onnx
     from onnx import TensorProto, helper
 
-    config = _check_model(handle)
+    found = _check_model(handle)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LeanmlError(f"accuracy_level {accuracy_level} is not one of 0, 1, 2, 3, 4")
-    model = handle.module.model
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    model = handle.module
+    config = hf_config(model)
+    arch = found.arch
+    n_heads, n_kv, head_dim = found.n_heads, found.n_kv, found.head_dim
     if head_dim % 16:
         raise LeanmlError(f"head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention needs")
-    eps = float(config.rms_norm_eps)
+    eps = float(getattr(config, arch.cfg_eps, None) or 1e-6)
     opts = _Options(accuracy_level)
     report = {"nbits": 0, "float": 0, "dequantized": [], "embedding": None, "head": None}
     g = _Graph()
-    cos, sin = _rope(config, head_dim)
-    g.init("cos_cache", cos.astype(np.float32))
-    g.init("sin_cache", sin.astype(np.float32))
+    at = lambda name: module_at(model, name)  # noqa: E731
+    norm = lambda name: _norm_params(model, found, name, eps)  # noqa: E731
+    blocks = found.blocks
+    types = _layer_types(config, len(blocks))
+    rotary = found.positions is None  # learned positions (GPT-2) or rotary embeddings
+    caches: dict[bytes, tuple[str, str]] = {}
 
-    h = _embedding(g, model.embed_tokens, report)
-    layers = list(model.layers)
-    ln0 = g.init("l0.ln_in", layers[0].input_layernorm.weight.detach().float().numpy())
-    normed = g.node("SimplifiedLayerNormalization", [h, ln0], ["l0/ln_in"], "l0/ln_in", axis=-1, epsilon=eps)[0]
+    def rope_cache(layer_type: str | None) -> tuple[str, str]:
+        cos, sin = _rope(config, head_dim, layer_type)
+        key = cos.tobytes() + sin.tobytes()
+        if key not in caches:
+            suffix = f".{len(caches)}" if caches else ""
+            caches[key] = (
+                g.init(f"cos_cache{suffix}", cos.astype(np.float32)),
+                g.init(f"sin_cache{suffix}", sin.astype(np.float32)),
+            )
+        return caches[key]
+
+    if rotary:
+        rope_cache(types[0])  # the first layer's tables are the graph's first constants
+    emb = at(found.embed)
+    h = _embedding(g, emb, report, found.head)
+    if arch.embed_scale == "sqrt_hidden":
+        # the model multiplies by sqrt(hidden) rounded to its own dtype (Gemma)
+        scale = torch.tensor(found.hidden**0.5).to(emb.weight.dtype).float().numpy()
+        h = g.node("Mul", [h, g.init("embed.scale", scale)], 1, "embed/scale")[0]
+    if found.positions is not None:
+        h = _positions(g, h, at(found.positions))
+    attn_softcap = getattr(config, "attn_logit_softcapping", None)
+    final_softcap = getattr(config, "final_logit_softcapping", None)
+    normed = _norm(g, h, norm(blocks[0].attn_norm), "l0.ln_in", "l0/ln_in")
     residual = h
     inputs, outputs = [], []
-    for i, layer in enumerate(layers):
-        att = layer.self_attn
-        q, k, v = _linear(g, normed, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv", opts, report)
+    for i, b in enumerate(blocks):
+        if b.qkv:
+            sections = found.sections("qkv")
+            sizes = [sections[p][1] - sections[p][0] for p in ("q", "k", "v")]
+            q, k, v = _linear(g, normed, [at(b.qkv)], f"l{i}.qkv", opts, report, splits=[sizes])
+        else:
+            q, k, v = _linear(g, normed, [at(b.q), at(b.k), at(b.v)], f"l{i}.qkv", opts, report)
+        if b.q_norm:
+            q = _head_norm(g, q, norm(b.q_norm), head_dim, f"l{i}.q_norm", f"l{i}/q_norm")
+        if b.k_norm:
+            k = _head_norm(g, k, norm(b.k_norm), head_dim, f"l{i}.k_norm", f"l{i}/k_norm")
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         inputs += [past_k, past_v]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
+        gqa_in = [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length"]
+        attrs: dict = {"num_heads": n_heads, "kv_num_heads": n_kv}
+        if rotary:
+            gqa_in += list(rope_cache(types[i]))
+            attrs.update(do_rotary=1, rotary_interleaved=0)
+        # the attention module's own scale and soft-cap (Gemma 2/3: query_pre_attn_scalar ** -0.5, tanh cap)
+        attn_mod = at(b.attn)
+        scaling = getattr(attn_mod, "scaling", None)
+        attrs["scale"] = float(scaling) if isinstance(scaling, (int, float)) else 1.0 / math.sqrt(head_dim)
+        softcap = getattr(attn_mod, "attn_logit_softcapping", attn_softcap)
+        if softcap:
+            attrs["softcap"] = float(softcap)
+        window = _window(config, types[i])
+        if window is not None:
+            # both count the keys a query sees, itself included (transformers: kv > q - window)
+            attrs["local_window_size"] = window
         attn = g.node(
-            "GroupQueryAttention",
-            [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-            [f"l{i}/attn", f"present.{i}.key", f"present.{i}.value"],
-            f"l{i}.gqa",
-            MS,
-            num_heads=n_heads,
-            kv_num_heads=n_kv,
-            do_rotary=1,
-            rotary_interleaved=0,
-            scale=1.0 / math.sqrt(head_dim),
+            "GroupQueryAttention", gqa_in, [f"l{i}/attn", f"present.{i}.key", f"present.{i}.value"], f"l{i}.gqa", MS, **attrs
         )[0]
-        o = _linear(g, attn, [att.o_proj], f"l{i}.o", opts, report)[0]
-        post = layer.post_attention_layernorm.weight.detach().float().numpy()
-        normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization", [o, residual, g.init(f"l{i}.ln_post", post)], 4, f"l{i}/ln_post", MS, epsilon=eps
-        )
-        mlp = layer.mlp
-        # an act-order down projection reads its inputs in group order: emit the gate/up features in that
+        o = _linear(g, attn, [at(b.o)], f"l{i}.o", opts, report)[0]
+        if b.post_attn_norm:
+            o = _norm(g, o, norm(b.post_attn_norm), f"l{i}.ln_post_attn", f"l{i}/ln_post_attn")
+        normed, residual = _skip_norm(g, o, residual, norm(b.mlp_norm), f"l{i}.ln_post", f"l{i}/ln_post")
+        # an act-order down projection reads its inputs in group order: emit the FFN features in that
         # order (a row permutation of their weights, exact) instead of gathering the activations every call
-        down_q = nbits_weight(mlp.down_proj) if isinstance(mlp.down_proj, QuantLinear) else None
+        down_layer = at(b.down)
+        down_q = nbits_weight(down_layer) if isinstance(down_layer, QuantLinear) else None
         order = None if down_q is None else down_q.order
-        gate, up = _linear(
-            g,
-            normed,
-            [mlp.gate_proj, mlp.up_proj],
-            f"l{i}.gate_up",
-            opts,
-            report,
-            out_orders=None if order is None else [order, order],
-        )
-        sig = g.node("Sigmoid", [gate], 1, f"l{i}/sigmoid")[0]
-        act = g.node("Mul", [gate, sig], 1, f"l{i}/silu")[0]
-        prod = g.node("Mul", [act, up], 1, f"l{i}/gated")[0]
-        down = _linear(g, prod, [mlp.down_proj], f"l{i}.down", opts, report, input_ordered=order is not None)[0]
-        nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight
-        name = f"l{i + 1}.ln_in" if i + 1 < len(layers) else "final_norm"
-        normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [down, residual, g.init(name, nxt.detach().float().numpy())],
-            4,
-            f"{name}/skip",
-            MS,
-            epsilon=eps,
-        )
-    head = handle.module.lm_head
+        act = _activation_of(at(b.mlp), config)
+        if arch.gated:
+            if b.gate_up:
+                n = found.intermediate
+                fused_order = None if order is None else np.concatenate([order, order + n])
+                gate, up = _linear(g, normed, [at(b.gate_up)], f"l{i}.gate_up", opts, report, [fused_order], splits=[[n, n]])
+            else:
+                gate, up = _linear(
+                    g,
+                    normed,
+                    [at(b.gate), at(b.up)],
+                    f"l{i}.gate_up",
+                    opts,
+                    report,
+                    out_orders=None if order is None else [order, order],
+                )
+            prod = g.node("Mul", [_activate(g, gate, act, f"l{i}"), up], 1, f"l{i}/gated")[0]
+        else:
+            up = _linear(g, normed, [at(b.up)], f"l{i}.up", opts, report, out_orders=[order])[0]
+            prod = _activate(g, up, act, f"l{i}")
+        down = _linear(g, prod, [down_layer], f"l{i}.down", opts, report, input_ordered=order is not None)[0]
+        if b.post_mlp_norm:
+            down = _norm(g, down, norm(b.post_mlp_norm), f"l{i}.ln_post_mlp", f"l{i}/ln_post_mlp")
+        last = i + 1 == len(blocks)
+        name = "final_norm" if last else f"l{i + 1}.ln_in"
+        nxt = norm(found.final_norm if last else blocks[i + 1].attn_norm)
+        normed, residual = _skip_norm(g, down, residual, nxt, name, f"{name}/skip")
+    head = at(found.head)
     logits = _linear(g, normed, [head], "lm_head", opts, report)[0]
     report["head"] = f"MatMulNBits {head.bits}-bit" if isinstance(head, QuantLinear) else "MatMul float"
+    if final_softcap:
+        cap = g.init("logits.softcap", np.array(final_softcap, np.float32))
+        scaled = g.node("Div", [logits, cap], 1, "logits/softcap_div")[0]
+        logits = g.node("Mul", [g.node("Tanh", [scaled], 1, "logits/softcap_tanh")[0], cap], 1, "logits/softcap")[0]
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
@@ -457,7 +683,7 @@ def build_llm_onnx(handle: ModelHandle, path: str | os.PathLike, *, accuracy_lev
     )
     proto.ir_version = 8
     meta = {
-        "num_layers": len(layers),
+        "num_layers": len(blocks),
         "kv_heads": n_kv,
         "head_dim": head_dim,
         "vocab_size": config.vocab_size,

@@ -1,4 +1,21 @@
-"""Export a Llama-family causal LM to a GGUF file (llama.cpp's format) from leanml's own quantized weights.
+"""Export a decoder LM to a GGUF file (llama.cpp's format) from leanml's own quantized weights, and read
+such a file back into a Hugging Face model.
+
+Every family whose adapter (:mod:`leanml.models.arch`) names a llama.cpp architecture is accepted: llama
+and mistral (``llama``), ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3``, ``phi3`` and ``gpt2``. The
+module names come from :func:`~leanml.models.arch.resolve`; this module only knows llama.cpp's side: the
+tensor names of each architecture (``gguf.MODEL_TENSORS``), its metadata keys, and the layout conventions
+of ``convert_hf_to_gguf.py``:
+
+* ``llama``: the rows of ``attn_q``/``attn_k`` (weights, biases, and so the rows of codes, scales and zero
+  points) are permuted for llama.cpp's interleaved rotary embedding (transformers' loader undoes it); the
+  other architectures use the half-split ("NEOX") rotary of Hugging Face and are written as they are;
+* Gemma's ``(1 + w)`` RMS norms (``norm="rms+1"``, all norms including q/k norms) are stored as ``1 + w``;
+* LayerNorm families (GPT-2) also write the norms' biases; learned positions are ``position_embd``;
+* fused projections stay fused where the architecture has a fused tensor (Phi-3's ``attn_qkv`` and
+  ``ffn_up`` = gate then up rows, GPT-2's ``attn_qkv``), and are split by rows otherwise;
+* Gemma 2/3 metadata: logit soft-capping, the sliding window and the per-layer sliding pattern
+  (``attention.sliding_window_pattern``; llama.cpp itself uses its fixed pattern, see the notes).
 
 Nothing is re-quantized: a :class:`~leanml.quantize.modules.QuantLinear`'s integer codes, scales and zero
 points are rewritten as GGUF's 32-column blocks, which is exact whenever every 32-column block of a row
@@ -26,12 +43,15 @@ blocks, a group size that is not a multiple of 32, asymmetric 8-bit codes outsid
 NF4, log2) layers, SmoothQuant-folded int8 layers - is written as its dequantized weight in F16 and listed
 in the report under ``"fallback"`` with the reason; ``exact_only=True`` raises :class:`LeanmlError` instead.
 Float matrices (unquantized linear layers, embeddings) are written in ``float_type`` (F32 by default), norms
-and biases in F32.
+and biases in F32. A head tied to the input embedding is written once, as ``token_embd.weight`` (from the
+head's codes when the head is quantized), and ``output.weight`` is omitted.
 
-Layout follows llama.cpp's ``convert_hf_to_gguf.py``: the rows of ``attn_q``/``attn_k`` (weights, biases and
-so the rows of codes, scales and zero points) are permuted for llama.cpp's interleaved rotary embedding,
-which transformers' GGUF loader undoes. A head tied to the input embedding is written once, as
-``token_embd.weight`` (from the head's codes when the head is quantized), and ``output.weight`` is omitted.
+:func:`read_gguf_model` is the inverse, for the loader: the config is rebuilt from llama.cpp's metadata
+(what llama.cpp itself would run, e.g. its query scaling and sliding pattern where the file has no key for
+them), the tensors are dequantized and the layout conventions above undone, module names again from
+:func:`~leanml.models.arch.resolve`. transformers' own GGUF loader misses several of these families (no
+``gemma``; ``qwen3``'s head_dim, ``gemma2``'s query scaling, ``gemma3``'s sliding pattern and ``gpt2``'s
+FFN width and context are not read from the metadata).
 """
 
 from __future__ import annotations
@@ -49,8 +69,8 @@ import numpy as np
 import torch
 
 from ..errors import LeanmlError
+from ..models.arch import ADAPTERS, Arch, Found, hf_config, module_at, normalise, require, resolve
 
-ARCHITECTURES = ("LlamaForCausalLM",)
 FLOAT_TYPES = ("f32", "f16")
 BLOCK = 32
 FP16_MAX = 65504.0
@@ -60,6 +80,48 @@ MAX_ERR_STEPS = 0.5  # beyond this fraction of a quantization step the fp16 bloc
 _PRE_BY_REGEX = {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+"
     "|\\s+(?!\\S)|\\s+": "llama-bpe",
+}
+
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # llama.cpp's ggml_gelu is the tanh approximation
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What llama.cpp's graph for one architecture assumes beyond the tensors it names
+    (``llama-model.cpp``'s hyperparameter loading and ``convert_hf_to_gguf.py``)."""
+
+    rope: bool = True  # rotary positions (False: learned position embeddings)
+    permute_qk: bool = False  # interleaved rotary: q/k rows permuted from Hugging Face's half split
+    key_length: bool = False  # the converter always states attention.key_length/value_length
+    acts: tuple[str, ...] = ("silu",)
+    swa: bool = False  # reads attention.sliding_window
+    swa_period: int | None = None  # llama.cpp's fixed pattern: layer i slides unless i % n == n - 1
+    swa_theta: float | None = None  # llama.cpp's fixed rope base on sliding layers
+    softcap: tuple[str, ...] = ()  # logit soft-capping it reads: "attn", "final"
+    query_scale: bool = False  # scales queries by head_dim ** -0.5, or (hidden / heads) ** -0.5 at wide_layers
+    wide_layers: int | None = None  # the block count of the size llama.cpp scales by hidden / heads (27B)
+
+
+_LAYOUTS = {
+    "llama": _Layout(permute_qk=True),
+    "qwen2": _Layout(),
+    "qwen3": _Layout(key_length=True),
+    "gemma": _Layout(key_length=True, acts=_GELU_TANH),
+    "gemma2": _Layout(
+        key_length=True, acts=_GELU_TANH, swa=True, swa_period=2, softcap=("attn", "final"), query_scale=True, wide_layers=46
+    ),
+    "gemma3": _Layout(
+        key_length=True,
+        acts=_GELU_TANH,
+        swa=True,
+        swa_period=6,
+        swa_theta=10000.0,
+        softcap=("final",),
+        query_scale=True,
+        wide_layers=62,
+    ),
+    "phi3": _Layout(swa=True),
+    "gpt2": _Layout(rope=False, acts=_GELU_TANH),
 }
 
 
@@ -74,40 +136,55 @@ class _Tensor:
     max_err_steps: float | None = None
 
 
+@dataclass
+class _Slot:
+    """One GGUF tensor and where it lives in the model: ``kind`` is "matrix" (a weight matrix, encoded from
+    leanml's layer), "bias" (a bias vector) or "norm" (a norm weight, stored as ``w + offset``); ``rows``
+    indexes the module's output rows (a part of a fused layer and/or the rotary permutation)."""
+
+    name: str
+    module: str
+    kind: str
+    rows: torch.Tensor | None = None
+    offset: float = 0.0
+
+
 def export_gguf(
     handle, path: str | os.PathLike, *, force: bool = False, float_type: str = "f32", exact_only: bool = False, tokenizer=None
 ) -> dict:
-    """Write ``handle`` (a :class:`~leanml.models.ModelHandle` of a ``LlamaForCausalLM``, quantized or not)
-    to the GGUF file ``path``, atomically, and return a report::
+    """Write ``handle`` (a :class:`~leanml.models.ModelHandle` of a causal LM of a family with a llama.cpp
+    architecture, quantized or not) to the GGUF file ``path``, atomically, and return a report::
 
-        {"path", "bytes", "types": {"Q4_1": n, "F32": n, ...}, "fallback": [{"tensor", "module", "type",
-         "reason"}], "tensors": {name: {"type", "module", "exact", "max_err_steps"}}, "tied", "tokenizer",
-         "notes": [...]}
+        {"path", "bytes", "arch", "types": {"Q4_1": n, "F32": n, ...}, "fallback": [{"tensor", "module",
+         "type", "reason"}], "tensors": {name: {"type", "module", "exact", "max_err_steps"}}, "tied",
+         "tokenizer", "notes": [...]}
 
     ``float_type`` ("f32" or "f16") is the type of float matrices; ``exact_only`` raises instead of writing
     a quantized weight as F16; ``tokenizer`` overrides ``handle.tokenizer`` (a Hugging Face fast tokenizer).
+    ``notes`` says where llama.cpp will compute differently from the model (e.g. a sliding window its
+    architecture has no key for).
     """
     gguf = _import_gguf()
     model = getattr(handle, "module", handle)
     if not isinstance(model, torch.nn.Module):
         raise LeanmlError(f"export_gguf needs a ModelHandle or nn.Module, got {type(handle).__name__}")
-    arch = type(model).__name__
-    config = getattr(model, "config", None)
-    if arch not in ARCHITECTURES or getattr(config, "model_type", None) != "llama":
-        model_type = getattr(config, "model_type", None)
-        raise LeanmlError(
-            f"GGUF export does not support the architecture {arch} (model_type {model_type!r}); "
-            f"accepted: {', '.join(ARCHITECTURES)} (Llama family causal LMs)"
-        )
     if float_type not in FLOAT_TYPES:
         raise LeanmlError(f"float_type {float_type!r} is not accepted; use one of {', '.join(FLOAT_TYPES)}")
+    normalise(model)  # GPT-2's Conv1D layers as nn.Linear (a ModelHandle has done it already)
+    found = require(model, "GGUF export", kind="decoder", feature="gguf")
+    if found.head is None:
+        raise LeanmlError(f"GGUF export needs a causal LM with its output head; {type(model).__name__} has none")
+    arch = found.arch.gguf
+    layout = _LAYOUTS.get(arch)
+    if layout is None:
+        raise LeanmlError(f"GGUF export does not know llama.cpp's {arch!r} architecture")
     from ..outputs import check_file_target, fault_point, new_file
 
     out = check_file_target(path, force)
-    hp = _hparams(config)
-    qfloat = gguf.GGMLQuantizationType.F32 if float_type == "f32" else gguf.GGMLQuantizationType.F16
     notes: list[str] = []
-    tensors, tied = _collect_tensors(model, hp, qfloat, notes)
+    hp = _hparams(model, found, layout, notes)
+    qfloat = gguf.GGMLQuantizationType.F32 if float_type == "f32" else gguf.GGMLQuantizationType.F16
+    tensors, tied = _collect_tensors(model, found, layout, hp, qfloat, notes)
     fallback = [t for t in tensors if not t.exact]
     if fallback and exact_only:
         t = fallback[0]
@@ -119,11 +196,11 @@ def export_gguf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with new_file(out, force) as tmp:  # same folder, published by one rename (or a no-clobber link)
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_name(str(getattr(handle, "name", "") or arch))
-        _add_hparams(writer, hp)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(str(getattr(handle, "name", "") or type(model).__name__))
+        _add_hparams(gguf, writer, layout, hp)
         tok = tokenizer if tokenizer is not None else getattr(handle, "tokenizer", None)
-        tok_kind = _add_tokenizer(gguf, writer, tok, hp["vocab_size"], _source_gguf(handle), notes)
+        tok_kind = _add_tokenizer(gguf, writer, tok, hp["vocab_size"], _source_gguf(handle), notes, hp["pad_id"])
         writer.add_file_type(_file_type(gguf, tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t in tensors:
@@ -137,6 +214,7 @@ def export_gguf(
     return {
         "path": str(out),
         "bytes": out.stat().st_size,
+        "arch": arch,
         "types": dict(Counter(t.qtype.name for t in tensors)),
         "fallback": [{"tensor": t.name, "module": t.module, "type": t.qtype.name, "reason": t.reason} for t in fallback],
         "tensors": {
@@ -160,50 +238,179 @@ def _import_gguf():
 # ----------------------------------------------------------------------------------------------- config
 
 
-def _hparams(config) -> dict:
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise LeanmlError(f"GGUF llama models use SiLU gated MLPs; this model's hidden_act is {act!r}")
+def _rope_parts(config) -> tuple[dict, dict | None]:
+    """The rotary parameters of the (global) attention layers, and of the sliding layers where the config
+    gives them separately (Gemma 3)."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
     scaling = getattr(config, "rope_scaling", None)
     if isinstance(scaling, dict):
         rope = {**scaling, **rope}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise LeanmlError(f"GGUF export supports the default rotary embedding only; this model uses rope_type {rope_type!r}")
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return {
-        "hidden": config.hidden_size,
-        "layers": config.num_hidden_layers,
-        "ffn": config.intermediate_size,
-        "heads": n_heads,
-        "kv_heads": n_kv,
-        "head_dim": head_dim,
-        "eps": float(config.rms_norm_eps),
-        "theta": float(theta),
-        "context": int(getattr(config, "max_position_embeddings", 2048)),
-        "vocab_size": config.vocab_size,
+    if isinstance(rope.get("full_attention"), dict):
+        local = rope.get("sliding_attention")
+        return dict(rope["full_attention"]), dict(local) if isinstance(local, dict) else None
+    return rope, None
+
+
+def _rope_kind(rope: dict) -> tuple[str, float | None]:
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return kind, None
+    if kind == "linear":
+        return kind, float(rope["factor"])
+    raise LeanmlError(f"GGUF export supports the default and linear rotary embeddings only; this model uses rope_type {kind!r}")
+
+
+def _swa_layers(config, n_layers: int) -> list[bool]:
+    """Which layers attend through a sliding window."""
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == n_layers:
+        return [t == "sliding_attention" for t in types]
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return [True] * n_layers
+    return [False] * n_layers
+
+
+def _llama_cpp_swa(layout: _Layout, n_layers: int) -> list[bool] | None:
+    if layout.swa_period is None:
+        return None
+    n = layout.swa_period
+    return [i % n < n - 1 for i in range(n_layers)]
+
+
+def _query_scalar(layout: _Layout, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The ``d`` of llama.cpp's query scaling ``d ** -0.5`` (Gemma 2/3)."""
+    return int(hidden // heads if n_layers == layout.wide_layers else head_dim)
+
+
+def _hparams(model: torch.nn.Module, found: Found, layout: _Layout, notes: list[str]) -> dict:
+    arch, config = found.arch, hf_config(model)
+    gg = arch.gguf
+    act = next(
+        (getattr(config, f) for f in ("hidden_activation", "hidden_act", "activation_function") if getattr(config, f, None)),
+        None,
+    )
+    if act not in layout.acts:
+        if act == "gelu" and "gelu_pytorch_tanh" in layout.acts:
+            notes.append("the model uses exact GELU; llama.cpp's GELU is the tanh approximation (differences ~1e-3)")
+        else:
+            raise LeanmlError(f"llama.cpp's {gg} architecture uses {layout.acts[0]} MLPs; this model's activation is {act!r}")
+    n_layers = len(found.blocks)
+    for b in found.blocks[1:]:  # one width per model in GGUF metadata (a per-layer pruned model has several)
+        if (_cols_of(module_at(model, b.down)), _cols_of(module_at(model, b.o))) != (
+            found.intermediate,
+            found.n_heads * found.head_dim,
+        ):
+            raise LeanmlError(
+                f"GGUF metadata states one FFN width and head count for all layers; block {b.index} of this model "
+                f"differs from block 0 (per-layer structured pruning)"
+            )
+    embed = module_at(model, found.embed)
+    vocab = int(getattr(embed, "num_embeddings", 0) or config.vocab_size)
+    hp: dict[str, Any] = {
+        "hidden": found.hidden,
+        "layers": n_layers,
+        "ffn": found.intermediate,
+        "heads": found.n_heads,
+        "kv_heads": found.n_kv,
+        "head_dim": found.head_dim,
+        "eps": float(getattr(config, arch.cfg_eps)),
+        "layer_norm": arch.norm == "layer",
+        "context": int(getattr(config, "max_position_embeddings", None) or 2048),
+        "vocab_size": vocab,
         "tie": bool(getattr(config, "tie_word_embeddings", False)),
+        "pad_id": getattr(config, "pad_token_id", None),
     }
+    if layout.rope:
+        rope, local = _rope_parts(config)
+        kind, factor = _rope_kind(rope)
+        hp["theta"] = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        hp["rope_scaling"] = factor
+        partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
+        if partial != 1.0 and layout.permute_qk:
+            raise LeanmlError(f"llama.cpp's {gg} architecture rotates whole heads; this model rotates {partial:g} of each")
+        hp["rope_dims"] = int(found.head_dim * partial)
+        original = getattr(config, "original_max_position_embeddings", None)
+        hp["original_context"] = int(original) if original and gg == "phi3" else None
+        if local is not None:
+            local_kind, _ = _rope_kind(local)
+            local_theta = float(local.get("rope_theta", hp["theta"]))
+            if layout.swa_theta is not None and (local_theta != layout.swa_theta or local_kind != "default"):
+                notes.append(
+                    f"the sliding layers' rotary base is {local_theta:g} ({local_kind}); llama.cpp's {gg} uses "
+                    f"{layout.swa_theta:g} there"
+                )
+    else:
+        for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if bool(getattr(config, flag, want)) != want:
+                raise LeanmlError(f"llama.cpp's {gg} architecture cannot express this model's {flag}={not want}")
+    # sliding windows
+    swa = _swa_layers(config, n_layers)
+    window = int(getattr(config, "sliding_window", None) or 0)
+    hp["sliding_window"] = window if any(swa) and layout.swa else None
+    hp["swa_pattern"] = swa if any(swa) and layout.swa_period is not None else None
+    if any(swa):
+        fixed = _llama_cpp_swa(layout, n_layers)
+        if not layout.swa:
+            notes.append(
+                f"llama.cpp's {gg} architecture has no sliding-window attention: the model's {window}-token window "
+                f"is not in the file (it matters for sequences longer than the window only)"
+            )
+        elif fixed is not None and fixed != swa:
+            notes.append(
+                f"the model's sliding-window layers {[i for i, s in enumerate(swa) if s]} differ from llama.cpp's "
+                f"fixed {gg} pattern {[i for i, s in enumerate(fixed) if s]}; the file states them "
+                f"(attention.sliding_window_pattern, read by leanml), llama.cpp uses its own"
+            )
+        elif fixed is None and not all(swa):
+            notes.append(f"llama.cpp's {gg} applies the sliding window to every layer; this model to some only")
+    # logit soft-capping
+    for which in ("attn", "final"):
+        cap = getattr(config, f"{which}_logit_softcapping", None)
+        hp[f"{which}_softcap"] = float(cap) if cap and which in layout.softcap else None
+        if cap and which not in layout.softcap:
+            notes.append(f"llama.cpp's {gg} architecture has no {which} logit soft-capping; the model's {cap:g} is dropped")
+    if layout.query_scale:
+        want = _query_scalar(layout, n_layers, found.hidden, found.n_heads, found.head_dim)
+        have = getattr(config, "query_pre_attn_scalar", None)
+        if have is not None and float(have) != want:
+            notes.append(
+                f"llama.cpp scales {gg} queries by {want:g} ** -0.5; this model by query_pre_attn_scalar {have:g} ** -0.5"
+            )
+    return hp
 
 
-def _add_hparams(writer, hp: dict) -> None:
+def _add_hparams(gguf, writer, layout: _Layout, hp: dict) -> None:
     writer.add_context_length(hp["context"])
     writer.add_embedding_length(hp["hidden"])
     writer.add_block_count(hp["layers"])
     writer.add_feed_forward_length(hp["ffn"])
     writer.add_head_count(hp["heads"])
     writer.add_head_count_kv(hp["kv_heads"])
-    writer.add_layer_norm_rms_eps(hp["eps"])
-    writer.add_rope_freq_base(hp["theta"])
-    writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] * hp["heads"] != hp["hidden"]:
+    if hp["layer_norm"]:
+        writer.add_layer_norm_eps(hp["eps"])
+    else:
+        writer.add_layer_norm_rms_eps(hp["eps"])
+    if layout.rope:
+        writer.add_rope_freq_base(hp["theta"])
+        writer.add_rope_dimension_count(hp["rope_dims"])
+        if hp["rope_scaling"] is not None:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(hp["rope_scaling"])
+        if hp["original_context"]:
+            writer.add_rope_scaling_orig_ctx_len(hp["original_context"])
+    if layout.key_length or hp["head_dim"] * hp["heads"] != hp["hidden"]:
         writer.add_key_length(hp["head_dim"])
         writer.add_value_length(hp["head_dim"])
     writer.add_vocab_size(hp["vocab_size"])
+    if hp["attn_softcap"] is not None:
+        writer.add_attn_logit_softcapping(hp["attn_softcap"])
+    if hp["final_softcap"] is not None:
+        writer.add_final_logit_softcapping(hp["final_softcap"])
+    if hp["sliding_window"] is not None:
+        writer.add_sliding_window(hp["sliding_window"])
+    if hp["swa_pattern"] is not None:
+        writer.add_sliding_window_pattern([bool(s) for s in hp["swa_pattern"]])
 
 
 def _file_type(gguf, tensors: list[_Tensor]) -> int:
@@ -226,7 +433,7 @@ def _file_type(gguf, tensors: list[_Tensor]) -> int:
     return int(getattr(gguf.LlamaFileType, names[sizes.most_common(1)[0][0]]) if sizes else gguf.LlamaFileType.ALL_F32)
 
 
-# ---------------------------------------------------------------------------------------------- tensors
+# ------------------------------------------------------------------------------------- tensor layout
 
 
 def _rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
@@ -236,70 +443,151 @@ def _rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
     return idx.reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def _collect_tensors(model: torch.nn.Module, hp: dict, qfloat, notes: list[str]) -> tuple[list[_Tensor], bool]:
+def _rows_of(module: torch.nn.Module) -> int:
+    rows = getattr(module, "out_features", None)
+    return int(rows) if rows is not None else int(module.weight.shape[0])
+
+
+def _cols_of(module: torch.nn.Module) -> int:
+    cols = getattr(module, "in_features", None)
+    return int(cols) if cols is not None else int(module.weight.shape[1])
+
+
+def _has_bias(module: torch.nn.Module | None) -> bool:
+    return isinstance(getattr(module, "bias", None), torch.Tensor)
+
+
+def _plan(model: torch.nn.Module, found: Found, layout: _Layout, tied: bool) -> list[_Slot]:
+    """Every GGUF tensor of ``model`` in file order, with the module it comes from (shared by the export and
+    the reader, so the two conventions cannot drift apart)."""
+    gguf = _import_gguf()
+    arch = found.arch
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch_enum]}
+
+    def has(kind: str) -> bool:
+        return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)] in allowed
+
+    def name(kind: str, bid: int | None = None) -> str:
+        template = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)]
+        if template not in allowed:
+            raise LeanmlError(f"llama.cpp's {arch.gguf} architecture has no {template} tensor, which this model needs")
+        return template.format(bid=bid)
+
+    offset = 1.0 if arch.norm == "rms+1" else 0.0
+    slots: list[_Slot] = []
+
+    def linear(gname: str, module_name: str, rows: torch.Tensor | None = None) -> None:
+        slots.append(_Slot(f"{gname}.weight", module_name, "matrix", rows))
+        if _has_bias(module_at(model, module_name)):
+            slots.append(_Slot(f"{gname}.bias", module_name, "bias", rows))
+
+    def norm(gname: str, module_name: str) -> None:
+        slots.append(_Slot(f"{gname}.weight", module_name, "norm", offset=offset))
+        if _has_bias(module_at(model, module_name)):
+            slots.append(_Slot(f"{gname}.bias", module_name, "bias"))
+
+    def part(block, what: str, heads: int | None) -> tuple[str, torch.Tensor | None]:
+        layer, span = found.part(block, what)
+        rows = None if span is None else torch.arange(*span)
+        if layout.permute_qk and heads:
+            n = len(rows) if rows is not None else _rows_of(module_at(model, layer))
+            perm = _rotary_rows(n, heads)
+            rows = perm if rows is None else rows[perm]
+        return layer, rows
+
+    slots.append(_Slot(f"{name('TOKEN_EMBD')}.weight", found.embed, "matrix"))
+    if found.positions:
+        slots.append(_Slot(f"{name('POS_EMBD')}.weight", found.positions, "matrix"))
+    for b in found.blocks:
+        i = b.index
+        if b.attn_norm:
+            norm(name("ATTN_NORM", i), b.attn_norm)
+        if b.qkv and has("ATTN_QKV") and not layout.permute_qk:
+            linear(name("ATTN_QKV", i), b.qkv)
+        else:
+            for what, kind, heads in (("q", "ATTN_Q", found.n_heads), ("k", "ATTN_K", found.n_kv), ("v", "ATTN_V", None)):
+                layer, rows = part(b, what, heads)
+                linear(name(kind, i), layer, rows)
+        for role, kind in (("q_norm", "ATTN_Q_NORM"), ("k_norm", "ATTN_K_NORM")):
+            if getattr(b, role):
+                norm(name(kind, i), getattr(b, role))
+        linear(name("ATTN_OUT", i), b.o)
+        if b.post_attn_norm:
+            norm(name("ATTN_POST_NORM", i), b.post_attn_norm)
+        if b.mlp_norm:
+            norm(name("FFN_NORM", i), b.mlp_norm)
+        if b.gate_up and not has("FFN_GATE"):
+            linear(name("FFN_UP", i), b.gate_up)  # fused: gate rows, then up rows (llama.cpp's fused SwiGLU)
+        else:
+            if arch.gated:
+                layer, rows = part(b, "gate", None)
+                linear(name("FFN_GATE", i), layer, rows)
+            layer, rows = part(b, "up", None)
+            linear(name("FFN_UP", i), layer, rows)
+        linear(name("FFN_DOWN", i), b.down)
+        if b.post_mlp_norm:
+            norm(name("FFN_POST_NORM", i), b.post_mlp_norm)
+    if found.final_norm:
+        norm(name("OUTPUT_NORM"), found.final_norm)
+    if not tied:
+        if not has("OUTPUT"):
+            raise LeanmlError(
+                f"llama.cpp's {arch.gguf} architecture always reuses token_embd as the output head; this model's "
+                f"head {found.head!r} is not tied to its embedding"
+            )
+        slots.append(_Slot(f"{name('OUTPUT')}.weight", found.head, "matrix"))
+    return slots
+
+
+def _tied(model: torch.nn.Module, found: Found, notes: list[str]) -> tuple[bool, torch.nn.Module, str]:
+    """Whether the head is the input embedding, and the module (and name) the embedding is written from."""
     from ..quantize.modules import QuantEmbedding
 
-    try:
-        embed = model.get_submodule("model.embed_tokens")
-        head = model.get_submodule("lm_head")
-        norm = model.get_submodule("model.norm")
-        layers = model.get_submodule("model.layers")
-    except AttributeError as exc:
-        raise LeanmlError(f"this LlamaForCausalLM does not have the standard layout ({exc})") from None
+    embed, head = module_at(model, found.embed), module_at(model, found.head)
+    config = hf_config(model)
     if isinstance(embed, QuantEmbedding):
         tied = embed.head is head
-        embed_src, embed_name = embed.head, embed.tied_to
         if not tied:
-            notes.append(f"the embedding reads its rows from {embed.tied_to!r}, not from lm_head")
-    else:
-        head_w = getattr(head, "weight", None)
-        tied = (
-            isinstance(head, torch.nn.Linear)
-            and isinstance(head_w, torch.Tensor)
-            and (head_w is embed.weight or (head_w.data_ptr() == embed.weight.data_ptr() and head_w.shape == embed.weight.shape))
-        )
-        embed_src, embed_name = embed, "model.embed_tokens"
-        if hp["tie"] and not tied:
-            notes.append(
-                "the config ties the embeddings but lm_head and embed_tokens differ (the head was replaced "
-                "alone); both token_embd.weight and output.weight are written"
-            )
-    out = [_encode("token_embd.weight", embed_name, embed_src, None, qfloat)]
-    per_layer = (
-        ("attn_q", "self_attn.q_proj", hp["heads"]),
-        ("attn_k", "self_attn.k_proj", hp["kv_heads"]),
-        ("attn_v", "self_attn.v_proj", None),
-        ("attn_output", "self_attn.o_proj", None),
-        ("ffn_gate", "mlp.gate_proj", None),
-        ("ffn_up", "mlp.up_proj", None),
-        ("ffn_down", "mlp.down_proj", None),
+            notes.append(f"the embedding reads its rows from {embed.tied_to!r}, not from {found.head!r}")
+        return tied, embed.head, embed.tied_to
+    head_w, embed_w = getattr(head, "weight", None), getattr(embed, "weight", None)
+    tied = (
+        isinstance(head, torch.nn.Linear)
+        and isinstance(head_w, torch.Tensor)
+        and isinstance(embed_w, torch.Tensor)
+        and (head_w is embed_w or (head_w.data_ptr() == embed_w.data_ptr() and head_w.shape == embed_w.shape))
     )
-    for i, layer in enumerate(layers):
-        prefix = f"model.layers.{i}"
-        out.append(_norm(f"blk.{i}.attn_norm.weight", f"{prefix}.input_layernorm", layer.input_layernorm))
-        for gname, mname, rot_heads in per_layer:
-            module = layer.get_submodule(mname)
-            rows = None if rot_heads is None else _rotary_rows(module.out_features, rot_heads)
-            out.append(_encode(f"blk.{i}.{gname}.weight", f"{prefix}.{mname}", module, rows, qfloat))
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                b = bias.detach().to(torch.float32).cpu()
-                out.append(
-                    _Tensor(
-                        f"blk.{i}.{gname}.bias",
-                        f"{prefix}.{mname}.bias",
-                        (b if rows is None else b[rows]).numpy(),
-                        _gguf_type("F32"),
-                    )
-                )
-        out.append(_norm(f"blk.{i}.ffn_norm.weight", f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm))
-    out.append(_norm("output_norm.weight", "model.norm", norm))
-    if not tied:
-        out.append(_encode("output.weight", "lm_head", head, None, qfloat))
-    if any(t.name.endswith(".bias") for t in out):
+    if getattr(config, "tie_word_embeddings", False) and not tied:
+        notes.append(
+            f"the config ties the embeddings but {found.head} and {found.embed} differ (the head was replaced "
+            "alone); both token_embd.weight and output.weight are written"
+        )
+    return tied, embed, found.embed
+
+
+def _collect_tensors(
+    model: torch.nn.Module, found: Found, layout: _Layout, hp: dict, qfloat, notes: list[str]
+) -> tuple[list[_Tensor], bool]:
+    tied, embed_src, embed_name = _tied(model, found, notes)
+    out = []
+    for s in _plan(model, found, layout, tied):
+        module = module_at(model, s.module)
+        if s.kind == "matrix":
+            if s.module == found.embed:
+                out.append(_encode(s.name, embed_name, embed_src, None, qfloat))
+            else:
+                out.append(_encode(s.name, s.module, module, s.rows, qfloat))
+        elif s.kind == "bias":
+            b = module.bias.detach().to(torch.float32).cpu()
+            out.append(_Tensor(s.name, f"{s.module}.bias", (b if s.rows is None else b[s.rows]).numpy(), _gguf_type("F32")))
+        else:
+            w = module.weight.detach().to(torch.float32).cpu() + s.offset
+            out.append(_Tensor(s.name, s.module, w.numpy(), _gguf_type("F32")))
+    if found.arch.gguf == "llama" and any(t.name.endswith(".bias") for t in out):
         notes.append(
             "the model has linear biases: llama.cpp reads them, but transformers' GGUF loader builds a Llama "
-            "without biases (attention_bias/mlp_bias are not GGUF metadata) and drops them"
+            "without biases (attention_bias/mlp_bias are not GGUF metadata) and drops them; leanml's loader keeps them"
         )
     if any(type(m).__name__ == "Int8ActLinear" for m in model.modules()):
         notes.append("W8A8 layers: their int8 weights are written; activation quantization is left to the runtime")
@@ -308,10 +596,6 @@ def _collect_tensors(model: torch.nn.Module, hp: dict, qfloat, notes: list[str])
 
 def _gguf_type(name: str):
     return getattr(_import_gguf().GGMLQuantizationType, name)
-
-
-def _norm(name: str, module_name: str, module: torch.nn.Module) -> _Tensor:
-    return _Tensor(name, module_name, module.weight.detach().to(torch.float32).cpu().numpy(), _gguf_type("F32"))
 
 
 def _float(
@@ -560,7 +844,9 @@ def _read_kv(buf, prefix: str) -> dict[str, _KV]:
     return out
 
 
-def _add_tokenizer(gguf, writer, tok, vocab_size: int, source: Path | None, notes: list[str]) -> str | None:
+def _add_tokenizer(
+    gguf, writer, tok, vocab_size: int, source: Path | None, notes: list[str], pad_id: int | None = None
+) -> str | None:
     """Write the ``tokenizer.*`` keys; returns the tokenizer model written ("gpt2"), "copied" or None."""
     source_fields = _source_tokenizer_fields(source)
     backend = getattr(tok, "backend_tokenizer", None)
@@ -591,6 +877,8 @@ def _add_tokenizer(gguf, writer, tok, vocab_size: int, source: Path | None, note
             ("pad_token_id", writer.add_pad_token_id),
         ):
             value = getattr(tok, attr, None)
+            if value is None and attr == "pad_token_id":
+                value = pad_id  # the model config's, when the tokenizer has none
             if isinstance(value, int) and 0 <= value < vocab_size:
                 add(value)
         for attr, add in (("add_bos_token", writer.add_add_bos_token), ("add_eos_token", writer.add_add_eos_token)):
@@ -677,3 +965,161 @@ def _byte_level_vocab(gguf, spec: dict, vocab_size: int) -> tuple[list[str], lis
             types.append(int(tt.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return tokens, types, merges
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """The file's key/value metadata, without the vocabulary arrays (slow to read, not needed here)."""
+    return {k: f.contents() for k, f in reader.fields.items() if k not in _BIG_ARRAYS and not k.startswith("GGUF.")}
+
+
+def _family_of(arch_name: str | None, model_name: str) -> Arch | None:
+    """The adapter for a llama.cpp architecture (llama.cpp writes mistral as llama: the name decides)."""
+    candidates = [a for a in ADAPTERS if a.gguf and a.gguf == arch_name and arch_name in _LAYOUTS]
+    named = [a for a in candidates if a.family in str(model_name).lower()]
+    return (named or candidates or [None])[0]
+
+
+def _config_from_metadata(family: Arch, layout: _Layout, meta: dict, tensors: dict) -> dict | None:
+    """The transformers config fields a file of ``family`` states (what llama.cpp would run where the file has
+    no key for something, e.g. its query scaling), or None when the file uses something leanml cannot rebuild."""
+    a = family.gguf
+
+    def key(name: str, default=None):
+        return meta.get(f"{a}.{name}", default)
+
+    hidden, layers, heads = key("embedding_length"), key("block_count"), key("attention.head_count")
+    if not (hidden and layers and heads):
+        return None
+    head_dim = key("attention.key_length") or (key("rope.dimension_count") if layout.permute_qk else None) or hidden // heads
+    embd = tensors.get("token_embd.weight")
+    vocab = key("vocab_size") or (int(embd.shape[-1]) if embd is not None else None)
+    kw: dict[str, Any] = {
+        family.cfg_hidden: int(hidden),
+        family.cfg_layers: int(layers),
+        family.cfg_heads: int(heads),
+        family.cfg_ffn: int(key("feed_forward_length")),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if family.cfg_kv_heads:
+        kw[family.cfg_kv_heads] = int(key("attention.head_count_kv", heads))
+    if family.cfg_head_dim:
+        kw[family.cfg_head_dim] = int(head_dim)
+    eps = key("attention.layer_norm_epsilon" if family.norm == "layer" else "attention.layer_norm_rms_epsilon")
+    if eps is not None:
+        kw[family.cfg_eps] = float(eps)
+    for gkey, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
+        value = meta.get(f"tokenizer.ggml.{gkey}")  # absent: None, not the config class's default (Phi-3's 32000)
+        kw[attr] = int(value) if value is not None and 0 <= int(value) < int(vocab) else None
+    if layout.rope:
+        theta = float(key("rope.freq_base", 10000.0))
+        scaling = key("rope.scaling.type")
+        if scaling in (None, "none"):
+            rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+        elif scaling == "linear":
+            rope = {"rope_type": "linear", "factor": float(key("rope.scaling.factor", 1.0)), "rope_theta": theta}
+        else:
+            return None
+        dims = key("rope.dimension_count")
+        if dims and int(dims) != int(head_dim):
+            if layout.permute_qk:
+                return None
+            rope["partial_rotary_factor"] = int(dims) / int(head_dim)
+        if layout.swa_theta is not None:
+            rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": layout.swa_theta}}
+        kw["rope_parameters"] = rope
+    for which in layout.softcap:
+        kw[f"{which}_logit_softcapping"] = key(f"{which}_logit_softcapping")
+    if layout.swa:
+        window = key("attention.sliding_window")
+        kw["sliding_window"] = int(window) if window else None
+        if layout.swa_period is not None:
+            pattern = key("attention.sliding_window_pattern")
+            if isinstance(pattern, list) and len(pattern) == layers:
+                swa = [bool(p) for p in pattern]
+            else:
+                swa = _llama_cpp_swa(layout, int(layers))
+            if not window:
+                swa = [False] * int(layers)
+                kw["sliding_window"] = 4096  # unused: no layer slides
+            kw["layer_types"] = ["sliding_attention" if s else "full_attention" for s in swa]
+    if layout.query_scale:
+        kw["query_pre_attn_scalar"] = _query_scalar(layout, int(layers), int(hidden), int(heads), int(head_dim))
+    if key("rope.scaling.original_context_length"):
+        kw["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
+    if layout.permute_qk:  # llama: biases are a config switch
+        kw["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        kw["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    kw["max_position_embeddings"] = int(key("context_length", 2048))
+    return kw
+
+
+def read_gguf_model(path: str | os.PathLike):
+    """``(model, tokenizer)`` rebuilt from a GGUF file of an architecture leanml writes (the inverse of
+    :func:`export_gguf`): an fp32 Hugging Face causal LM in eval mode, and its tokenizer (None when the
+    file carries no vocabulary). None when the file is of another architecture or uses something leanml
+    does not rebuild (other rotary scalings, extra tensors); the caller then tries transformers' loader.
+    Errors reading the file are the ``gguf`` package's (ValueError, OSError...)."""
+    gguf = _import_gguf()
+    import transformers as tf
+    from transformers.pytorch_utils import Conv1D
+
+    path = Path(path)
+    reader = gguf.GGUFReader(str(path))
+    meta = _metadata(reader)
+    arch_name = meta.get("general.architecture")
+    family = _family_of(arch_name, meta.get("general.name", ""))
+    if family is None:
+        return None
+    layout = _LAYOUTS[arch_name]
+    tensors = {t.name: t for t in reader.tensors}
+    kw = _config_from_metadata(family, layout, meta, tensors)
+    if kw is None:
+        return None
+    context = kw.pop("max_position_embeddings")
+    config = tf.AutoConfig.for_model(family.model_types[0], **kw)
+    config.max_position_embeddings = context  # an attribute alias on some configs (GPT-2's n_positions)
+    config.architectures = None
+    with torch.device("meta"):  # the names and geometry, with Conv1D as nn.Linear (what resolve reads)
+        shadow = tf.AutoModelForCausalLM.from_config(config)
+    normalise(shadow)
+    found = resolve(shadow)
+    if found is None:
+        return None
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    slots = _plan(shadow, found, layout, bool(config.tie_word_embeddings))
+    unknown = sorted(set(tensors) - {s.name for s in slots})
+    if unknown:
+        return None
+    with torch.no_grad():
+        for s in slots:
+            t = tensors.get(s.name)
+            if t is None:
+                raise LeanmlError(f"GGUF file '{path}' lacks the tensor {s.name} its {arch_name} metadata implies")
+            data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            module = module_at(model, s.module)
+            if s.kind == "bias":
+                target = module.bias.data
+            elif s.kind == "matrix" and isinstance(module, Conv1D):
+                target = module.weight.data.T  # Conv1D stores (in, out)
+            else:
+                target = module.weight.data
+            want = tuple(target.shape) if s.rows is None else (len(s.rows), *target.shape[1:])
+            if tuple(data.shape) != want:
+                raise LeanmlError(
+                    f"GGUF tensor {s.name} of '{path}' is {tuple(data.shape)}, but {want} for the model its metadata describes"
+                )
+            data = data - s.offset if s.offset else data
+            if s.rows is None:
+                target.copy_(data)
+            else:
+                target[s.rows] = data
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in reader.fields:
+        tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer

@@ -353,6 +353,12 @@ def load_gguf(path: Path) -> ModelHandle:
     if not (folder / "config.json").exists():
         _convert_gguf(path, folder)
     handle = load_hf_folder(folder, name=path.stem, task="causal-lm")
+    if (folder / "tokenizer.json").exists():
+        # the tokenizer the file states (its split included), not the class transformers picks by model type
+        import transformers as tf
+
+        handle.tokenizer = _load_processor(folder, tf.PreTrainedTokenizerFast, "tokenizer")
+        handle.example_inputs = default_example_inputs(handle)
     handle.source = str(path)
     return handle
 
@@ -364,9 +370,15 @@ def _convert_gguf(path: Path, folder: Path) -> None:
         import gguf  # noqa: F401
     except ImportError:
         raise LeanmlError("loading a .gguf file needs the package gguf: pip install gguf") from None
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    from ..export.gguf import read_gguf_model
+
+    try:  # leanml's reader for the families it exports (transformers' misses some), else transformers'
+        loaded = read_gguf_model(path)
+        if loaded is None:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        else:
+            model, tokenizer = loaded
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LeanmlError(f"GGUF file '{path}' could not be read as a causal LM: {exc}") from None
     model.hf_quantizer = None  # the weights are now plain fp32
@@ -376,7 +388,8 @@ def _convert_gguf(path: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a GGUF written without a vocabulary
+            tokenizer.save_pretrained(tmp)
         (tmp / "leanml-source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
         os.replace(tmp, folder)
     except OSError:
