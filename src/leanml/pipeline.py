@@ -39,12 +39,64 @@ def apply_recipe(handle: ModelHandle, recipe, data=None) -> ModelHandle:
         teacher_key = TEACHER_KEY  # distillation steps learn from the model as it was before the recipe
         handle.meta[teacher_key] = snapshot_teacher(handle.module)
     try:
-        for step in recipe.steps:
+        for i, step in enumerate(recipe.steps):
+            floor = fidelity_floor(step)
+            ref = _reference_output(handle) if floor is not None else None
             handler_for(step)(handle, step, data)
+            if ref is not None:
+                _check_fidelity(handle, step, i, ref, floor)
     finally:
         if teacher_key:
             handle.meta.pop(teacher_key, None)
     return handle
+
+
+def fidelity_floor(step) -> float | None:
+    """The least output SQNR (dB) a near-lossless step must keep on the model's example inputs, or None
+    for steps that are allowed to change the model (4-bit and lower, pruning, distillation). The floors
+    sit far below what these steps give on real models (8-bit weights: 35-50 dB) and far above what a
+    broken transform gives (a lost scale or a misread layout: below 10 dB)."""
+    from .config import FloatCast, Int8Dynamic, Int8Static, SmoothQuant, WeightOnly
+
+    if isinstance(step, WeightOnly) and step.bits >= 8 or isinstance(step, FloatCast):
+        return 20.0
+    if isinstance(step, (Int8Dynamic, Int8Static, SmoothQuant)):
+        return 8.0
+    return None
+
+
+@torch.no_grad()
+def _reference_output(handle: ModelHandle) -> torch.Tensor | None:
+    from .models.handle import output_tensor
+
+    if not handle.is_torch or handle.example_inputs is None or not isinstance(handle.module, torch.nn.Module):
+        return None
+    try:
+        out = output_tensor(handle.call(handle.example_inputs))
+    except Exception:  # noqa: BLE001 - a model the example inputs do not fit is checked elsewhere
+        return None
+    return out.detach().float().clone() if isinstance(out, torch.Tensor) and out.is_floating_point() else None
+
+
+@torch.no_grad()
+def _check_fidelity(handle: ModelHandle, step, index: int, ref: torch.Tensor, floor: float) -> None:
+    """Refuse the result of a near-lossless step whose output moved too far (a bug, not a trade-off)."""
+    from .errors import LeanmlError
+
+    out = _reference_output(handle)
+    if out is None or out.shape != ref.shape:
+        return
+    ref64, out64 = ref.double(), out.double()
+    noise = (ref64 - out64).pow(2).sum()
+    sqnr = float("inf") if noise == 0 else float(10 * torch.log10(ref64.pow(2).sum().clamp(min=1e-30) / noise))
+    if not torch.isfinite(out64).all():
+        sqnr = float("-inf")
+    handle.meta.setdefault("checks", []).append({"step": index, "kind": step.kind, "sqnr_db": sqnr, "floor_db": floor})
+    if not sqnr >= floor:
+        raise LeanmlError(
+            f"step {index + 1} ({step.kind}) should be near-lossless but moved {handle.name!r}'s output to an SQNR of "
+            f"{sqnr:.1f} dB (< {floor:g} dB) on its example inputs; the result is refused, not saved"
+        )
 
 
 def _validate_first(handle: ModelHandle, recipe: Recipe, data, calib_data, profile_kwargs: dict) -> None:

@@ -247,3 +247,34 @@ def test_quantized_model_saves_and_reloads(family, text, tmp_path):
     back = load_artifact(tmp_path / "q")
     torch.testing.assert_close(run(back.module, IDS), out, rtol=1e-5, atol=1e-5)
     cell(family, "save/reload")
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+@pytest.mark.parametrize("recipe", [None, "int8-dynamic"])
+def test_encoder_on_onnxruntime(family, recipe, text):
+    from leanml.accelerate.runtimes import prepare
+
+    h = handle(family)
+    ids = IDS[:, :24]
+    ref = run(h.module, ids)
+    if recipe:
+        apply_recipe(h, recipe, text)
+    torch_out = run(h.module, ids)
+    ort = prepare(h, "onnxruntime")
+    with torch.no_grad():
+        got = output_tensor(ort.call({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    if recipe is None:
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    else:  # ORT's int8 kernels round differently from leanml's simulation; both stay close to float
+        assert sqnr_db(ref, got) > 15.0 and sqnr_db(ref, torch_out) > 15.0  # observed 25-35 dB
+    cell(family, "onnxruntime" if recipe is None else "onnxruntime int8")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_profile(family, text):
+    h = handle(family)
+    m = leanml.profile(h, data=text if family in DECODERS else None, repeats=1, new_tokens=2)
+    assert m.params == sum(p.numel() for p in h.module.parameters())
+    if family in DECODERS:
+        assert 1 < m.quality["value"] < 200 and m.quality["bos"] is False  # a random model: about the vocabulary size
+    cell(family, "profile")
