@@ -148,9 +148,7 @@ def tokenizer(bos: bool = False):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 TEXT = " ".join(

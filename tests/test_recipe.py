@@ -285,3 +285,16 @@ def test_task_rules_from_the_registry(tiny_llama):
     encoder = ModelHandle(module=tiny_llama.module, task="sentence-embedding", name="enc")
     with pytest.raises(LeanmlError, match=r"step 1 \(distill\) does not apply to a sentence-embedding model: loss term 'task'"):
         validate_recipe(encoder, [Distill(loss="kd+task")])
+
+
+def test_every_technique_has_a_handler_in_the_registry_table():
+    import inspect
+
+    import leanml.config as config
+    from leanml.registry import HANDLERS, handler_for
+
+    kinds = [c for _, c in inspect.getmembers(config, inspect.isclass) if issubclass(c, config.TechniqueConfig)]
+    concrete = [c for c in kinds if c is not config.TechniqueConfig and "kind" in c.model_fields]
+    assert {c.__name__ for c in concrete} <= set(HANDLERS), set(c.__name__ for c in concrete) - set(HANDLERS)
+    for c in concrete:
+        assert callable(handler_for(c()))

@@ -13,7 +13,24 @@ from .config import TechniqueConfig
 from .errors import LeanmlError
 
 Handler = Callable[..., object]
-_HANDLERS: dict[type[TechniqueConfig], Handler] = {}
+
+# config class -> "module:function" of its handler (a plain function of (handle, config, data)); the
+# modules are imported on first use, and they do not import this table back
+HANDLERS: dict[str, str] = {
+    "WeightOnly": "leanml.quantize.api:apply_weight_only",
+    "MixedPrecision": "leanml.quantize.api:apply_mixed_precision",
+    "QAT": "leanml.quantize.api:apply_qat",
+    "Int8Dynamic": "leanml.quantize.api:apply_int8_dynamic",
+    "Int8Static": "leanml.quantize.api:apply_int8_static",
+    "SmoothQuant": "leanml.quantize.api:apply_smoothquant",
+    "FloatCast": "leanml.quantize.api:apply_float",
+    "Codebook": "leanml.quantize.api:apply_codebook",
+    "Prune": "leanml.prune.api:apply_prune",
+    "GradualPrune": "leanml.prune.api:apply_gradual_prune",
+    "Finetune": "leanml.prune.finetune:apply_finetune",
+    "StructuredPrune": "leanml.prune.structured:apply_structured_prune",
+    "Distill": "leanml.distill.api:apply_distill",
+}
 
 _ALL_BUT_ENCODERS = ("causal-lm", "sequence-classification", "image-classification", "generic")
 
@@ -34,22 +51,17 @@ _TASK_RULES: dict[str, Callable[[TechniqueConfig], tuple[tuple[str, ...], str] |
 }
 
 
-def register(config_type: type[TechniqueConfig]) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        _HANDLERS[config_type] = fn
-        return fn
-
-    return deco
-
-
 def handler_for(config: TechniqueConfig) -> Handler:
-    _load_handlers()
+    """The function that applies ``config`` (see :data:`HANDLERS`)."""
+    import importlib
+
     if not isinstance(config, TechniqueConfig):
         raise LeanmlError(f"a recipe step must be a technique config, got {type(config).__name__}")
-    try:
-        return _HANDLERS[type(config)]
-    except KeyError:
-        raise LeanmlError(f"no handler registered for technique {config.kind!r}") from None
+    target = HANDLERS.get(type(config).__name__)
+    if target is None:
+        raise LeanmlError(f"no handler registered for technique {config.kind!r}")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def applicable_tasks(config: TechniqueConfig) -> tuple[tuple[str, ...], str] | None:
@@ -65,11 +77,3 @@ def check_task(config: TechniqueConfig, task: str, where: str = "step") -> None:
     if known is not None and task not in known[0]:
         tasks, why = known
         raise LeanmlError(f"{where} ({config.kind}) does not apply to a {task} model: {why}; it applies to {', '.join(tasks)}")
-
-
-def _load_handlers() -> None:
-    # The modules below call `register` for their configs; importing them here keeps the table explicit.
-    from .distill import api as _distill  # noqa: F401
-    from .prune import api as _prune  # noqa: F401
-    from .prune.finetune import apply_finetune  # noqa: F401
-    from .quantize import api  # noqa: F401

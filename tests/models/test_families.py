@@ -89,7 +89,7 @@ def test_unknown_architecture_is_refused_in_one_line():
     msg = str(err.value)
     assert "\n" not in msg and "gpt_neox" in msg and "llama" in msg and "phi3" in msg
     h = leanml.ModelHandle(module=model, task="causal-lm", name="neox")
-    with pytest.raises(LeanmlError, match="unit 'heads' does not apply to GPTNeoXForCausalLM"):
+    with pytest.raises(LeanmlError, match=r"unit 'heads' does not apply to model 'neox' \(GPTNeoXForCausalLM"):
         leanml.prune(h, StructuredPrune(unit="heads", ratio=0.5, criterion="l1"))
 
 

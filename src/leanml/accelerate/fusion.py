@@ -64,7 +64,8 @@ def _foldable_pair(layer: nn.Module, bn: nn.Module) -> bool:
     if not isinstance(bn, BN_TYPES) or bn.running_mean is None or bn.running_var is None:
         return False
     if isinstance(layer, CONV_TYPES):
-        return type(bn) is _BN_FOR_CONV[type(layer)] and bn.num_features == layer.out_channels
+        base = next((c for c in type(layer).__mro__ if c in _BN_FOR_CONV), None)  # conv subclasses (SAME pad)
+        return base is not None and type(bn) is _BN_FOR_CONV[base] and bn.num_features == layer.out_channels
     if isinstance(layer, nn.Linear):
         return type(bn) is nn.BatchNorm1d and bn.num_features == layer.out_features
     return False

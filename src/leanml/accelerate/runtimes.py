@@ -112,6 +112,15 @@ def _torch_compile(handle: ModelHandle) -> ModelHandle:
     return _twin(handle, compiled, "torch-compile", report)
 
 
+class _SamePadConv2d(torch.nn.Conv2d):
+    """The float twin of an int8 conv with TensorFlow "SAME" padding computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..quantize.modules import same_pad
+
+        return super().forward(same_pad(x, self.kernel_size, self.stride, self.dilation))
+
+
 def float_twin(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``module`` with leanml's quantized layers turned back into float ones holding the
     dequantized weights (what an exporter can trace); the int8 codes are recovered exactly from these
@@ -128,7 +137,8 @@ def float_twin(module: torch.nn.Module) -> torch.nn.Module:
                 layer.bias = torch.nn.Parameter(m.bias.detach().float().clone())
             set_module(twin, name, layer)
         elif isinstance(m, Int8ActConv2d):
-            conv = torch.nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, bias=m.bias is not None, **m.conv_args)
+            kind = _SamePadConv2d if m.pad_same else torch.nn.Conv2d
+            conv = kind(m.in_channels, m.out_channels, m.kernel_size, bias=m.bias is not None, **m.conv_args)
             conv.weight = torch.nn.Parameter(m.weight.detach().float().clone())
             if m.bias is not None:
                 conv.bias = torch.nn.Parameter(m.bias.detach().float().clone())

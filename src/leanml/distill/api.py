@@ -16,7 +16,6 @@ from ..data import TensorData, TextCorpus
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, mean_pool
 from ..prune.finetune import TEACHER_KEY, snapshot_teacher
-from ..registry import register
 from .config import Distill
 from .select import dedup, select, teacher_scores
 from .students import build_student
@@ -204,7 +203,6 @@ def _check_student(student: ModelHandle, teacher: nn.Module | None, cfg: Distill
         )
 
 
-@register(Distill)
 def apply_distill(handle: ModelHandle, cfg: Distill, data=None) -> ModelHandle:
     """Recipe step: the model being compressed is the student (or the base ``cfg.student`` builds one
     from), the model before the recipe is the teacher."""

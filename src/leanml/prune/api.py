@@ -37,7 +37,6 @@ from ..data import load_data
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, output_tensor
 from ..progress import progress
-from ..registry import register
 from ..targeting import get_module, select_layers, set_module
 from .config import GradualPrune, Prune, StructuredPrune
 from .criteria import gradient_importance, magnitude, taylor, wanda
@@ -92,7 +91,6 @@ def _check_nm_widths(model: torch.nn.Module, names: list[str], m: int | None) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-@register(Prune)
 def apply_prune(handle: ModelHandle, cfg: Prune, data=None) -> ModelHandle:
     """Prune the targeted linear layers once, by ``cfg.method`` (see the module docstring)."""
     model = handle.module
@@ -353,7 +351,6 @@ def _accumulate(sums: dict[str, torch.Tensor], layers: dict[str, torch.nn.Module
 # ----------------------------------------------------------------------------------------------------
 
 
-@register(GradualPrune)
 def apply_gradual_prune(handle: ModelHandle, cfg: GradualPrune, data=None) -> ModelHandle:
     """Cubic-schedule gradual pruning with masked fine-tuning between the steps (see ``GradualPrune``)."""
     model = handle.module

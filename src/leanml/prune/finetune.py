@@ -35,7 +35,6 @@ from ..data import TensorData, TextCorpus
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, output_tensor
 from ..progress import progress
-from ..registry import register
 from .config import _LeanmlConfig, register_config
 from .modules import SparseLinear
 
@@ -251,7 +250,6 @@ def finetune(handle: ModelHandle, cfg: Finetune, data=None, teacher: torch.nn.Mo
     }
 
 
-@register(Finetune)
 def apply_finetune(handle: ModelHandle, cfg: Finetune, data=None) -> ModelHandle:
     """Recipe step: fine-tune in place and record ``finetune.json``."""
     report = finetune(handle, cfg, data)

@@ -24,6 +24,7 @@ indices), the groups that were left whole and why, and the parameter counts befo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,6 @@ from torch import nn
 from ..calibrate.batches import calibration_batches
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle
-from ..registry import register
 from ..targeting import get_module, select_layers
 from .api import _mark, gradient_scores
 from .config import StructuredPrune
@@ -47,16 +47,22 @@ def check_unit_layout(handle: ModelHandle, cfg) -> object:
     """The transformer layout of ``handle`` (``None`` for a plain network), refusing a unit it lacks."""
     layout = detect_layout(handle.module)
     if cfg.unit in ("heads", "layers") and layout is None:
+        from ..models.arch import describe, supported
+
         raise LeanmlError(
-            f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it applies to Hugging Face "
-            "llama-style or BERT-style transformers; use unit 'filters' or 'neurons'"
+            f"unit {cfg.unit!r} does not apply to model {handle.name!r} ({describe(handle.module)}): it applies to "
+            f"the Hugging Face transformer families {', '.join(supported())}; use unit 'filters' or 'neurons'"
+        )
+    if cfg.unit == "heads" and not layout.heads_removable:
+        raise LeanmlError(
+            f"attention heads of {layout.family} models cannot be removed (its attention splits the fused "
+            "projection by the hidden size); use unit 'neurons' or 'layers'"
         )
     if cfg.unit == "filters" and layout is not None:
         raise LeanmlError(f"unit 'filters' does not apply to transformer {handle.name!r}; use neurons, heads or layers")
     return layout
 
 
-@register(StructuredPrune)
 def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None) -> ModelHandle:
     """Remove the lowest-ranked ``cfg.unit`` units of ``handle``'s model in place (see the module
     docstring) and write the ``prune.json`` report."""
@@ -175,18 +181,25 @@ def _output_means(handle: ModelHandle, batches: list, producers: dict[str, int])
 
 
 def _weight_unit_scores(
-    handle: ModelHandle, criterion: str, slices: dict[str, list[tuple[str, int]]], n_units: dict[str, int], batches: list | None
+    handle: ModelHandle, criterion: str, slices: dict[str, list[tuple]], n_units: dict[str, int], batches: list | None
 ) -> dict[str, torch.Tensor]:
-    """Unit scores of each key of ``slices`` (a list of ``(layer, axis)`` weight slices) by l1, l2 or
-    Taylor; the Taylor gradients of every layer come from one backward pass per batch."""
+    """Unit scores of each key of ``slices`` (a list of ``(layer, axis[, rows])`` weight slices; ``rows``
+    a row range of a fused layer, or None) by l1, l2 or Taylor; the Taylor gradients of every layer come
+    from one backward pass per batch."""
     model = handle.module
+
+    def cut(t: torch.Tensor, rows) -> torch.Tensor:
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    norm = {k: [(sl[0], sl[1], sl[2] if len(sl) > 2 else None) for sl in pairs] for k, pairs in slices.items()}
     if criterion == "taylor":
-        layers = list(dict.fromkeys(n for pairs in slices.values() for n, _ in pairs))
+        layers = list(dict.fromkeys(n for pairs in norm.values() for n, _, _ in pairs))
         per_weight = gradient_scores(handle, layers, batches, "taylor")
-        return {k: unit_taylor([(per_weight[n], ax) for n, ax in pairs], n_units[k]) for k, pairs in slices.items()}
+        return {k: unit_taylor([(cut(per_weight[n], r), ax) for n, ax, r in pairs], n_units[k]) for k, pairs in norm.items()}
     p = 1 if criterion == "l1" else 2
     return {
-        k: unit_magnitude([(get_module(model, n).weight, ax) for n, ax in pairs], n_units[k], p) for k, pairs in slices.items()
+        k: unit_magnitude([(cut(get_module(model, n).weight, r), ax) for n, ax, r in pairs], n_units[k], p)
+        for k, pairs in norm.items()
     }
 
 
@@ -244,7 +257,9 @@ def _plan_groups(
 def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict:
     """Filters (Conv producers) or neurons (Linear producers) of a plain network, group by group.
     ``data``: a dataset or a list of forward-call inputs (for taylor/activation, and to trace shapes
-    when the handle has no example inputs)."""
+    when the handle has no example inputs). After the surgery the model must still run on the traced
+    example and give outputs of the same shapes; otherwise every resized layer is restored and a
+    one-line error says so (a safety net under the dependency analysis)."""
     model = handle.module
     producer_types = CONV if cfg.unit == "filters" else (nn.Linear,)
     if not any(isinstance(m, producer_types) for m in model.modules()):
@@ -255,7 +270,8 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
     traced_on = batches
     if traced_on is None and data is not None:  # real inputs trace the shapes better than inferred ones
         traced_on = data if isinstance(data, list) else calibration_batches(handle, data, 1, cfg.window)
-    groups = channel_groups(model, traced_on[0] if traced_on else handle.example_inputs)
+    example = traced_on[0] if traced_on else handle.example_inputs
+    groups = channel_groups(model, example)
     plan, skipped = _plan_groups(handle, cfg, groups, producer_types)
     counts = []
     for g in plan:  # every error comes before any surgery
@@ -278,6 +294,8 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
         sizes = {k: g.channels for k, g in zip(keys, plan, strict=True)}
         scores = _weight_unit_scores(handle, cfg.criterion, slices, sizes, batches)
     layers, report_groups = {}, []
+    ref_shapes = _reference_shapes(handle, example)
+    backup = {m.layer: copy.deepcopy(get_module(model, m.layer)) for g in plan for m in g.members}
     with torch.no_grad():
         for k, g, n_rm in zip(keys, plan, counts, strict=True):
             removed, kept = lowest_units(scores[k], n_rm)
@@ -301,7 +319,60 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
                     "removed_indices": removed,
                 }
             )
+    _check_pruned(handle, example, ref_shapes, backup)
     return {"layers": layers, "groups": report_groups, "skipped": skipped}
+
+
+@torch.no_grad()
+def _output_shapes(handle: ModelHandle, example) -> tuple:
+    """The shapes of every tensor in the model's output on ``example`` (eval mode)."""
+    model = handle.module
+    was_training = model.training
+    model.eval()
+    try:
+        out = handle.call(example)
+    finally:
+        model.train(was_training)
+    shapes, stack = [], [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            shapes.append(tuple(item.shape))
+        elif isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+    return tuple(shapes)
+
+
+def _reference_shapes(handle: ModelHandle, example) -> tuple | None:
+    """The output shapes before the surgery; None when the eager model does not run on ``example``
+    (then there is nothing to compare with)."""
+    try:
+        return _output_shapes(handle, example)
+    except Exception:  # noqa: BLE001 - the traced graph ran; the eager call is only a check
+        return None
+
+
+def _check_pruned(handle: ModelHandle, example, ref_shapes: tuple | None, backup: dict[str, nn.Module]) -> None:
+    """The pruned model still runs on the example input and gives outputs of the same shape; otherwise
+    every resized layer gets its weights back (the model is as it was) and a one-line error says so."""
+    if ref_shapes is None:
+        return
+    try:
+        shape = _output_shapes(handle, example)
+        problem = None if shape == ref_shapes else f"its output shapes changed from {ref_shapes} to {shape}"
+    except Exception as exc:  # noqa: BLE001 - a wrong removal; undo it
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if problem is None:
+        return
+    model = handle.module
+    for name, saved in backup.items():
+        vars(get_module(model, name)).update(vars(saved))  # in place: a shared layer stays shared
+    raise LeanmlError(
+        f"structured pruning of model {handle.name!r} was undone: the pruned model failed a check ({problem}); "
+        "leave the layers around the failing operation out with ignore"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +401,7 @@ def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
     """The lowest-ranked FFN neurons of every layer (the same count everywhere). ``data``: a dataset or
     a list of forward-call inputs (taylor/activation only)."""
     model = handle.module
-    _check_blocks(handle, layout, cfg, lambda b: [*b.ffn_rows, b.ffn_cols])
+    _check_blocks(handle, layout, cfg, lambda b: b.ffn_layers)
     n = layout.intermediate
     k = units_to_remove(cfg.ratio, n, f"the FFN of {layout.blocks[0].name!r}")
     batches = _calibration(handle, cfg, data)
@@ -358,7 +429,7 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
     query heads from every group. ``data`` as for :func:`prune_ffn_neurons`."""
     model = handle.module
     kv_groups = cfg.gqa == "kv-groups" or layout.rep == 1
-    _check_blocks(handle, layout, cfg, lambda b: [b.q, b.k, b.v, b.o])
+    _check_blocks(handle, layout, cfg, lambda b: b.attn_layers)
     name0 = layout.blocks[0].name
     if kv_groups:
         n_units = layout.n_kv
@@ -410,9 +481,9 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
         "head_dim": layout.head_dim,
         "gqa": "kv-groups" if kv_groups else "queries",
     }
-    if layout.family == "bert" and k:
+    if not layout.found.arch.heads_in_config and k:
         out["note"] = (
-            "BERT's config cannot describe fewer heads of the same size, so config.num_attention_heads "
+            f"a {layout.family} config cannot describe fewer heads of the same size, so its head count "
             f"still says {layout.n_heads}; the layers have {n_q}"
         )
     return out

@@ -22,7 +22,6 @@ from ..data import load_data
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle
 from ..progress import progress
-from ..registry import register
 from ..targeting import get_module, select_layers, set_module
 from .awq import smoothquant_scales
 from .gptq import rtn_quantize_weight
@@ -40,7 +39,6 @@ def _mark(handle: ModelHandle, config: TechniqueConfig) -> None:
     handle.meta.setdefault("applied", []).append(config.model_dump())
 
 
-@register(WeightOnly)
 def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelHandle:
     """RTN, GPTQ, AWQ or AWQ+GPTQ weight-only quantization of the targeted linear layers."""
     model = handle.module
@@ -115,7 +113,6 @@ def _check_groups(model: torch.nn.Module, names: list[str], group_size: int | No
             )
 
 
-@register(MixedPrecision)
 def apply_mixed_precision(handle: ModelHandle, cfg: MixedPrecision, data=None) -> ModelHandle:
     """Per-layer sensitivity → bit allocation under ``avg_bits`` → weight-only quantization per width."""
     model = handle.module
@@ -143,7 +140,6 @@ def apply_mixed_precision(handle: ModelHandle, cfg: MixedPrecision, data=None) -
     return handle
 
 
-@register(QAT)
 def apply_qat(handle: ModelHandle, cfg: QAT, data=None) -> ModelHandle:
     """Fine-tune with fake-quantized weights (STE), then store the trained weights as integers."""
     model = handle.module
@@ -169,7 +165,6 @@ def apply_qat(handle: ModelHandle, cfg: QAT, data=None) -> ModelHandle:
     return handle
 
 
-@register(Int8Dynamic)
 def apply_int8_dynamic(handle: ModelHandle, cfg: Int8Dynamic, data=None) -> ModelHandle:
     """int8 weights per channel; activations quantized per token (or tensor) at run time."""
     for name in select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task):
@@ -278,7 +273,6 @@ def _static_padding(layer: torch.nn.Module, name: str, shape: tuple | None) -> b
     raise LeanmlError(f"{what}, which int8-static cannot reproduce with a plain convolution/product; {leave}")
 
 
-@register(Int8Static)
 def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelHandle:
     """int8 weights per channel, int8 activations per tensor with ranges calibrated by an observer.
     A Conv2d/Linear subclass with its own forward (timm's ``Conv2dSame``) is replaced only when the int8
@@ -334,7 +328,6 @@ def norm_producers(handle: ModelHandle, names: list[str]) -> dict[str, tuple[str
     return out
 
 
-@register(SmoothQuant)
 def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> ModelHandle:
     """SmoothQuant W8A8: per-channel scales s = max|X|^α / max|W|^(1-α) divide the activations and
     multiply the weights (folded into the preceding pre-norm where the family adapter allows, else kept
@@ -395,7 +388,6 @@ class _ChannelAbsMax:
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
 
 
-@register(FloatCast)
 def apply_float(handle: ModelHandle, cfg: FloatCast, data=None) -> ModelHandle:
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
     for name in select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task):
@@ -404,7 +396,6 @@ def apply_float(handle: ModelHandle, cfg: FloatCast, data=None) -> ModelHandle:
     return handle
 
 
-@register(Codebook)
 def apply_codebook(handle: ModelHandle, cfg: Codebook, data=None) -> ModelHandle:
     """k-means (per tensor or per output row), NF4 (blocks of ``block_size``) or power-of-two levels."""
     for name in progress(select_layers(handle.module, LINEAR, cfg.targets, cfg.ignore, handle.task), cfg.method):
