@@ -61,7 +61,6 @@ COLUMNS = (
 )
 NOT_APPLICABLE = {
     **{(f, v): True for f in ENCODERS for v in ("GGUF", "GGUF Q8_0/Q4", "onnxruntime W4/W8", "rotation")},
-    **{(f, v): True for f in ENCODERS for v in ("student drop-layers", "student width")},
     **{(f, "onnxruntime int8"): True for f in DECODERS},
 }
 

@@ -225,7 +225,7 @@ def test_structured_removal_shrinks_and_reloads(family, unit, text, tmp_path):
     cell(family, f"remove {unit}")
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", ["drop-layers:0.5", "width:0.5"])
 def test_students_from_the_teacher(family, spec, text):
     from leanml.distill.students import build_student

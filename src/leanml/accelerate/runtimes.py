@@ -194,7 +194,7 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
                 "graph": "leanml LLM graph (GroupQueryAttention + KV cache)",
                 "fusions": [
                     "q/k/v and gate/up products fused",
-                    "residual add + RMS norm (SkipSimplifiedLayerNorm)",
+                    "residual add + norm (SkipSimplifiedLayerNorm, or SkipLayerNorm for LayerNorm families)",
                     "rotary + attention + cache (GroupQueryAttention)",
                 ],
             }

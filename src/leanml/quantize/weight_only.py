@@ -243,7 +243,10 @@ def _norm_scales_exactly(norm: nn.Module, offset: float = 0.0) -> bool:
 
 def _fold_norm(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
     w = norm.weight
-    w.copy_((w.double() + offset).div(s.double()).sub(offset).to(w.dtype))
+    if offset:  # Gemma's (1 + w): the gain 1 + w is what is divided
+        w.copy_((w.double() + offset).div(s.double()).sub(offset).to(w.dtype))
+    else:
+        w.div_(s.to(w.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
 
@@ -292,14 +295,14 @@ def fold_scales(
     if producer.kind == "norm":
         _fold_norm(pmod, s_src, producer.offset)
     else:
-        r = producer.row_factors(s_src)
+        a, b = producer.rows or (0, pmod.weight.shape[0])
         if producer.name in records:
-            records[producer.name] = rescale_rows(records[producer.name], r)
+            records[producer.name] = rescale_rows(records[producer.name], producer.row_factors(s_src))
             pmod.weight.copy_(records[producer.name].weight)
         else:
-            pmod.weight.mul_(r.to(pmod.weight.dtype)[:, None])
+            pmod.weight[a:b].div_(s_src.to(pmod.weight.dtype)[:, None])
         if pmod.bias is not None:
-            pmod.bias.mul_(r.to(pmod.bias.dtype))
+            pmod.bias[a:b].div_(s_src.to(pmod.bias.dtype))
     for name in producer.consumers:
         lin = model_modules[name]
         if name in records:  # cannot happen in forward order; keep the record exact anyway

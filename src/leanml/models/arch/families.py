@@ -40,7 +40,14 @@ _GEMMA = dict(
     embed_scale="sqrt_hidden",
 )
 GEMMA = Arch(
-    "gemma", ("gemma",), **{**_DECODER, **_LLAMA_BLOCK}, norm="rms+1", embed_scale="sqrt_hidden", gguf="gemma", onnx_llm=True
+    "gemma",
+    ("gemma",),
+    **{**_DECODER, **_LLAMA_BLOCK},
+    norm="rms+1",
+    embed_scale="sqrt_hidden",
+    rotate=True,
+    gguf="gemma",
+    onnx_llm=True,
 )
 GEMMA2 = Arch("gemma2", ("gemma2",), **_GEMMA, gguf="gemma2", onnx_llm=True)
 GEMMA3 = Arch(
