@@ -8,7 +8,8 @@
 * ``safetensors`` - the leanml artifact folder (``model.safetensors`` + ``leanml.json``), which
   ``leanml.load`` rebuilds exactly.
 * ``gguf`` - a GGUF file for decoder LLMs of the families in :mod:`leanml.models.arch` from leanml's own
-  quantized weights (``Q8_0`` for symmetric 8-bit, ``Q4_1``/``Q4_0`` for 4-bit groups), readable by the ``gguf`` package and transformers.
+  quantized weights (``Q8_0`` for symmetric 8-bit, ``Q4_1``/``Q4_0`` for 4-bit groups), readable by the
+  ``gguf`` package and transformers.
 
 Every write goes through a temporary name and a rename; an existing target is refused unless ``force``.
 """
