@@ -128,6 +128,18 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+def no_adapter_model(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny causal LM of an architecture without an adapter (GPT-NeoX), for the refusals and the
+    techniques that need only linear layers."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
 def tokens(n: int = 24, batch: int = 1, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, n), generator=gen)

@@ -22,7 +22,7 @@ from leanml.models import ModelHandle
 from leanml.models.arch import module_at, resolve
 from leanml.quantize.modules import QuantEmbedding
 from tests.conftest import CharTokenizer
-from tests.families import DECODERS, VOCAB, tiny_model, tokens
+from tests.families import DECODERS, VOCAB, no_adapter_model, tiny_model, tokens
 
 ATOL = 1e-4  # on logits of magnitude ~0.2-1.5; observed 3e-7
 PROMPT = 16
@@ -188,17 +188,7 @@ def test_runtime_prepare_uses_the_graph_for_other_families(tmp_path):
 
 
 def _no_adapter_lm() -> torch.nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=64,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return no_adapter_model(layers=1)
 
 
 @pytest.mark.parametrize("which", ["bert", "gpt-neox"])

@@ -22,7 +22,7 @@ from leanml.models.arch import hf_config, producers, require, resolve
 from leanml.pipeline import apply_recipe
 from leanml.prune.config import StructuredPrune
 from leanml.quantize.weight_only import find_producer, fold_scales, rotate_residual
-from tests.families import DECODERS, ENCODERS, FAMILIES, corpus, handle, tiny_model, tokens
+from tests.families import DECODERS, ENCODERS, FAMILIES, corpus, handle, no_adapter_model, tiny_model, tokens
 
 CELLS: dict[str, dict[str, str]] = {}
 
@@ -80,9 +80,7 @@ def test_adapter_resolves_the_geometry(family):
 
 
 def test_unknown_architecture_is_refused_in_one_line():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = no_adapter_model(layers=1)
     assert resolve(model) is None
     with pytest.raises(LeanmlError) as err:
         require(model, "structured pruning")
@@ -95,14 +93,9 @@ def test_unknown_architecture_is_refused_in_one_line():
 
 def test_an_unknown_architecture_still_gets_linear_techniques(text):
     """No adapter: RTN/GPTQ per layer without folding, int8 and unstructured pruning still apply."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     from tests.families import tokenizer
 
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(
-        GPTNeoXConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    ).eval()
+    model = no_adapter_model()
     ref = run(model, IDS)
     for recipe, floor in (("w8", 35.0), ("w4-g64", 12.0), ("int8-dynamic", 20.0)):
         h = leanml.ModelHandle(module=copy.deepcopy(model), task="causal-lm", name="neox", tokenizer=tokenizer())
