@@ -164,7 +164,11 @@ class WeightOnly(TechniqueConfig):
     in the Hessian (attention sinks); ``mse_clip`` searches each group's clipping range;
     ``refine_scales`` refits group scales by least squares for the chosen codes. ``head_bits`` also
     quantizes a causal LM's output head (and the input embedding tied to it) by round to nearest,
-    symmetric per output channel, at that width; it is ignored for other tasks.
+    symmetric per output channel, at that width; it is ignored for other tasks. ``upgrade`` names
+    targeted layers (names or patterns, like ``targets``) that end at ``upgrade_bits`` instead: round
+    to nearest, symmetric per output channel, from their original weights. The calibrated pass treats
+    them like every other layer, so the other layers' results do not depend on which are upgraded
+    (a search assembles such mixes from one pass).
     """
 
     kind: Literal["weight-only"] = "weight-only"
@@ -182,6 +186,8 @@ class WeightOnly(TechniqueConfig):
     calib_windows: int = Field(64, ge=1)
     window: int = Field(512, ge=8)
     head_bits: int | None = Field(None, ge=2, le=8)
+    upgrade: list[str] = Field(default_factory=list)
+    upgrade_bits: int = Field(8, ge=2, le=8)
 
 
 class Int8Dynamic(TechniqueConfig):

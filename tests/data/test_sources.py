@@ -23,13 +23,18 @@ def test_seeded_split_is_disjoint_covering_and_repeatable():
 def test_text_corpus_splits_by_token_position(tiny_text):
     tok = CharTokenizer()
     ids = tiny_text.tokens(tok)
+    n = len(ids)
+    check = min(600 // 2, (n - 1200) // 10)  # the last tenth of what follows calib_start, at most eval_tokens // 2
     assert tiny_text.split_range(tok, "eval") == (0, 600)
-    assert tiny_text.split_range(tok, "calib") == (1200, len(ids))
+    assert tiny_text.split_range(tok, "select") == (600, 1200)  # up to calib_start
+    assert tiny_text.split_range(tok, "calib") == (1200, n - check)
+    assert tiny_text.split_range(tok, "check") == (n - check, n)
+    assert tiny_text.split_range(tok, "test") == tiny_text.split_range(tok, "eval")
     windows = tiny_text.windows(tok, "eval", window=128)
     assert [len(w) for w in windows] == [128] * 4 + [88]
     torch.testing.assert_close(torch.cat(windows), ids[:600])
     calib = torch.cat(tiny_text.windows(tok, "calib", window=128))
-    torch.testing.assert_close(calib, ids[1200:])
+    torch.testing.assert_close(calib, ids[1200 : n - check])
 
 
 def test_text_file_folder_jsonl_csv(tmp_path):
@@ -96,7 +101,7 @@ def test_digits_split():
     d = load_data("digits")
     x_eval, y_eval = d.tensors("eval")
     x_cal, _ = d.tensors("calib")
-    assert x_eval.shape[1:] == (1, 8, 8) and len(x_eval) + len(x_cal) == 1797
+    assert x_eval.shape[1:] == (1, 8, 8) and len(x_eval) + len(x_cal) + len(d.indices("select")) + len(d.indices("check")) == 1797
     assert float(x_eval.max()) <= 1.0 and len(set(y_eval.tolist())) == 10
 
 

@@ -31,6 +31,7 @@ from tests.conftest import CharTokenizer, tiny_llama_module
 PROFILE_MODULE = importlib.import_module("leanml.measure.profile")  # `leanml.measure.profile` is the function
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,'"
 SENTENCES = [f"sentence {i} is about the {w} of the day." for i, w in enumerate(["sun", "rain", "wind", "snow"] * 6)]
+# pairs(16) chains 17 of them: split by text, its evaluation and selection splits hold about 8 pairs each
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_encoder_refuses_image_tensors(encoder, no_timing):
 
 @pytest.mark.parametrize(
     "data, holds",
-    [(digits_like(), "image tensors"), (pairs(6), "similarity pairs")],
+    [(digits_like(), "image tensors"), (pairs(16), "similarity pairs")],
 )
 def test_causal_lm_refuses_tensors_and_pairs(tiny_llama, no_timing, data, holds):
     message = refused(lambda: profile(tiny_llama, data=data), f"cannot profile model 'tiny-llama' \\(causal-lm\\).*{holds}")
@@ -212,9 +213,9 @@ def test_perplexity_accepts_the_minimum(tiny_llama):
 
 
 def test_spearman_refuses_too_few_or_equal_scores(encoder, no_timing):
-    refused(lambda: profile(encoder, data=pairs(2)), "holds 2 scored pairs; Spearman needs at least 5")
-    refused(lambda: profile(encoder, data=pairs(6, [0.5] * 6)), "every pair has the score 0.5, so Spearman is undefined")
-    assert "too noisy" in quality_notes(encoder, pairs(6))[0]
+    refused(lambda: profile(encoder, data=pairs(2)), "holds 2 scored pairs, 2 of them in the evaluation split")
+    refused(lambda: profile(encoder, data=pairs(16, [0.5] * 16)), "every pair has the score 0.5, so Spearman is undefined")
+    assert "too noisy" in quality_notes(encoder, pairs(16))[0]
 
 
 @pytest.mark.parametrize(
@@ -357,7 +358,7 @@ def test_reference_needs_data(tiny_llama, no_timing):
 
 def test_encoder_reference_of_another_width(encoder, bert_tokenizer, no_timing):
     wide = tiny_bert(bert_tokenizer, hidden=64, name="wide")
-    refused(lambda: profile(encoder, data=pairs(6), reference=wide), "give embeddings of width 32 and 64")
+    refused(lambda: profile(encoder, data=pairs(16), reference=wide), "give embeddings of width 32 and 64")
 
 
 def test_classifier_reference_with_other_classes_or_data(bert_tokenizer, no_timing):
@@ -365,7 +366,7 @@ def test_classifier_reference_with_other_classes_or_data(bert_tokenizer, no_timi
     three = tiny_bert(bert_tokenizer, task="sequence-classification", num_labels=3, name="three")
     records = TextRecords(name="rows", texts=SENTENCES, labels=[i % 2 for i in range(len(SENTENCES))])
     refused(lambda: profile(two, data=records, reference=three), "have 2 and 3 classes")
-    refused(lambda: profile(two, data=pairs(6), reference=two), "measured on tensors or text records")
+    refused(lambda: profile(two, data=pairs(16), reference=two), "measured on tensors or text records")
 
 
 # --- the command line: exit 2 with one line ------------------------------------------------------------

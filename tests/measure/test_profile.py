@@ -48,7 +48,7 @@ def test_classifier_profile_has_every_key(mlp):
     d = json.loads(m.to_json())
     for key in REQUIRED:
         assert lookup(d, key) is not None, key
-    assert d["quality"] == {"metric": "accuracy", "value": 1.0, "higher_is_better": True, "n_items": 8}
+    assert d["quality"] == {"metric": "accuracy", "value": 1.0, "higher_is_better": True, "n_items": 8, "split": "eval"}
     assert d["threads"] == 1 and d["batch_size"] == 8 and d["flops_per_item"] == 2 * (20 * 16 + 16 * 5)
     assert d["energy_source"] in ("rapl", "power-model")
     assert d["usd_per_million"] == pytest.approx(0.085 / 3600 / d["throughput_per_s"] * 1e6)

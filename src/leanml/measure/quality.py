@@ -89,20 +89,24 @@ def _check_tensor_items(handle: ModelHandle, data: TensorData, verb: str) -> Non
         ) from None
 
 
-def eval_token_count(handle: ModelHandle, data: TextCorpus) -> tuple[int, int]:
-    """(tokens in the evaluation split, tokens in all) of ``data`` under ``handle``'s tokenizer."""
-    lo, hi = data.split_range(handle.tokenizer, "eval")
+def eval_token_count(handle: ModelHandle, data: TextCorpus, split: str = "eval") -> tuple[int, int]:
+    """(tokens in ``split``, tokens in all) of ``data`` under ``handle``'s tokenizer."""
+    lo, hi = data.split_range(handle.tokenizer, split)
     return hi - lo, len(data.tokens(handle.tokenizer))
 
 
-def _check_perplexity_tokens(handle: ModelHandle, data: TextCorpus) -> None:
-    n_eval, n_all = eval_token_count(handle, data)
+def _check_perplexity_tokens(handle: ModelHandle, data: TextCorpus, split: str = "eval") -> None:
+    n_eval, n_all = eval_token_count(handle, data, split)
     if n_eval < MIN_PERPLEXITY_TOKENS:
-        cap = f"its eval_tokens={data.eval_tokens}" if data.eval_tokens < n_all // 2 else f"half of its {n_all} tokens"
-        tokens = f"{n_eval} evaluation token{'s' * (n_eval != 1)}"
+        if split in ("eval", "test"):
+            cap = f"its eval_tokens={data.eval_tokens}" if data.eval_tokens < n_all // 2 else f"half of its {n_all} tokens"
+            tokens, need = f"{n_eval} evaluation token{'s' * (n_eval != 1)}", 2 * MIN_PERPLEXITY_TOKENS
+        else:
+            cap, tokens = f"of its {n_all}", f"{n_eval} {split} token{'s' * (n_eval != 1)}"
+            need = 3 * MIN_PERPLEXITY_TOKENS + MIN_PERPLEXITY_TOKENS // 2
         raise LeanmlError(
             f"data {data.name!r} gives model {handle.name!r} only {tokens} ({cap}); perplexity "
-            f"needs at least {MIN_PERPLEXITY_TOKENS}, so give a text of at least {2 * MIN_PERPLEXITY_TOKENS} tokens"
+            f"needs at least {MIN_PERPLEXITY_TOKENS}, so give a text of at least {need} tokens"
         )
 
 
@@ -119,9 +123,11 @@ def _check_eval_size(handle: ModelHandle, data) -> None:
                 f"(a seeded {data.eval_fraction:.0%} of them is the evaluation split)"
             )
     if isinstance(data, SimilarityPairs) and handle.task == "sentence-embedding":
-        if len(data.pairs) < MIN_SPEARMAN_PAIRS:
+        n_eval = len(data.pair_indices("eval"))
+        if n_eval < MIN_SPEARMAN_PAIRS:
             raise LeanmlError(
-                f"data {data.name!r} holds {len(data.pairs)} scored pairs; Spearman needs at least {MIN_SPEARMAN_PAIRS}"
+                f"data {data.name!r} holds {len(data.pairs)} scored pairs, {n_eval} of them in the evaluation split "
+                f"(pairs are split by text); Spearman needs at least {MIN_SPEARMAN_PAIRS}"
             )
         if len(set(data.scores)) < 2:
             raise LeanmlError(f"data {data.name!r}: every pair has the score {data.scores[0]}, so Spearman is undefined")
@@ -169,8 +175,8 @@ def metric_for(handle: ModelHandle, data) -> str | None:
     return None
 
 
-def _eval_items(data) -> int:
-    return len(data.indices("eval"))
+def _eval_items(data, split: str = "eval") -> int:
+    return len(data.indices(split))
 
 
 def quality_notes(handle: ModelHandle, data) -> list[str]:
@@ -196,10 +202,10 @@ def quality_notes(handle: ModelHandle, data) -> list[str]:
             f"accuracy is over only {n} evaluation item{'s' * (n != 1)} of data {name!r}, so one item moves it by "
             f"{1 / n:.1%}; give data with at least {FEW_ITEMS} evaluation items for a figure that means something"
         ]
-    if metric == "spearman" and len(data.pairs) < FEW_ITEMS:
+    if metric == "spearman" and len(data.pair_indices("eval")) < FEW_ITEMS:
         return [
-            f"Spearman is over only {len(data.pairs)} pairs of data {name!r}; below {FEW_ITEMS} pairs it is too "
-            "noisy to compare models"
+            f"Spearman is over only {len(data.pair_indices('eval'))} pairs of data {name!r} (its evaluation split); "
+            f"below {FEW_ITEMS} pairs it is too noisy to compare models"
         ]
     return []
 
@@ -293,7 +299,7 @@ def lm_logits(handle: ModelHandle, window: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "perplexity") -> dict:
+def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "perplexity", samples: bool = False) -> dict:
     """exp(mean next-token negative log-likelihood) over every window.
 
     Each window is scored independently on its T-1 next-token predictions (no context carried over),
@@ -301,13 +307,13 @@ def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "p
     A window that starts with the tokenizer's BOS token has its BOS position as context only (never a
     target): T-1 predictions, the first from BOS.
     """
-    total, count = 0.0, 0
+    nlls, counts = [], []
     for window in progress(windows, label):
         logits = lm_logits(handle, window)
-        nll = F.cross_entropy(logits[:-1], window[1:], reduction="sum")
-        total += float(nll)
-        count += len(window) - 1
-    return {
+        nlls.append(float(F.cross_entropy(logits[:-1], window[1:], reduction="sum")))
+        counts.append(len(window) - 1)
+    total, count = sum(nlls), sum(counts)
+    out = {
         "metric": "perplexity",
         "value": math.exp(total / count),
         "higher_is_better": False,
@@ -315,6 +321,9 @@ def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "p
         "n_tokens": count,
         "mean_nll": total / count,
     }
+    if samples:  # per window, for bootstrap intervals (leanml.search.noise)
+        out["samples"] = {"kind": "perplexity", "nll": nlls, "tokens": counts}
+    return out
 
 
 def cosine_spearman(embeddings: torch.Tensor, pairs: list[tuple[int, int]], scores: list[float]) -> float:
@@ -350,59 +359,77 @@ def labels_of(data, split: str = "eval") -> torch.Tensor:
     return torch.tensor(data.labelled(split)[1])
 
 
-def evaluate(handle: ModelHandle, data) -> dict | None:
-    """The task's quality metric on the evaluation split of ``data``, or None when none applies
-    (:func:`metric_for`; :func:`quality_notes` says why)."""
+def evaluate(handle: ModelHandle, data, split: str = "eval", samples: bool = False) -> dict | None:
+    """The task's quality metric on ``split`` of ``data`` (the evaluation split by default), or None when
+    none applies (:func:`metric_for`; :func:`quality_notes` says why). ``samples`` adds what the figure is
+    made of, per window, item or pair (``result["samples"]``), for bootstrap intervals."""
     metric = metric_for(handle, data)
+    label = "perplexity" if split in ("eval", "test") else f"perplexity ({split})"
     if metric == "perplexity":
-        _check_perplexity_tokens(handle, data)
-        result = perplexity(handle, data.windows(handle.tokenizer, "eval", EVAL_WINDOW))
-        return {**result, "bos": data.bos(handle.tokenizer) is not None}
+        _check_perplexity_tokens(handle, data, split)
+        result = perplexity(handle, data.windows(handle.tokenizer, split, EVAL_WINDOW), label=label, samples=samples)
+        return {**result, "bos": data.bos(handle.tokenizer) is not None, "split": split}
     if metric == "spearman":
-        value = cosine_spearman(handle.embed(data.texts), data.pairs, data.scores)
-        return {"metric": "spearman", "value": value, "higher_is_better": True, "n_items": len(data.pairs)}
+        texts, pairs, scores = data.scored(split)
+        if len(pairs) < MIN_SPEARMAN_PAIRS or len(set(scores)) < 2:
+            raise LeanmlError(
+                f"data {data.name!r} has {len(pairs)} scored pairs in its {split} split (pairs are split by text); "
+                f"Spearman needs at least {MIN_SPEARMAN_PAIRS} with different scores"
+            )
+        emb = handle.embed(texts)
+        value = cosine_spearman(emb, pairs, scores)
+        out = {"metric": "spearman", "value": value, "higher_is_better": True, "n_items": len(pairs), "split": split}
+        if samples:
+            e = F.normalize(emb.float(), dim=-1)
+            cos = [float(e[i] @ e[j]) for i, j in pairs]
+            out["samples"] = {"kind": "spearman", "cos": cos, "scores": list(scores), "pairs": [list(p) for p in pairs]}
+        return out
     if metric == "accuracy":
-        if _eval_items(data) == 0:
-            raise LeanmlError(f"data {data.name!r} has an empty evaluation split; accuracy needs at least 2 items")
-        logits = classify(handle, data)
-        y = labels_of(data)
+        if _eval_items(data, split) == 0:
+            raise LeanmlError(f"data {data.name!r} has an empty {split} split; accuracy needs at least 2 items")
+        logits = classify(handle, data, split)
+        y = labels_of(data, split)
         if logits.ndim != 2 or logits.shape[0] != len(y):
             raise LeanmlError(
                 f"model {handle.name!r} gives outputs of shape {tuple(logits.shape)}; "
                 f"accuracy needs (items, classes) for {len(y)} items"
             )
-        acc = float((logits.argmax(-1) == y).float().mean())
-        return {"metric": "accuracy", "value": acc, "higher_is_better": True, "n_items": len(y)}
+        right = (logits.argmax(-1) == y).float()
+        out = {"metric": "accuracy", "value": float(right.mean()), "higher_is_better": True, "n_items": len(y), "split": split}
+        if samples:
+            out["samples"] = {"kind": "accuracy", "correct": [int(v) for v in right.tolist()]}
+        return out
     return None
 
 
-def lm_windows(handle: ModelHandle, data, limit: int | None = None) -> list[torch.Tensor]:
-    """Evaluation windows of token ids: from running text by position, from records one per text (its
+def lm_windows(handle: ModelHandle, data, limit: int | None = None, split: str = "eval") -> list[torch.Tensor]:
+    """Windows of token ids of ``split``: from running text by position, from records one per text (its
     first window); each starts with BOS when the tokenizer adds one."""
     if isinstance(data, TextCorpus):
-        return data.windows(handle.tokenizer, "eval", EVAL_WINDOW, limit=limit)
+        return data.windows(handle.tokenizer, split, EVAL_WINDOW, limit=limit)
     out = []
     bos = bos_id(handle.tokenizer)
-    for text in data.documents("eval"):
+    for text in data.documents(split):
         out.extend(token_windows(torch.tensor(text_ids(handle.tokenizer, text), dtype=torch.long), EVAL_WINDOW, bos)[:1])
         if limit and len(out) >= limit:
             break
     if not out:
-        raise LeanmlError(f"data {data.name!r} has no evaluation text of 2 tokens or more")
+        raise LeanmlError(f"data {data.name!r} has no {split} text of 2 tokens or more")
     return out
 
 
 @torch.no_grad()
-def fidelity(handle: ModelHandle, reference: ModelHandle, data, max_items: int = 8) -> dict:
-    """Label-free agreement of ``handle`` with ``reference`` on the evaluation split of ``data``.
+def fidelity(handle: ModelHandle, reference: ModelHandle, data, max_items: int = 8, split: str = "eval") -> dict:
+    """Label-free agreement of ``handle`` with ``reference`` on ``split`` of ``data`` (the evaluation
+    split by default; ``optimize`` uses the held-out ``check`` split).
 
     Causal LMs and classifiers: top-1 agreement and mean KL(reference ‖ model) per token/item.
-    Encoders: mean cosine similarity of embeddings.
+    Encoders: mean cosine similarity of embeddings. ``max_items`` bounds the windows of a causal LM.
     """
     if handle.task == "causal-lm":
         agree = kl = 0.0
         n = 0
-        for window in lm_windows(handle, data, limit=max_items):
+        for window in lm_windows(handle, data, limit=max_items, split=split):
             p = lm_logits(reference, window).log_softmax(-1)
             q = lm_logits(handle, window).log_softmax(-1)
             agree += float((p.argmax(-1) == q.argmax(-1)).sum())
@@ -410,11 +437,15 @@ def fidelity(handle: ModelHandle, reference: ModelHandle, data, max_items: int =
             n += len(window)
         return {"top1_agreement": agree / n, "mean_kl": kl / n, "n_tokens": n}
     if handle.task == "sentence-embedding":
-        texts = data.documents("eval")
+        texts = data.documents(split)
+        if not texts:
+            raise LeanmlError(f"data {data.name!r} has no texts in its {split} split")
         a, b = handle.embed(texts), reference.embed(texts)
         return {"mean_cosine": float(F.cosine_similarity(a, b, dim=-1).mean()), "n_items": len(texts)}
     if isinstance(data, (TensorData, TextRecords)):
-        q, p = classify(handle, data), classify(reference, data)
+        if not data.indices(split):
+            raise LeanmlError(f"data {data.name!r} has no items in its {split} split")
+        q, p = classify(handle, data, split), classify(reference, data, split)
         agree = float((q.argmax(-1) == p.argmax(-1)).float().mean())
         kl = float(F.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="batchmean"))
         return {"top1_agreement": agree, "mean_kl": kl, "n_items": len(q)}

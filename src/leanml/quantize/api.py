@@ -44,6 +44,8 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
     _check_groups(model, names, cfg.group_size)
+    upgrade = upgrade_names(model, names, cfg, handle.task)
+    originals = {n: get_module(model, n).weight.detach().clone() for n in upgrade}
     if cfg.method == "rtn":
         results = {}
         for name in progress(names, f"RTN w{cfg.bits}"):
@@ -69,6 +71,8 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         )
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
         results = quantize_weights(model, batches, spec, names)
+    for name in upgrade:
+        results[name] = upgraded_weight(originals.pop(name), cfg.upgrade_bits)
     for name, qw in results.items():
         replace_linear(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
     if cfg.head_bits is not None and handle.task == "causal-lm":
@@ -78,6 +82,22 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
             replace_linear(model, name, QuantLinear.from_quantized(layer, qw))
     _mark(handle, cfg)
     return handle
+
+
+def upgrade_names(model: torch.nn.Module, names: list[str], cfg: WeightOnly, task: str) -> list[str]:
+    """The layers of ``cfg.upgrade`` (each must be one of the step's ``names``), in model order."""
+    if not cfg.upgrade:
+        return []
+    chosen = select_layers(model, LINEAR, cfg.upgrade, [], task)
+    stray = [n for n in chosen if n not in set(names)]
+    if stray:
+        raise LeanmlError(f"upgrade layer {stray[0]!r} is not one of the layers this weight-only step quantizes")
+    return chosen
+
+
+def upgraded_weight(weight: torch.Tensor, bits: int):
+    """An upgraded layer's weight: round to nearest at ``bits``, symmetric, one scale per output channel."""
+    return rtn_quantize_weight(weight, bits, None, True, mse_clip=False)
 
 
 def _output_heads(model: torch.nn.Module) -> list[str]:

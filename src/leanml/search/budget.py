@@ -16,7 +16,15 @@ OBJECTIVES: dict[str, tuple[str, object]] = {
     "latency": ("latency p50 ms", lambda m: m["latency_ms"]["p50"]),
     "size": ("bytes on disk", lambda m: m["disk_bytes"]),
     "energy": ("joules per {item}", lambda m: m["energy_j_per_item"]),
+    "memory": ("peak memory bytes", lambda m: serving_peak(m)),
 }
+
+
+def serving_peak(measurement: dict) -> float:
+    """Peak resident memory of serving the model: of a process that serves only it when that was
+    measured (``serving_memory``), else of the measuring process."""
+    serving = measurement.get("serving_memory") or {}
+    return float(serving.get("peak_bytes") or measurement["peak_memory_bytes"])
 
 LOWER_IS_BETTER = {"perplexity", "loss", "error", "wer", "mse"}
 
@@ -103,3 +111,20 @@ def parse_duration(text: str | float | None) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise LeanmlError(f"time budget {text!r} must be positive (e.g. 90s, 20m, 1h30m)")
     return seconds
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(text: str | float | None) -> float | None:
+    """``'1.5GB'``, ``'800MiB'`` or plain bytes → bytes (None stays None)."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", raw)
+    if m is None or m.group(2) not in _MEMORY_UNITS:
+        raise LeanmlError(f"memory {text!r} is not an amount of memory (e.g. 1.5GB, 800MB, 2GiB)")
+    value = float(m.group(1)) * _MEMORY_UNITS[m.group(2)]
+    if not math.isfinite(value) or value <= 0:
+        raise LeanmlError(f"memory {text!r} must be positive (e.g. 1.5GB)")
+    return value
