@@ -346,7 +346,7 @@ def optimize(
     drop_type: Annotated[
         str, typer.Option(help="relative (fraction of the original's value) or absolute (metric units)")
     ] = "relative",
-    objective: Annotated[str, typer.Option(help="usd, latency, size or energy")] = "usd",
+    objective: Annotated[str, typer.Option(help="usd, latency, size, energy or memory")] = "usd",
     hardware: Annotated[str | None, typer.Option(help="hardware profile for prices and power (see `leanml hardware`)")] = None,
     runtime: Annotated[str, typer.Option(help="auto (search onnxruntime and torch), torch or onnxruntime")] = "auto",
     time_budget: Annotated[str | None, typer.Option(help="wall-clock for the search, e.g. 20m, 1h30m")] = None,
@@ -359,6 +359,13 @@ def optimize(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for measurements")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    max_memory: Annotated[
+        str | None, typer.Option(help="peak memory the serving process may use, e.g. 1.5GB (default: no limit)")
+    ] = None,
+    min_fidelity: Annotated[
+        float | None,
+        typer.Option(help="fidelity floor on held-out inputs, 0-1 (default: LMs 0.85 exp(-KL), encoders 0.95 cosine, else 0.9)"),
+    ] = None,
 ) -> None:
     """Search quantization, pruning, distillation and runtimes for the cheapest model within a quality budget."""
     from .search import optimize as run_optimize
@@ -380,10 +387,12 @@ def optimize(
         storage=storage,
         force=force,
         threads=threads,
+        max_memory=max_memory,
+        min_fidelity=min_fidelity,
     )
     s = result.summary
     table = Table(title=f"{s['model']} on {s['data']}: {len(result.trials)} trials in {s['elapsed_s']:.0f} s")
-    for col in ("trial", "candidate", "status", s["metric"], "drop", s["objective_label"]):
+    for col in ("trial", "candidate", "status", f"{s['metric']} (selection)", "drop", "90% upper", s["objective_label"]):
         table.add_column(col, justify="right" if col not in ("candidate", "status") else "left")
     for r in result.trials:
         mark = " *" if r["number"] == s["chosen"] else ""
@@ -393,13 +402,19 @@ def optimize(
             r["status"],
             _fmt(r.get("quality"), ".4g"),
             _fmt(r.get("quality_drop"), ".3g"),
+            _fmt((r.get("drop_interval") or {}).get("high"), ".3g"),
             _fmt(r.get("objective"), ".4g"),
         )
     console.print(table)
     if result.chosen is None:
         console.print("no trial completed: nothing chosen (see trials.json for the reasons)")
     else:
-        verdict = "within the budget" if s["met"] else f"budget NOT met (misses by {s['shortfall']:.4g})"
+        if s["met"]:
+            verdict = "within the budget on the test split"
+        elif s.get("met_selection"):
+            verdict = "within the budget on the selection split but NOT on the test split"
+        else:
+            verdict = f"budget NOT met (misses by {s['shortfall']:.4g})"
         console.print(f"chosen: trial {s['chosen']}, {result.chosen['label']}: {verdict}")
     console.print(f"report: {out / 'report.html'}")
 

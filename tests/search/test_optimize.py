@@ -27,7 +27,11 @@ WORKER = Path(__file__).with_name("worker.py")
 def _check_choice(records, summary):
     done = [r for r in records if r["status"] == "complete"]
     ok = [r for r in done if r["meets_budget"]]
-    assert summary["met"] == bool(ok)
+    assert summary["met_selection"] == bool(ok)
+    chosen_rec = next((r for r in records if r["number"] == summary["chosen"]), {})
+    assert summary["met"] == bool(ok and chosen_rec["test"]["meets_budget"])  # the verdict is the test split's
+    for r in ok:  # within budget means the upper end of the drop's interval is
+        assert r["drop_interval"]["low"] <= r["quality_drop"] <= r["drop_interval"]["high"] <= summary["budget"]["max_drop"] + 1e-12
     if ok:
         best = min(r["objective"] for r in ok)
         chosen = next(r for r in records if r["number"] == summary["chosen"])
@@ -53,7 +57,9 @@ def test_optimize_writes_the_chosen_model_and_every_output(tmp_path):
     ):
         assert (out / name).exists(), name
     before, after = (json.loads((out / f).read_text()) for f in ("before.json", "after.json"))
-    assert set(before) == set(after) == set(leanml.Measurement.__dataclass_fields__)
+    # a profile, plus the quality on the selection split and the memory of a process serving only the model
+    assert set(before) == set(after) == set(leanml.Measurement.__dataclass_fields__) | {"selection", "serving_memory"}
+    assert after["quality"]["split"] == "eval" and after["selection"]["split"] == "select"
     records = json.loads((out / "trials.json").read_text())
     assert len([r for r in records if r["status"] != "running"]) == 4
     assert all(r["status"] in ("complete", "rejected", "failed") for r in records)
@@ -61,7 +67,8 @@ def test_optimize_writes_the_chosen_model_and_every_output(tmp_path):
     _check_choice(records, res.summary)
     # the saved model is the chosen one: reloaded, it gives the quality the trial recorded
     reloaded = leanml.load(out / "model")
-    assert evaluate(reloaded, data)["value"] == pytest.approx(res.chosen["quality"], abs=1e-6)
+    assert evaluate(reloaded, data, split="select")["value"] == pytest.approx(res.chosen["quality"], abs=1e-6)
+    assert evaluate(reloaded, data)["value"] == pytest.approx(res.chosen["test"]["quality"], abs=1e-6)
     assert not any(p.name.startswith(".work") for p in out.iterdir() if p.is_dir() and any(p.iterdir()))
     with pytest.raises(LeanmlError, match="already exists; use --resume"):
         optimize(handle, data, budget="2%", runtime="torch", trials=1, out=out)
@@ -122,13 +129,13 @@ def test_a_budget_no_candidate_meets_still_saves_the_closest(llama128, tiny_text
         )
 
     monkeypatch.setattr(mod, "build_space", only_quantized)
-    monkeypatch.setattr(mod.Budget, "meets", lambda self, *a: False)  # the arithmetic is tested on its own
-    res = optimize(llama128, tiny_text, budget=0, runtime="torch", out=tmp_path / "o", gate=1e9, threads=1)
+    res = optimize(llama128, tiny_text, budget=0, runtime="torch", out=tmp_path / "o", gate=1e9, threads=1, min_fidelity=0)
     assert [r["status"] for r in res.trials] == ["complete", "complete"]
+    assert all(r["drop_interval"]["high"] > 0 for r in res.trials)  # quantization noise is never exactly zero
     assert not res.summary["met"] and res.chosen is not None
-    closest = min(res.trials, key=lambda r: r["quality_drop"])
+    closest = min(res.trials, key=lambda r: r["drop_interval"]["high"])  # the closest by the interval's upper end
     assert res.chosen["number"] == closest["number"]
-    assert res.summary["shortfall"] == pytest.approx(closest["quality_drop"])
+    assert res.summary["shortfall"] == pytest.approx(closest["drop_interval"]["high"])
     assert "NOT met" in (tmp_path / "o" / "report.md").read_text()
     assert "No candidate met the budget" in res.summary["why"]
 

@@ -25,7 +25,6 @@ import torch
 from ..errors import LeanmlError
 from .tokens import bos_id, text_ids, token_windows
 
-
 SPLITS = ("eval", "test", "select", "check", "calib", "train")
 SPLIT_NAMES = "eval (or test), select, check, calib (or train)"
 CHECK_FRACTION = 0.1  # of what is left after the evaluation and selection splits
@@ -50,7 +49,8 @@ def seeded_splits(n: int, eval_fraction: float, seed: int) -> dict[str, list[int
     """Indices of the four splits of ``range(n)`` (sorted, disjoint, covering).
 
     The evaluation split is the one :func:`seeded_split` gives (so evaluation figures do not depend on
-    the other splits); of the rest, as many as the evaluation split (at most half) are the selection split, a tenth of what remains (at most
+    the other splits); of the rest, as many as the evaluation split (at most half) are the selection
+    split, a tenth of what remains (at most
     :data:`CHECK_MAX`) the check split and the remainder the calibration split. With fewer than 4
     items left after evaluation, all of them stay calibration (there is no selection split)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

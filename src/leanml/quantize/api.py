@@ -100,6 +100,20 @@ def upgraded_weight(weight: torch.Tensor, bits: int):
     return rtn_quantize_weight(weight, bits, None, True, mse_clip=False)
 
 
+def upgrade_layers(handle: ModelHandle, original: ModelHandle, cfg: WeightOnly) -> None:
+    """Finish ``cfg`` on ``handle``, which already holds ``cfg``'s calibrated pass without its upgrade:
+    the upgraded layers are re-quantized from ``original``'s weights (what :func:`apply_weight_only`
+    does with the weights it kept), and the step is recorded as ``cfg``."""
+    model, source = handle.module, original.module
+    names = select_layers(source, LINEAR, cfg.targets, cfg.ignore, original.task)
+    for name in upgrade_names(source, names, cfg, original.task):
+        layer = get_module(source, name)
+        replace_linear(model, name, QuantLinear.from_quantized(layer, upgraded_weight(layer.weight.detach(), cfg.upgrade_bits)))
+    applied = handle.meta.setdefault("applied", [])
+    if applied and applied[-1].get("kind") == cfg.kind:
+        applied[-1] = cfg.model_dump()
+
+
 def _output_heads(model: torch.nn.Module) -> list[str]:
     heads = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] == "lm_head"]
     if not heads and hasattr(model, "get_output_embeddings"):

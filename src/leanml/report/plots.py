@@ -117,12 +117,14 @@ def tradeoff_png(summary: dict, trials: list[dict], axis: str = "objective") -> 
                 fontsize=8,
                 arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.8},
             )
-        base_y = quality_of(summary.get("before"))
+        budget = summary.get("budget") or {}
+        base_y = num(budget.get("base_selection"))  # the trials' points are selection-split figures
+        base_y = quality_of(summary.get("before")) if base_y is None else base_y
         if base_x is not None and base_y is not None:
             ax.scatter(
                 [base_x * scale], [base_y], marker="*", s=220, c="gold", edgecolors="black", lw=0.8, label="original", zorder=5
             )
-        threshold = num((summary.get("budget") or {}).get("threshold"))
+        threshold = num(budget.get("threshold_selection", budget.get("threshold")))
         if threshold is not None:
             ax.axhline(threshold, ls="--", c="gray", lw=1, label="budget threshold")
         xs = [p[0] for p in points] + ([base_x * scale] if base_x is not None else [])
@@ -131,7 +133,8 @@ def tradeoff_png(summary: dict, trials: list[dict], axis: str = "objective") -> 
         if not points:
             ax.text(0.5, 0.5, "no completed trials", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_xlabel(xlabel + " (lower is better)")
-        ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
+        split = ", selection split" if budget.get("base_selection") is not None else ""
+        ax.set_ylabel(f"{metric}{split} ({'higher' if hib else 'lower'} is better)")
         ax.set_title(f"{metric} vs {'size' if axis == 'size' else 'cost'}: {summary.get('model') or 'model'}", fontsize=10)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

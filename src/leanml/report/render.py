@@ -61,6 +61,14 @@ def fmt_drop(x, drop_type: str | None) -> str:
     return f"{v * 100:.3g}%" if drop_type == "relative" else fmt(v)
 
 
+def fmt_interval(drop, interval: dict | None, drop_type: str | None) -> str:
+    """A drop with its interval: ``0.5% [0.1%, 0.9%]``."""
+    text = fmt_drop(drop, drop_type)
+    if interval and num(interval.get("low")) is not None:
+        text += f" [{fmt_drop(interval['low'], drop_type)}, {fmt_drop(interval['high'], drop_type)}]"
+    return text
+
+
 def _yes_no(x) -> str:
     return "-" if x is None else ("yes" if x else "no")
 
@@ -77,11 +85,13 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         ("latency p50", lambda m: (m.get("latency_ms") or {}).get("p50"), lambda v: fmt(v, "ms")),
         ("latency p95", lambda m: (m.get("latency_ms") or {}).get("p95"), lambda v: fmt(v, "ms")),
         (f"throughput ({item}s per s)", lambda m: m.get("throughput_per_s"), fmt),
-        ("peak memory", lambda m: m.get("peak_memory_bytes"), fmt_bytes),
+        ("peak memory (serving process)", lambda m: (m.get("serving_memory") or {}).get("peak_bytes"), fmt_bytes),
+        ("peak memory (measuring process)", lambda m: m.get("peak_memory_bytes"), fmt_bytes),
         ("size on disk", lambda m: m.get("disk_bytes"), fmt_bytes),
         (f"energy per {item} (J)", lambda m: m.get("energy_j_per_item"), fmt),
         (f"$ per million {item}s", lambda m: m.get("usd_per_million"), fmt),
-        (f"quality ({metric})", quality_of, fmt),
+        (f"quality on test ({metric})", quality_of, fmt),
+        (f"quality on selection ({metric})", lambda m: (m.get("selection") or {}).get("value"), fmt),
     ]
     after = f"after ({m1.get('runtime') or '-'})" if m1 else "after"
     head = ["", f"before ({m0.get('runtime') or '-'})", after, "after / before"]
@@ -95,7 +105,23 @@ def cost_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def trials_table(summary: dict, trials: list[dict]) -> tuple[list[str], list[list[str]]]:
     drop_type = (summary.get("budget") or {}).get("drop_type")
     front, chosen = set(summary.get("pareto") or []), summary.get("chosen")
-    head = ["#", "label", "runtime", "status", "quality", "drop", "meets budget", "objective", "size MB", "seconds", "reason"]
+    head = [
+        "#",
+        "label",
+        "runtime",
+        "status",
+        "selection",
+        "drop (90% interval)",
+        "meets budget",
+        "test",
+        "test drop (90% interval)",
+        "fidelity",
+        "objective",
+        "memory",
+        "size MB",
+        "seconds",
+        "reason / flags",
+    ]
     body = []
     for t in trials:
         n, status = t.get("number"), t.get("status") or "-"
@@ -104,6 +130,11 @@ def trials_table(summary: dict, trials: list[dict]) -> tuple[list[str], list[lis
         elif n is not None and n in front:
             status += ", front"
         size = num(t.get("size_bytes"))
+        test = t.get("test") or {}
+        m = t.get("measurement") or {}
+        peak = (m.get("serving_memory") or {}).get("peak_bytes")
+        memory = fmt_bytes(peak) + (" (over limit)" if t.get("memory_ok") is False else "")
+        notes = [t.get("reason") or "", test.get("error") or "", *(t.get("flags") or [])]
         body.append(
             [
                 str(n if n is not None else "-"),
@@ -111,12 +142,17 @@ def trials_table(summary: dict, trials: list[dict]) -> tuple[list[str], list[lis
                 t.get("runtime") or "-",
                 status,
                 fmt(t.get("quality")),
-                fmt_drop(t.get("quality_drop"), drop_type),
+                fmt_interval(t.get("quality_drop"), t.get("drop_interval"), drop_type),
                 _yes_no(t.get("meets_budget")),
+                fmt(test.get("quality")),
+                fmt_interval(test.get("quality_drop"), test.get("drop_interval"), drop_type)
+                + ("" if test.get("meets_budget") is None else (" ok" if test["meets_budget"] else " over")),
+                fmt(t.get("fidelity_score")),
                 fmt(t.get("objective")),
+                memory if peak is not None else "-",
                 fmt(size / 1e6 if size is not None else None),
                 fmt(t.get("seconds")),
-                t.get("reason") or "",
+                "; ".join(x for x in notes if x),
             ]
         )
     return head, body
@@ -131,9 +167,13 @@ def _result_line(summary: dict, chosen: dict | None) -> tuple[str, bool]:
     else:
         head = "No model chosen (no trial completed)"
     if met:
-        return f"{head}: budget met.", True
+        return f"{head}: budget met on the test split.", True
+    if summary.get("met_selection"):
+        return f"{head}: budget met on the selection split but NOT on the test split.", False
     metric = summary.get("metric") or "quality"
-    q, thr = num((chosen or {}).get("quality")), num((summary.get("budget") or {}).get("threshold"))
+    q = num(((chosen or {}).get("test") or {}).get("quality"))
+    q = q if q is not None else num((chosen or {}).get("quality"))
+    thr = num((summary.get("budget") or {}).get("threshold"))
     if q is not None and thr is not None:
         miss = f": misses by {fmt(abs(q - thr))} {metric} ({fmt(q)} against a worst allowed {fmt(thr)})"
     elif num(summary.get("shortfall")) is not None:
@@ -167,6 +207,19 @@ def _blocks(summary: dict, trials: list[dict], images: dict[str, bytes], n_layer
     blocks.append(
         ("p", f"Budget: {budget_text} (worst allowed {metric}: {fmt(budget.get('threshold'))}). Objective: minimise {label}.")
     )
+    rules = (
+        "Candidates are scored on the selection split; a candidate is within the budget only when the upper end of the "
+        "90% paired bootstrap interval of its drop is. The test split is scored once, after the search, for the chosen "
+        "model and the Pareto front, and the verdict above is given on it."
+    )
+    if num(summary.get("fidelity_floor")) is not None:
+        rules += (
+            f" Fidelity guard: {summary.get('fidelity_score') or 'fidelity'} at least {fmt(summary['fidelity_floor'])} "
+            "on held-out calibration-domain inputs."
+        )
+    if num(summary.get("max_memory")) is not None:
+        rules += f" Memory limit: {fmt_bytes(summary['max_memory'])} peak for the serving process."
+    blocks.append(("p", rules))
     blocks += [("h2", "Cost before and after"), ("table", *cost_table(summary))]
     blocks += [("h2", "Why this one"), ("p", summary.get("why") or "-")]
     base = summary.get("baseline")

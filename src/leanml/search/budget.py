@@ -26,6 +26,7 @@ def serving_peak(measurement: dict) -> float:
     serving = measurement.get("serving_memory") or {}
     return float(serving.get("peak_bytes") or measurement["peak_memory_bytes"])
 
+
 LOWER_IS_BETTER = {"perplexity", "loss", "error", "wer", "mse"}
 
 

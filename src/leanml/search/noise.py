@@ -80,9 +80,7 @@ def check_same_units(base: dict, cand: dict) -> None:
         raise LeanmlError("the two models were scored on different windows, items or pairs")
 
 
-def drop_interval(
-    base: dict, cand: dict, drop, *, level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0
-) -> dict:
+def drop_interval(base: dict, cand: dict, drop, *, level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """Paired bootstrap interval of ``drop(base_value, cand_value)`` (a function of the two figures,
     e.g. :meth:`leanml.search.budget.Budget.drop` with the metric's direction bound).
 

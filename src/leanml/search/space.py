@@ -22,6 +22,9 @@ from ..recipe import BUILTIN_RECIPES, Recipe
 SEARCH_RUNTIMES = ("onnxruntime", "torch")  # torch-compile is a runtime, but not one the search serves from
 
 
+UPGRADE_SHARES = ("0.1", "0.2", "0.35", "0.5", "0.75")  # shares of a causal LM's layers kept at 8 bits, by sensitivity
+
+
 def _w4(group: int, method: str, **kw) -> WeightOnly:
     extra = {"act_order": True, "mse_clip": True, "outlier_factor": 8.0, "refine_scales": True} if method != "rtn" else {}
     return WeightOnly(bits=4, group_size=group, method=method, calib_windows=32, head_bits=8, **extra, **kw)
@@ -34,7 +37,7 @@ class Space:
     task: str
     choices: dict[str, list[str]]
     seeds: list[dict[str, str]] = field(default_factory=list)
-    sensitive: list[str] = field(default_factory=list)  # layers kept at 8 bits by the "+sens8" options
+    sensitive: list[str] = field(default_factory=list)  # layers, most sensitive first (the "+8b:" options upgrade a share)
     n_layers: int = 1  # of the transformer, for removing whole layers
 
     def points(self) -> list[dict[str, str]]:
@@ -97,14 +100,11 @@ class Space:
             return [_w4(128, "rtn", symmetric=False)]
         if name == "w4-g64-gptq":
             return [_w4(64, "gptq")]
-        if name.endswith("+sens8"):  # the most sensitive layers at 8 bits, the rest at 4
-            base = self._quant(name.removesuffix("+sens8"))[0]
-            if not self.sensitive:
-                return [base]
-            keep = WeightOnly(
-                bits=8, group_size=None, symmetric=True, method="rtn", mse_clip=False, targets=list(self.sensitive), ignore=[]
-            )
-            return [keep, base]
+        if "+8b:" in name:  # a share of the layers, most sensitive first, upgraded to 8 bits; the rest at 4
+            head, share = name.split("+8b:")
+            base = self._quant(head)[0]
+            n = round(float(share) * len(self.sensitive))
+            return [base.model_copy(update={"upgrade": list(self.sensitive[: max(1, n)])})] if self.sensitive else [base]
         raise LeanmlError(f"unknown quantization option {name!r}")
 
 
@@ -122,8 +122,10 @@ def build_space(
     task = handle.task
     hf = getattr(handle.module, "config", None) is not None
     if task == "causal-lm":
-        choices = {"quant": ["w8", "w4-g64", "w4-g64+sens8", "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
-        seeds = [{"quant": "w8", "ffn": "0"}, {"quant": "w4-g64+sens8", "ffn": "0"}, {"quant": "w4-g64", "ffn": "0"}]
+        # every "w4-g64+8b:" mix is assembled from one calibrated 4-bit pass (see leanml.search.study)
+        mixes = [f"w4-g64+8b:{s}" for s in UPGRADE_SHARES] if sensitive else []
+        choices = {"quant": ["w8", "w4-g64", *mixes, "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
+        seeds = [{"quant": q, "ffn": "0"} for q in ["w8", "w4-g64", *mixes[1::2]]]
     elif hf:  # encoders and classifiers from Hugging Face
         choices = {
             "quant": ["int8-dynamic", "none"],

@@ -1,8 +1,17 @@
 """`optimize`: the cheapest model within a quality budget, searched across techniques and runtimes.
 
+The data's splits keep the choice honest (:mod:`leanml.data.datasets`): calibration uses ``calib``;
+every candidate is scored on ``select`` and only those scores choose; ``eval`` (the test split) is
+scored once, after the search, for the original, the chosen model and the Pareto front, and the
+budget's verdict is given on it. A candidate is within budget only when the upper end of the 90%
+paired bootstrap interval of its quality drop is (:mod:`leanml.search.noise`), and it must pass the
+fidelity guard on held-out calibration-domain inputs (:mod:`leanml.search.guard`). Cost is measured on
+the candidate's runtime, and memory as the peak resident memory of a process that serves only it.
+
 Each trial applies a recipe from :mod:`leanml.search.space` to a copy of the model, checks a cheap,
-label-free fidelity first (agreement with the original on a few samples), and only then serves the model
-on its runtime, where its quality and cost are measured with :func:`leanml.profile`. Trials live in an
+label-free fidelity first, and only then serves the model on its runtime. Work that does not depend
+on the trial is done once per process: the original's measurements, per-layer sensitivity, and the
+calibrated 4-bit pass that every "some layers at 8 bits" mix is assembled from. Trials live in an
 Optuna study (SQLite in the output folder by default, any database URL with ``storage``), so a killed
 search resumes and several workers can share one study.
 """
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import replace_folder, temp_folder_for, write_artifact_files
+from ..config import WeightOnly
 from ..data import load_data
 from ..errors import LeanmlError
 from ..measure import profile
@@ -31,7 +41,20 @@ from ..measure.record import write_atomic
 from ..models import ModelHandle, load_model
 from ..outputs import dead_writer, pid_alive
 from ..pipeline import apply_recipe
-from .budget import Budget, check_objective, higher_is_better, objective_label, objective_value, parse_drop, parse_duration
+from ..progress import progress
+from .budget import (
+    Budget,
+    check_objective,
+    higher_is_better,
+    objective_label,
+    objective_value,
+    parse_drop,
+    parse_duration,
+    parse_memory,
+    serving_peak,
+)
+from .guard import fidelity_score, floor_for, score_name
+from .noise import drop_interval
 from .pareto import pareto_front
 from .space import build_space
 
@@ -79,15 +102,32 @@ def estimate_drop(task: str, fid: dict | None, budget: Budget, base: float) -> f
     return None
 
 
+def acceptable(r: dict) -> bool:
+    """A complete trial within the budget (the upper end of its drop interval) and the memory limit."""
+    return r["status"] == "complete" and bool(r["meets_budget"]) and r.get("memory_ok", True) is not False
+
+
 def choose(records: list[dict]) -> tuple[dict | None, bool]:
-    """The cheapest complete trial within the budget (ties: smaller drop); else the one closest to it."""
+    """The cheapest acceptable trial (ties: smaller drop); else the complete one closest to the budget."""
     done = [r for r in records if r["status"] == "complete"]
-    ok = [r for r in done if r["meets_budget"]]
+    ok = [r for r in done if acceptable(r)]
     if ok:
         return min(ok, key=lambda r: (r["objective"], r["quality_drop"], r["number"])), True
     if done:
-        return min(done, key=lambda r: (r["quality_drop"], r["objective"], r["number"])), False
+        return min(done, key=lambda r: (not r.get("memory_ok", True), _upper(r), r["objective"], r["number"])), False
     return None, False
+
+
+def _upper(r: dict) -> float:
+    """The upper end of a trial's drop interval (its drop when it has none)."""
+    return (r.get("drop_interval") or {}).get("high", r["quality_drop"])
+
+
+def untrained_cut(recipe: dict | None) -> bool:
+    """Whether a recipe removes structure (neurons, heads, filters, layers) with no recovery training."""
+    steps = (recipe or {}).get("steps", [])
+    kinds = {st.get("kind") for st in steps}
+    return "prune-structured" in kinds and not kinds & {"distill", "finetune"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,10 +252,14 @@ def _records(study) -> list[dict]:
     from optuna.trial import TrialState
 
     out = []
+    attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False):
         rec = t.user_attrs.get("record")
         if rec is not None:
-            out.append(dict(rec, number=t.number, retry_of=t.user_attrs.get("retry_of"), worker=t.user_attrs.get("worker")))
+            extra = {"test": attrs[f"test-{t.number}"]} if f"test-{t.number}" in attrs else {}
+            out.append(
+                dict(rec, number=t.number, retry_of=t.user_attrs.get("retry_of"), worker=t.user_attrs.get("worker"), **extra)
+            )
         elif t.state == TrialState.RUNNING:
             out.append(
                 {
@@ -234,12 +278,36 @@ def _records(study) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Context:
+    """What every trial of one search needs: the original, the data, the budget and the original's
+    figures on the selection split."""
+
+    handle: ModelHandle
+    data: object
+    budget: Budget
+    objective: str
+    hardware: str
+    threads: int | None
+    space: object
+    base: float  # the original's quality on the selection split
+    base_samples: dict  # ... and what it is made of (for bootstrap intervals)
+    hib: bool
+    work: Path
+    models: dict
+    gate: float
+    floor: float
+    max_memory: float | None
+    inputs: object = None  # what profile feeds the model, for the serving-memory process
+
+
 class _Search:
-    def __init__(self, handle, data, budget, objective, hardware, threads, space, base_quality, hib, work, models, gate):
-        self.handle, self.data, self.budget, self.objective = handle, data, budget, objective
-        self.hardware, self.threads, self.space, self.base, self.hib = hardware, threads, space, base_quality, hib
-        self.work, self.models, self.gate = work, models, gate
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+        self.handle, self.data, self.budget = ctx.handle, ctx.data, ctx.budget
+        self.threads, self.space, self.work, self.models = ctx.threads, ctx.space, ctx.work, ctx.models
         self.durations: list[float] = []
+        self.eval_seconds: list[float] = []
         self.exhausted = False
         # a recipe is compressed once per process and served on each runtime: the last compressed
         # models (a bounded few: each is a whole model in memory), and every recipe's runtime-independent
@@ -247,6 +315,11 @@ class _Search:
         self.compressed: dict[str, ModelHandle] = {}
         self.checks: dict[str, dict] = {}
         self.cache_size = CACHE_MODELS
+        # calibrated passes that mixes are assembled from (recipe without its upgrade → model)
+        self.passes: dict[str, ModelHandle] = {}
+
+    def drop(self, base: float, value: float) -> float:
+        return self.budget.drop(base, value, self.ctx.hib)
 
     # one point of the space, start to finish
     def run(self, point: dict, number: int) -> dict:
@@ -262,13 +335,17 @@ class _Search:
             "reason": None,
             "quality": None,
             "quality_drop": None,
+            "drop_interval": None,
             "meets_budget": None,
+            "memory_ok": None,
             "objective": None,
             "size_bytes": None,
             "fidelity": None,
+            "fidelity_score": None,
             "estimate": None,
             "measurement": None,
             "recipe": None,
+            "flags": [],
         }
         try:
             recipe = self.space.recipe(point)
@@ -279,6 +356,8 @@ class _Search:
             else:
                 cand = self._compressed(key, point, recipe, rec)
                 rec.update(self._measure(cand, point, number, key))
+                if rec["status"] == "complete" and rec["quality_drop"] < 0 and untrained_cut(rec["recipe"]):
+                    rec["flags"].append("noise, not an improvement: a gain from an untrained structural cut")
         except Exception as exc:  # a technique that does not apply, a memory error...: recorded, search goes on
             rec["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         rec["seconds"] = round(time.perf_counter() - t0, 1)
@@ -287,41 +366,74 @@ class _Search:
 
     def _compressed(self, key: str, point: dict, recipe, rec: dict) -> ModelHandle:
         """A fresh copy of the model compressed by ``recipe``: from the cache when this process made it
-        recently (the cache keeps its own copy: runtimes and measurement never see it), else made now."""
+        recently (the cache keeps its own copy: runtimes and measurement never see it), assembled from
+        a calibrated pass this process made when only the upgraded layers differ, else made now."""
         hit = self.compressed.get(key)
         if hit is not None:
             self.compressed[key] = self.compressed.pop(key)  # most recently used last
             rec["reused"] = "compressed model"
             return clone(hit)
-        cand = clone(self.models[point.get("model", "original")])
-        apply_recipe(cand, recipe, self.data)
+        original = self.models[point.get("model", "original")]
+        steps = recipe.steps
+        if len(steps) == 1 and isinstance(steps[0], WeightOnly) and steps[0].upgrade:
+            cand = self._assembled(point, original, steps[0], rec)
+        else:
+            cand = clone(original)
+            apply_recipe(cand, recipe, self.data)
         if self.cache_size > 0 and _fits_in_memory(cand, self.cache_size + 2):
             while len(self.compressed) >= self.cache_size:
                 self.compressed.pop(next(iter(self.compressed)))
             self.compressed[key] = clone(cand)
         return cand
 
+    def _assembled(self, point: dict, original: ModelHandle, step: WeightOnly, rec: dict) -> ModelHandle:
+        """``step`` applied as its definition says: the calibrated pass without the upgrade (made once per
+        process and kept), then the upgraded layers re-quantized from the original's weights."""
+        from ..quantize.api import upgrade_layers
+        from ..recipe import Recipe
+
+        plain = step.model_copy(update={"upgrade": []})
+        pass_key = json.dumps([point.get("model", "original"), plain.model_dump()], sort_keys=True, default=str)
+        base = self.passes.get(pass_key)
+        if base is None:
+            base = clone(original)
+            apply_recipe(base, Recipe(name="pass", steps=[plain]), self.data)
+            if _fits_in_memory(base, self.cache_size + 3):
+                self.passes[pass_key] = base
+        else:
+            rec["reused"] = "calibrated pass"
+        cand = clone(base)
+        upgrade_layers(cand, original, step)
+        return cand
+
     def _checks(self, cand: ModelHandle, key: str) -> dict:
-        """The runtime-independent checks of a compressed model: cheap fidelity, and for tasks whose
-        evaluation is cheap, the simulated model's quality; ``status`` ``rejected`` when either is far
-        over the budget. Remembered per recipe."""
+        """The runtime-independent checks of a compressed model: the fidelity guard on the held-out
+        check split, a cheap estimate of its drop, and for tasks whose evaluation is cheap, the
+        simulated model's quality on the selection split; ``status`` ``rejected`` when the fidelity is
+        under its floor or the estimate far over the budget. Remembered per recipe."""
         if key in self.checks:
             return self.checks[key]
-        fid = fidelity(cand, self.handle, self.data, max_items=2)
-        est = estimate_drop(cand.task, fid, self.budget, self.base)
-        out = {"fidelity": fid, "estimate": est}
-        limit = self.gate * max(self.budget.max_drop, 1e-9)
-        if est is not None and est > limit:
-            out.update(status="rejected", reason=f"cheap fidelity: estimated drop {est:.4g} > {self.gate:g}x budget")
+        fid = fidelity(cand, self.handle, self.data, max_items=4, split=_check_split(self.data))
+        score = fidelity_score(cand.task, fid)
+        est = estimate_drop(cand.task, fid, self.budget, self.ctx.base)
+        out = {"fidelity": fid, "fidelity_score": score, "estimate": est}
+        limit = self.ctx.gate * max(self.budget.max_drop, 1e-9)
+        if score is not None and score < self.ctx.floor:
+            out.update(
+                status="rejected",
+                reason=f"fidelity guard: {score_name(cand.task)} {score:.4g} < {self.ctx.floor:g} on held-out inputs",
+            )
+        elif est is not None and est > limit:
+            out.update(status="rejected", reason=f"cheap fidelity: estimated drop {est:.4g} > {self.ctx.gate:g}x budget")
         elif cand.task != "causal-lm":  # evaluation is cheap: check the simulated model before serving it
-            q = evaluate(cand, self.data)
+            q = evaluate(cand, self.data, split="select")
             if q is not None:
-                drop = self.budget.drop(self.base, q["value"], self.hib)
+                drop = self.drop(self.ctx.base, q["value"])
                 out["estimate"] = drop
                 if drop > limit:
                     out.update(
                         status="rejected",
-                        reason=f"quality before export {q['value']:.4g}: drop {drop:.4g} > {self.gate:g}x budget",
+                        reason=f"selection quality before export {q['value']:.4g}: drop {drop:.4g} > {self.ctx.gate:g}x budget",
                     )
         self.checks[key] = out
         return out
@@ -332,32 +444,41 @@ class _Search:
         checks = self._checks(cand, key)
         if checks.get("status") == "rejected":
             return dict(checks)
-        out = {"fidelity": checks["fidelity"], "estimate": checks["estimate"]}
+        out = {k: checks[k] for k in ("fidelity", "fidelity_score", "estimate")}
         rt = cand
         if point["runtime"] != "torch":
             rt = prepare(
                 cand, point["runtime"], threads=self.threads, data=self.data, workdir=self.work / f"trial-{number}" / "onnx"
             )
-        m = profile(rt, data=self.data, hardware=self.hardware, threads=self.threads)
-        md = m.to_dict()
-        q = (m.quality or {}).get("value")
+        t0 = time.perf_counter()
+        q = evaluate(rt, self.data, split="select", samples=True)
+        self.eval_seconds.append(time.perf_counter() - t0)
         if q is None:
             raise LeanmlError(f"no quality metric for data {self.data.name!r} on {point['runtime']}")
-        drop = self.budget.drop(self.base, q, self.hib)
+        interval = drop_interval(self.ctx.base_samples, q.pop("samples"), self.drop)
+        m = profile(rt, data=self.data, hardware=self.ctx.hardware, threads=self.threads, measure_quality=False)
+        md = m.to_dict()
+        md["quality"] = q
+        md["serving_memory"] = _serving_memory(rt, self.ctx.inputs, self.threads)
         self._keep(cand, number)
+        peak = serving_peak(md)
         return dict(
             out,
             status="complete",
-            quality=q,
-            quality_drop=drop,
-            meets_budget=self.budget.meets(self.base, q, self.hib),
-            objective=objective_value(self.objective, md),
+            quality=q["value"],
+            quality_drop=interval["drop"],
+            drop_interval=interval,
+            meets_budget=interval["high"] <= self.budget.max_drop + 1e-12,
+            memory_ok=None if self.ctx.max_memory is None else peak <= self.ctx.max_memory,
+            objective=objective_value(self.ctx.objective, md),
             size_bytes=md["disk_bytes"],
+            served=_served_file(rt),
             measurement=md,
         )
 
     def _keep(self, cand: ModelHandle, number: int) -> None:
-        """Save the torch model of a complete trial under the work folder (pruned later unless chosen)."""
+        """Save the torch model of a complete trial under the work folder (pruned later unless chosen
+        or on the Pareto front)."""
         folder = self.work / f"trial-{number}" / "model"
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_folder_for(folder)
@@ -372,6 +493,18 @@ class _Search:
                 continue
             if n not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+    def served(self, rec: dict) -> ModelHandle | None:
+        """The model of a complete trial of this worker as it was served (from its work folder), or None."""
+        from ..artifact import load_artifact
+
+        folder = self.work / f"trial-{rec['number']}"
+        if not (folder / "model").exists():
+            return None
+        torch_handle = load_artifact(folder / "model")
+        if rec["runtime"] == "torch":
+            return torch_handle
+        return _reopen(torch_handle, rec, self.threads)
 
     def objective_fn(self, seen: dict):
         import optuna
@@ -399,9 +532,54 @@ class _Search:
             trial.set_user_attr("record", _jsonable(rec))
             if rec["status"] != "complete":
                 raise optuna.TrialPruned()
-            return rec["quality_drop"], rec["objective"]
+            return _upper(rec), rec["objective"]
 
         return fn
+
+
+def _check_split(data) -> str:
+    """The split the fidelity guard reads: the held-out check split, or the selection split's inputs
+    (label-free) for data that has no check split."""
+    from ..data import TensorData, TextRecords
+
+    if isinstance(data, (TensorData, TextRecords)):
+        return "check" if data.indices("check") else "select"
+    return "check" if data.documents("check") else "select"
+
+
+def _served_file(rt: ModelHandle) -> str | None:
+    path = getattr(rt.module, "path", None)
+    return str(path) if path is not None else None
+
+
+def _reopen(torch_handle: ModelHandle, rec: dict, threads: int | None) -> ModelHandle | None:
+    """A trial's ONNX Runtime model opened again from the file it was served from."""
+    from ..accelerate.runtimes import _twin
+
+    path = rec.get("served")
+    if not path or not Path(path).exists():
+        return None
+    if torch_handle.task == "causal-lm":
+        from ..accelerate.llm_onnx import OrtCausalLM
+
+        module = OrtCausalLM(path, threads=threads)
+    else:
+        from ..models.onnx_module import OrtModule
+
+        module = OrtModule(Path(path), threads=threads)
+    return _twin(torch_handle, module, rec["runtime"], dict(rec["measurement"].get("runtime_report") or {}))
+
+
+def _serving_memory(rt: ModelHandle, inputs, threads: int | None) -> dict | None:
+    """Peak memory of a process that serves only ``rt`` (None when it cannot be measured that way)."""
+    try:
+        from ..measure.serving import serving_memory
+    except ImportError:  # pragma: no cover - the module ships with leanml
+        return None
+    try:
+        return serving_memory(rt, inputs, threads=threads)
+    except LeanmlError as exc:
+        return {"error": str(exc)}
 
 
 def fresh_study(out: Path) -> bool:
@@ -442,6 +620,87 @@ def _fits_in_memory(handle: ModelHandle, copies: int) -> bool:
     return copies * weight_bytes(handle.module) < 0.25 * psutil.virtual_memory().available
 
 
+def _check_selection_split(handle: ModelHandle, data) -> None:
+    """Refuse data whose selection split is too small to score a candidate on, before anything runs."""
+    from ..data import SimilarityPairs, TensorData, TextCorpus, TextRecords
+    from ..measure.quality import MIN_PERPLEXITY_TOKENS, MIN_SPEARMAN_PAIRS, eval_token_count
+
+    if isinstance(data, TextCorpus) and handle.task == "causal-lm":
+        n = eval_token_count(handle, data, "select")[0]
+        if n < MIN_PERPLEXITY_TOKENS:
+            raise LeanmlError(
+                f"data {data.name!r} leaves {n} tokens for the selection split that optimize scores candidates on; "
+                f"it needs at least {MIN_PERPLEXITY_TOKENS} (give a longer text)"
+            )
+    elif isinstance(data, SimilarityPairs):
+        n = len(data.pair_indices("select"))
+        if n < MIN_SPEARMAN_PAIRS:
+            raise LeanmlError(
+                f"data {data.name!r} leaves {n} scored pairs for the selection split (pairs are split by text); "
+                f"optimize needs at least {MIN_SPEARMAN_PAIRS}"
+            )
+    elif isinstance(data, (TextRecords, TensorData)):
+        n = len(data.indices("select"))
+        if n < 2:
+            unit = "records" if isinstance(data, TextRecords) else "items"
+            raise LeanmlError(
+                f"data {data.name!r} leaves {n} {unit} for the selection split; optimize needs at least 2 "
+                "(give at least 10 items: evaluation, selection and calibration are disjoint)"
+            )
+
+
+def _kept(records: list[dict]) -> set[int]:
+    """Trials whose models stay in the work folder: the chosen one and the Pareto front (scored on test)."""
+    done = [r for r in records if r.get("status") == "complete"]
+    keep = {done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])}
+    chosen, _ = choose(done)
+    return keep | ({chosen["number"]} if chosen else set())
+
+
+def _test_reserve(search: _Search, records: list[dict]) -> float:
+    """Seconds to keep for scoring the front and the chosen model on the test split after the search."""
+    if not search.eval_seconds:
+        return 0.0
+    return (len(_kept(records)) + 1) * statistics.median(search.eval_seconds)
+
+
+def _score_on_test(search: _Search, study, records: list[dict], numbers: set[int], base_samples: dict) -> None:
+    """Score the trials ``numbers`` once on the test split (kept in their records in the study)."""
+    from ..accelerate.runtimes import prepare
+
+    todo = [r for r in records if r["number"] in numbers and r["status"] == "complete" and not r.get("test")]
+    for rec in progress(todo, "test split") if todo else []:
+        try:
+            rt = search.served(rec)
+            if rt is None:  # another worker's trial: compressed again here
+                cand = clone(search.models[rec["params"].get("model", "original")])
+                apply_recipe(cand, recipe_of(rec), search.data)
+                rt = (
+                    cand if rec["runtime"] == "torch" else prepare(cand, rec["runtime"], threads=search.threads, data=search.data)
+                )
+            q = evaluate(rt, search.data, split="eval", samples=True)
+            iv = drop_interval(base_samples, q.pop("samples"), search.drop)
+            rec["test"] = {
+                "quality": q["value"],
+                "quality_drop": iv["drop"],
+                "drop_interval": iv,
+                "meets_budget": iv["high"] <= search.budget.max_drop + 1e-12,
+                "result": q,
+            }
+        except Exception as exc:  # noqa: BLE001 - recorded; the selection figures stand
+            rec["test"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        study.set_user_attr(f"test-{rec['number']}", _jsonable(rec["test"]))  # a finished trial cannot change
+
+
+def _after(chosen: dict) -> dict:
+    """The chosen trial's measurement, its quality the test split's (the selection's beside it)."""
+    m = dict(chosen["measurement"])
+    m["selection"] = m.get("quality")
+    test = chosen.get("test") or {}
+    m["quality"] = test.get("result") or m.get("quality")
+    return m
+
+
 def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
@@ -474,13 +733,18 @@ def optimize(
     seed: int = 0,
     gate: float = GATE,
     sensitivity: bool = True,
+    max_memory: str | float | None = None,
+    min_fidelity: float | None = None,
 ) -> OptimizeResult:
     """Search recipes × runtimes for the cheapest model (``objective``) whose quality on ``data`` is within
-    ``budget`` of the original's; see the module docstring. Returns the chosen model and every trial."""
+    ``budget`` of the original's; see the module docstring. ``max_memory`` (e.g. ``"1.5GB"``) bounds the
+    peak memory of serving the chosen model; ``min_fidelity`` overrides the task's fidelity floor
+    (:mod:`leanml.search.guard`). Returns the chosen model and every trial."""
     import optuna
 
     t_start = time.perf_counter()
     check_objective(objective)
+    memory_cap = parse_memory(max_memory)
     bud = budget if isinstance(budget, Budget) else Budget(parse_drop(budget), drop_type)
     seconds = parse_duration(time_budget)
     if trials is not None and (not isinstance(trials, int) or trials < 1):
@@ -519,6 +783,8 @@ def optimize(
         raise LeanmlError(f"model {handle.name!r} runs on {handle.runtime}; optimize starts from a torch model")
     data = load_data(data)
     check_data_for(handle, data, verb="optimize")
+    floor = floor_for(handle.task, min_fidelity)
+    _check_selection_split(handle, data)
     models = {"original": handle}
     for c in candidates or []:
         cand = c if isinstance(c, ModelHandle) else load_model(c)
@@ -561,6 +827,8 @@ def optimize(
             "hardware": hw.name,
             "runtime": runtime,
             "candidates": [str(c) for c in candidates or []],
+            "max_memory": memory_cap,
+            "min_fidelity": floor,
         }
         old = study.user_attrs.get("settings")
         if old is not None and old != settings:
@@ -569,16 +837,25 @@ def optimize(
         study.set_user_attr("settings", settings)
 
         # the original model, measured once for the whole study
+        from ..measure.profile import example_inputs
+
+        inputs = example_inputs(handle, data, None, None)[0]
         if "before" in study.user_attrs:
             before = study.user_attrs["before"]
             base_seconds = study.user_attrs.get("before_seconds", 0.0)
         else:
             t0 = time.perf_counter()
             before = profile(handle, data=data, hardware=hw.name, threads=threads).to_dict()
+            before["serving_memory"] = _serving_memory(handle, inputs, threads)
+            selection = evaluate(handle, data, split="select", samples=True)
+            before["selection"] = {k: v for k, v in selection.items() if k != "samples"}
+            study.set_user_attr("selection_samples", _jsonable(selection["samples"]))
             base_seconds = time.perf_counter() - t0
             study.set_user_attr("before", _jsonable(before))
             study.set_user_attr("before_seconds", base_seconds)
-        base_q, metric, hib = _base_quality(before, data.name)
+        base_test, metric, hib = _base_quality(before, data.name)
+        base_q = float(before["selection"]["value"])
+        base_samples = study.user_attrs["selection_samples"]
         if seconds is not None and seconds < 2 * base_seconds:
             raise LeanmlError(
                 f"time budget {time_budget!r} is too small for one trial: measuring the original model alone took "
@@ -595,7 +872,7 @@ def optimize(
                 sens = {}
             study.set_user_attr("sensitivity", _jsonable(sens))
         sens = sens or {}
-        sensitive = list(sens)[: max(1, len(sens) // 10)] if (sens and handle.task == "causal-lm") else []
+        sensitive = list(sens) if handle.task == "causal-lm" else []  # most sensitive first
         n_layers = getattr(getattr(handle.module, "config", None), "num_hidden_layers", None)
         allow = seconds is None or seconds >= DISTILL_MIN_SECONDS.get(handle.task, DISTILL_MIN_DEFAULT)
         space = build_space(handle, runtime, allow_distill=allow, n_layers=n_layers, sensitive=sensitive)
@@ -607,7 +884,25 @@ def optimize(
                 study.enqueue_trial(s)
         recover_interrupted(study)
 
-        search = _Search(handle, data, bud, objective, hw.name, threads, space, base_q, hib, work, models, gate)
+        ctx = _Context(
+            handle=handle,
+            data=data,
+            budget=bud,
+            objective=objective,
+            hardware=hw.name,
+            threads=threads,
+            space=space,
+            base=base_q,
+            base_samples=base_samples,
+            hib=hib,
+            work=work,
+            models=models,
+            gate=gate,
+            floor=floor,
+            max_memory=memory_cap,
+            inputs=inputs,
+        )
+        search = _Search(ctx)
         seen = {
             point_key(t.params): t.number
             for t in study.get_trials(deepcopy=False)
@@ -625,13 +920,12 @@ def optimize(
                 break
             if budget_end is not None:
                 expected = statistics.median(search.durations) if search.durations else 2 * base_seconds
-                if time.perf_counter() + expected > budget_end:
+                if time.perf_counter() + expected + _test_reserve(search, recs) > budget_end:
                     break
             study.optimize(fn, n_trials=1, catch=())
             study.set_user_attr("search_seconds", spent_before + time.perf_counter() - t_start)
             fault_point("optimize-trial")
-            chosen, _ = choose([r for r in _records(study) if r["status"] != "running"])
-            search.tidy({chosen["number"]} if chosen else set())
+            search.tidy(_kept(_records(study)))
 
         records = sorted(_records(study), key=lambda r: r["number"])
         if budget_end is not None and not search.durations and not records:
@@ -642,6 +936,12 @@ def optimize(
         chosen, met = choose(records)
         done = [r for r in records if r["status"] == "complete"]
         front = [done[i]["number"] for i in pareto_front([(r["quality_drop"], r["objective"]) for r in done])]
+        base_test_samples = study.user_attrs.get("test_samples")
+        if base_test_samples is None:
+            base_test_samples = evaluate(handle, data, split="eval", samples=True)["samples"]
+            study.set_user_attr("test_samples", _jsonable(base_test_samples))
+        _score_on_test(search, study, records, set(front) | ({chosen["number"]} if chosen else set()), base_test_samples)
+        test = (chosen or {}).get("test") or {}
         item = before.get("item", "item")
         summary = {
             "model": handle.name,
@@ -651,19 +951,27 @@ def optimize(
             "budget": {
                 "max_drop": bud.max_drop,
                 "drop_type": bud.drop_type,
-                "threshold": bud.threshold(base_q, hib),
+                "threshold": bud.threshold(base_test, hib),
                 "text": bud.text(metric, hib),
-                "base": base_q,
+                "base": base_test,
+                "base_selection": base_q,
+                "threshold_selection": bud.threshold(base_q, hib),
+                "level": 0.9,
             },
+            "fidelity_floor": floor,
+            "fidelity_score": score_name(handle.task),
+            "max_memory": memory_cap,
             "objective": objective,
             "objective_label": objective_label(objective, item),
             "hardware": hw.name,
             "runtime": chosen["runtime"] if chosen else None,
             "before": before,
-            "after": chosen["measurement"] if chosen else None,
+            "after": _after(chosen) if chosen else None,
             "chosen": chosen["number"] if chosen else None,
-            "met": met,
-            "shortfall": None if (met or not chosen) else chosen["quality_drop"] - bud.max_drop,
+            "met_selection": met,
+            "met": bool(met and test.get("meets_budget")),
+            "test": test or None,
+            "shortfall": None if (met or not chosen) else _upper(chosen) - bud.max_drop,
             "pareto": front,
             "baseline": None,
             "elapsed_s": round(time.perf_counter() - t_start, 1),
@@ -717,8 +1025,15 @@ def _materialize(search: _Search, chosen: dict) -> ModelHandle:
     return cand
 
 
+def _iv(d: dict | None) -> str:
+    d = d or {}
+    if d.get("low") is None:
+        return ""
+    return f" (90% interval {d['low']:.4g} to {d['high']:.4g})"
+
+
 def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
-    """A short paragraph: what was chosen, against what, and what it gave up."""
+    """A short paragraph: what was chosen, against what, on which split, and what it gave up."""
     if chosen is None:
         return "No trial completed, so there is no model to choose; see the reasons in the trials table."
     m0 = summary["before"]
@@ -726,32 +1041,57 @@ def why(summary: dict, records: list[dict], chosen: dict | None) -> str:
     ratio = chosen["objective"] / base_obj if base_obj else float("nan")
     metric, unit = summary["metric"], summary["objective_label"]
     done = [r for r in records if r["status"] == "complete"]
-    ok = sorted((r for r in done if r["meets_budget"]), key=lambda r: r["objective"])
+    ok = sorted((r for r in done if acceptable(r)), key=lambda r: r["objective"])
     text = (
         f"{chosen['label']} costs {chosen['objective']:.4g} {unit} against {base_obj:.4g} for the original "
-        f"({ratio:.2f}x), with {metric} {chosen['quality']:.4g} (original {summary['budget']['base']:.4g}). "
+        f"({ratio:.2f}x). On the selection split, which the search chose on, its {metric} is {chosen['quality']:.4g} "
+        f"(original {summary['budget']['base_selection']:.4g}), a drop of {chosen['quality_drop']:.4g}"
+        f"{_iv(chosen.get('drop_interval'))}. "
     )
-    if summary["met"]:
-        text += f"It is the cheapest of the {len(ok)} completed candidates within the budget ({summary['budget']['text']}). "
+    test = chosen.get("test") or {}
+    if test.get("quality") is not None:
+        text += (
+            f"On the test split, scored once after the search, it is {test['quality']:.4g} "
+            f"(original {summary['budget']['base']:.4g}), a drop of {test['quality_drop']:.4g}{_iv(test.get('drop_interval'))}. "
+        )
+    elif test.get("error"):
+        text += f"Scoring it on the test split failed ({test['error']}). "
+    if summary.get("met_selection"):
+        if summary["met"]:
+            text += f"It meets the budget ({summary['budget']['text']}) on the test split. "
+        else:
+            text += (
+                f"It meets the budget ({summary['budget']['text']}) on the selection split but NOT on the test "
+                "split: the selection figure was luck, so treat this choice with care (a larger data set narrows the intervals). "
+            )
+        text += f"It is the cheapest of the {len(ok)} candidates within the budget (the upper end of the interval counts). "
         if len(ok) > 1:
             nxt = ok[1]
             text += f"The next cheapest within budget, {nxt['label']}, costs {nxt['objective']:.4g}. "
-        cheaper = [r for r in done if not r["meets_budget"] and r["objective"] < chosen["objective"]]
+        cheaper = [r for r in done if not acceptable(r) and r["objective"] < chosen["objective"]]
         if cheaper:
             c = min(cheaper, key=lambda r: r["objective"])
-            text += (
-                f"Cheaper candidates broke the budget: {c['label']} costs {c['objective']:.4g} but loses "
-                f"{c['quality_drop']:.4g} (allowed {summary['budget']['max_drop']:.4g}). "
+            why_not = (
+                "needs more memory than allowed"
+                if c.get("memory_ok") is False
+                else f"may lose up to {_upper(c):.4g} (allowed {summary['budget']['max_drop']:.4g})"
             )
+            text += f"Cheaper candidates broke a limit: {c['label']} costs {c['objective']:.4g} but {why_not}. "
     else:
         text += (
-            f"No candidate met the budget ({summary['budget']['text']}); this is the closest, missing it by "
-            f"{summary['shortfall']:.4g}. "
+            f"No candidate met the budget ({summary['budget']['text']}) and limits; this is the closest, its "
+            f"interval's upper end missing it by {summary['shortfall']:.4g}. "
         )
+    flagged = [r for r in done if r.get("flags")]
+    if flagged:
+        text += f"{len(flagged)} candidates gained quality from an untrained structural cut: noise, not an improvement. "
     rejected = sum(r["status"] == "rejected" for r in records)
     failed = sum(r["status"] == "failed" for r in records)
     if rejected or failed:
-        text += f"{rejected} candidates were rejected by the cheap fidelity check and {failed} failed (reasons in the table)."
+        text += (
+            f"{rejected} candidates were rejected by the fidelity guard or the cheap estimate and {failed} failed "
+            "(reasons in the table)."
+        )
     return text.strip()
 
 
@@ -771,7 +1111,7 @@ def _write_outputs(
     if chosen is not None:
         recipe = recipe_of(chosen)
         write_atomic(out / "recipe.yaml", recipe.to_yaml())
-        write_atomic(out / "after.json", json.dumps(chosen["measurement"], indent=2) + "\n")
+        write_atomic(out / "after.json", json.dumps(summary["after"], indent=2, default=str) + "\n")
         tmp = temp_folder_for(out / "model")
         try:
             write_artifact_files(handle, tmp, recipe)
