@@ -31,7 +31,8 @@ def _check_choice(records, summary):
     chosen_rec = next((r for r in records if r["number"] == summary["chosen"]), {})
     assert summary["met"] == bool(ok and chosen_rec["test"]["meets_budget"])  # the verdict is the test split's
     for r in ok:  # within budget means the upper end of the drop's interval is
-        assert r["drop_interval"]["low"] <= r["quality_drop"] <= r["drop_interval"]["high"] <= summary["budget"]["max_drop"] + 1e-12
+        iv = r["drop_interval"]
+        assert iv["low"] <= r["quality_drop"] <= iv["high"] <= summary["budget"]["max_drop"] + 1e-12
     if ok:
         best = min(r["objective"] for r in ok)
         chosen = next(r for r in records if r["number"] == summary["chosen"])
