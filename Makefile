@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: install  # the demo's own folder, replaced on each run
-	$(BIN)/leanml optimize smollm2-135m --data lee --max-drop 5% --time-budget 15m --out leanml-demo --force
+	$(BIN)/leanml optimize minilm-l6 --data lee-sim --max-drop 0.01 --drop-type absolute --time-budget 4m --out leanml-demo --force
 
 test: install
 	$(BIN)/ruff check src tests bench

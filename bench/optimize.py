@@ -31,7 +31,7 @@ from leanml.accelerate.runtimes import prepare
 from leanml.measure.profile import host_info
 from leanml.pipeline import apply_recipe
 from leanml.search import Budget, parse_drop
-from leanml.search.budget import objective_value
+from leanml.search.budget import objective_value, serving_peak
 from leanml.search.study import clone
 
 OUT = Path(__file__).parent / "out"
@@ -42,6 +42,8 @@ SECTIONS = {
         "max_drop": "5%",
         "drop_type": "relative",
         "builtins": ["w8", "w4-g64", "ffn-25"],
+        "max_cost": 0.3,
+        "min_candidates": 20,
     },
     "minilm": {
         "model": "minilm-l6",
@@ -49,6 +51,8 @@ SECTIONS = {
         "max_drop": "0.01",
         "drop_type": "absolute",
         "builtins": ["int8-dynamic", "int8-static", "w8"],
+        "max_cost": 0.4,
+        "min_fidelity": 0.95,
     },
 }
 
@@ -139,12 +143,43 @@ def section(name: str, args) -> dict:
     base = best_builtin(spec, budget, args.threads, args.hardware) if not args.no_baseline else None
     trials = [
         {
-            k: r.get(k)
-            for k in ("number", "label", "status", "reason", "quality", "quality_drop", "meets_budget", "objective", "seconds")
+            **{
+                k: r.get(k)
+                for k in (
+                    "number",
+                    "label",
+                    "status",
+                    "reason",
+                    "quality",
+                    "quality_drop",
+                    "meets_budget",
+                    "objective",
+                    "seconds",
+                    "fidelity_score",
+                )
+            },
+            "interval": [(r.get("drop_interval") or {}).get(k) for k in ("low", "high")],
+            "test": (r.get("test") or {}).get("quality"),
+            "test_interval": [((r.get("test") or {}).get("drop_interval") or {}).get(k) for k in ("low", "high")],
+            "memory": ((r.get("measurement") or {}).get("serving_memory") or {}).get("peak_bytes"),
         }
         for r in res.trials
     ]
-    targets = {"cost <= 0.4x fp32 torch eager": ratio is not None and s["met"] and ratio <= 0.4}
+    before_mem = serving_peak(s["before"])
+    mem_ratio = serving_peak(s["after"]) / before_mem if chosen else None
+    measured = sum(r["status"] == "complete" for r in res.trials)
+    targets = {
+        f"cost <= {spec['max_cost']}x fp32 torch eager, within budget on test": bool(
+            ratio is not None and s["met"] and ratio <= spec["max_cost"]
+        ),
+        "peak memory <= 1.0x fp32 torch eager (serving process)": bool(mem_ratio is not None and mem_ratio <= 1.0),
+    }
+    if spec.get("min_fidelity"):
+        targets[f"fidelity >= {spec['min_fidelity']} on held-out text"] = bool(
+            chosen and (chosen.get("fidelity_score") or 0) >= spec["min_fidelity"]
+        )
+    if spec.get("min_candidates"):
+        targets[f"at least {spec['min_candidates']} candidates measured"] = measured >= spec["min_candidates"]
     h2h = None
     if base is not None:
         b = base["best"]
@@ -169,9 +204,18 @@ def section(name: str, args) -> dict:
         "time_budget": getattr(args, f"{name}_time"),
         "before_usd": before_usd,
         "before_quality": s["budget"]["base"],
-        "chosen": chosen and {k: chosen[k] for k in ("label", "quality", "quality_drop", "objective", "runtime")},
+        "chosen": chosen
+        and {
+            **{k: chosen[k] for k in ("label", "quality", "quality_drop", "objective", "runtime", "fidelity_score")},
+            "interval": chosen.get("drop_interval"),
+            "test": chosen.get("test"),
+        },
         "met": s["met"],
+        "met_selection": s.get("met_selection"),
         "cost_ratio": ratio,
+        "memory_before": before_mem,
+        "memory_ratio": mem_ratio,
+        "measured": measured,
         "why": s["why"],
         "trials": trials,
         "baseline": base,
@@ -192,23 +236,45 @@ def markdown(payload: dict) -> str:
             f"### {spec['model']} on {spec['data']}: max drop {spec['max_drop']} ({spec['drop_type']}), "
             f"objective $ per million items, time budget {sec['time_budget']}\n"
         )
+        test = c.get("test") or {}
         md.append(
-            f"Chosen: **{c.get('label', '-')}**, {sec['spec']['data']} quality {c.get('quality', float('nan')):.4g} "
-            f"(original {sec['before_quality']:.4g}); cost {c.get('objective', float('nan')):.4g} vs "
-            f"{sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** the fp32 torch-eager model; "
-            f"search wall-clock {sec['seconds']:.0f} s.\n"
+            f"Chosen: **{c.get('label', '-')}**: on the test split {spec['data']} quality {_f(test.get('quality'))} "
+            f"(original {sec['before_quality']:.4g}), drop {_iv(test.get('quality_drop'), test.get('drop_interval'))}, "
+            f"{'within' if sec['met'] else 'NOT within'} the budget; on the selection split {_f(c.get('quality'))}, "
+            f"drop {_iv(c.get('quality_drop'), c.get('interval'))}; fidelity {_f(c.get('fidelity_score'))}; "
+            f"cost {_f(c.get('objective'))} vs {sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** "
+            f"the fp32 torch-eager model; peak memory of the serving process "
+            f"**{(sec['memory_ratio'] or float('nan')):.2f}×** ({_f((sec['memory_before'] or 0) / 1e9)} GB for fp32 torch); "
+            f"{sec['measured']} candidates measured; search wall-clock {sec['seconds']:.0f} s.\n"
         )
         md.append(
             md_table(
-                ["trial", "candidate", "status", "quality", "drop", "$ / M", "seconds", "reason"],
+                [
+                    "trial",
+                    "candidate",
+                    "status",
+                    "selection",
+                    "drop [90%]",
+                    "test",
+                    "test drop [90%]",
+                    "fidelity",
+                    "$ / M",
+                    "memory GB",
+                    "seconds",
+                    "reason",
+                ],
                 [
                     [
                         t["number"],
                         t["label"],
                         t["status"],
                         _f(t["quality"]),
-                        _f(t["quality_drop"]),
+                        _iv(t["quality_drop"], dict(zip(("low", "high"), t["interval"], strict=True))),
+                        _f(t.get("test")),
+                        _iv(None, dict(zip(("low", "high"), t["test_interval"], strict=True))) if t.get("test") else "-",
+                        _f(t.get("fidelity_score")),
                         _f(t["objective"]),
+                        _f(t["memory"] / 1e9) if t.get("memory") else "-",
                         t["seconds"],
                         (t["reason"] or "")[:80],
                     ]
@@ -252,6 +318,13 @@ def markdown(payload: dict) -> str:
     targets = {f"{n}: {k}": v for n, s in payload["sections"].items() for k, v in s["targets"].items()}
     md.append("\nTargets: " + "; ".join(f"{k} — {'met' if v else 'MISSED'}" for k, v in targets.items()) + "\n")
     return "\n".join(md)
+
+
+def _iv(drop, interval) -> str:
+    interval = interval or {}
+    lo, hi = interval.get("low"), interval.get("high")
+    head = _f(drop) if drop is not None else ""
+    return f"{head} [{_f(lo)}, {_f(hi)}]".strip() if lo is not None else (head or "-")
 
 
 def _f(x):
