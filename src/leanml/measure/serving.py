@@ -13,15 +13,21 @@ model and runs the workload ``profile`` times:
 
 The workload is a greedy prefill of ``input_ids`` plus ``new_tokens`` decode steps for a causal LM
 (:func:`~leanml.measure.cost.greedy_decode`), one forward call otherwise; it runs ``repeats`` times.
-The peak is the child's ``VmHWM`` read at its end (the whole life of the process: imports, loading
-and serving), or the largest RSS a sampling thread saw where ``/proc`` is absent. ``idle_bytes`` is
-the child's RSS after its imports (torch, and onnxruntime or transformers) and before the model is
-loaded: what any Python process serving it pays before the first weight.
+The peak is the child's kernel high-water mark (``VmHWM``) over its whole life: imports, loading and
+serving (the mark is read once the model is loaded, then reset through ``/proc/self/clear_refs`` so
+that the workload's own peak is known too); where ``/proc`` is absent, the largest RSS a sampling
+thread saw. ``idle_bytes`` is the child's RSS after its imports (leanml and so torch, and onnxruntime
+or transformers) and before the model is loaded: what any Python process serving it pays before the
+first weight. A torch model's peak includes its load: :func:`~leanml.artifact.load_artifact` builds
+the model with its own (random) weights and then copies the saved ones in, so a float model passes
+through about twice its weights while loading.
 
-A handle that cannot be measured this way (another runtime, a module that cannot be written as an
-artifact, an ONNX file that is gone, a child that fails or runs past ``timeout``) raises a one-line
-:class:`~leanml.errors.LeanmlError`; the child is killed and the temporary folder removed on every way
-out, a ``KeyboardInterrupt`` included.
+A handle that cannot be measured this way raises a one-line :class:`~leanml.errors.LeanmlError`
+rather than returning a partial figure: another runtime, a module that cannot be written as an
+artifact (a class the child cannot import, such as one defined inside a function; TorchScript), an
+ONNX file that is gone (prepare the runtime with a ``workdir``), a child that fails or runs past
+``timeout``. The child is killed and the temporary folder removed on every way out, a
+``KeyboardInterrupt`` included.
 """
 
 from __future__ import annotations
@@ -38,8 +44,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LeanmlError
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.json"
@@ -53,7 +63,7 @@ LOG_FILE = "child.log"
 
 
 def serving_memory(
-    handle,
+    handle: ModelHandle,
     inputs,
     *,
     threads: int | None = None,
@@ -137,8 +147,7 @@ def _write_spec(handle, inputs, tmp: Path, threads: int | None, new_tokens: int,
         )
     else:
         raise LeanmlError(
-            f"serving memory is measured on the torch and onnxruntime runtimes; model {handle.name!r} runs on "
-            f"{handle.runtime}"
+            f"serving memory is measured on the torch and onnxruntime runtimes; model {handle.name!r} runs on {handle.runtime}"
         )
     # plain containers of compact copies: a prompt sliced from a tokenized corpus shares (and would save)
     # the corpus's whole storage, and a BatchEncoding is not a weights-only type
@@ -157,9 +166,8 @@ def _write_spec(handle, inputs, tmp: Path, threads: int | None, new_tokens: int,
 
 
 def _run_child(spec: Path, tmp: Path, timeout: float, name: str) -> dict:
-    log = open(tmp / LOG_FILE, "wb")  # a file, not a pipe: a chatty child never blocks on a full pipe
-    proc = None
-    try:
+    # the child's output goes to a file, not a pipe: a chatty child never blocks on a full pipe
+    with open(tmp / LOG_FILE, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "leanml.measure.serving", str(spec)],
             stdin=subprocess.DEVNULL,
@@ -173,15 +181,12 @@ def _run_child(spec: Path, tmp: Path, timeout: float, name: str) -> dict:
             raise LeanmlError(
                 f"the serving-memory process of model {name!r} did not finish within {timeout:g} s; it was stopped"
             ) from None
-    finally:
-        if proc is not None and proc.poll() is None:
-            _kill(proc)
-        log.close()
-    result_path = tmp / RESULT_FILE
+        finally:  # a timeout, an interrupt, any exception: the child does not outlive this call
+            if proc.poll() is None:
+                _kill(proc)
     result = None
-    if result_path.is_file():
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            result = json.loads(result_path.read_text())
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        result = json.loads((tmp / RESULT_FILE).read_text())
     if isinstance(result, dict) and "error" in result:
         raise LeanmlError(f"the serving-memory process of model {name!r} failed: {result['error']}")
     if code != 0 or not isinstance(result, dict):
@@ -197,10 +202,8 @@ def _kill(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL is not ignored; the bound is a safety net
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignored
-        pass
 
 
 def _last_line(path: Path) -> str:
@@ -273,6 +276,8 @@ class _Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        rss = self.proc.memory_info().rss  # a last look, so a peak held to the end is never missed
+        self.peak, self.window = max(self.peak, rss), max(self.window, rss)
 
 
 def _child_imports(kind: str) -> None:
