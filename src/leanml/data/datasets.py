@@ -39,10 +39,9 @@ def _split_name(split: str) -> str:
 
 
 def seeded_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices ``(calib, eval)`` of a seeded permutation of ``range(n)``; disjoint and covering."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, round(n * eval_fraction)) if n > 1 else 0
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+    """Indices ``(rest, eval)`` of :func:`seeded_splits`: its evaluation split and everything else."""
+    parts = seeded_splits(n, eval_fraction, seed)
+    return sorted(parts["select"] + parts["check"] + parts["calib"]), parts["eval"]
 
 
 def seeded_splits(n: int, eval_fraction: float, seed: int) -> dict[str, list[int]]:
