@@ -109,7 +109,8 @@ def test_minilm_on_lee_sim_spearman(capsys, tmp_path):
     )
     assert code == 0
     d = json.loads(target.read_text())
-    assert d["quality"]["metric"] == "spearman" and abs(d["quality"]["value"] - 0.50) <= 0.01  # observed 0.5045
+    # the 300 test pairs of lee-sim (25 documents; before the four-way split, all 1,225 pairs gave 0.5045)
+    assert d["quality"]["metric"] == "spearman" and abs(d["quality"]["value"] - 0.45) <= 0.01  # observed 0.4500
 
 
 def test_compress_then_profile_the_folder(tmp_path, capsys, mlp):

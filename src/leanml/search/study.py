@@ -174,27 +174,58 @@ def check_storage(url: str | None) -> None:
             raise LeanmlError(f"--storage {url!r}: the folder of {db!r} does not exist or is not writable")
 
 
-def _storage(url: str):
+def _lock_path(url: str | None) -> Path | None:
+    """The lock file beside an SQLite study, which leanml's workers on this machine take turns through."""
+    if url and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :]).with_suffix(".lock")
+    return None
+
+
+def _queue_lock(url: str | None):
+    """Held while a worker looks at the study's queue and changes it (the seeds, re-queued trials)."""
     import contextlib
     import fcntl
+
+    path = _lock_path(url)
+    if path is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    return held()
+
+
+def _storage(url: str):
     import warnings
 
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    lock_path = _lock_path(url)
+
+    class Storage(optuna.storages.RDBStorage):
+        """SQLite has no ``SELECT ... FOR UPDATE``: two workers can both read a queued trial as waiting and
+        both start it. Starting a trial (waiting -> running) is done under the lock file, so exactly one
+        worker sees it waiting; other databases lock the row themselves."""
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            if lock_path is None or state != optuna.trial.TrialState.RUNNING:
+                return super().set_trial_state_values(trial_id, state, values)
+            with _queue_lock(url):
+                return super().set_trial_state_values(trial_id, state, values)
+
     # workers that start together would race to create the schema of a new database (both insert the
-    # schema version): on one machine they take turns through a lock file beside an SQLite file, and
+    # schema version): on one machine they take turns through the lock file beside an SQLite file, and
     # a worker that still loses the race (another machine) retries once the winner has created it
-    lock_path = None
-    if url.startswith("sqlite:///"):
-        lock_path = Path(url[len("sqlite:///") :]).with_suffix(".lock")
-    with open(lock_path, "a") if lock_path else contextlib.nullcontext() as lock:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with _queue_lock(url):
         for attempt in range(5):
             try:
-                return optuna.storages.RDBStorage(
+                return Storage(
                     url,
                     engine_kwargs=kwargs,
                     heartbeat_interval=20,
@@ -879,10 +910,11 @@ def optimize(
         if len(models) > 1:
             space.choices = {"model": list(models), **space.choices}
             space.seeds = [dict(s, model="original") for s in space.seeds]
-        if not study.trials:
-            for s in space.seeds:
-                study.enqueue_trial(s)
-        recover_interrupted(study)
+        with _queue_lock(url):  # workers that start together: the seeds are queued once
+            if not study.trials:
+                for s in space.seeds:
+                    study.enqueue_trial(s)
+            recover_interrupted(study)
 
         ctx = _Context(
             handle=handle,
