@@ -280,6 +280,35 @@ def test_workers_that_create_a_new_study_at_the_same_instant_do_not_race(tmp_pat
     assert [p.returncode for p in procs] == [0, 0, 0, 0] and all(o.strip() == "ok" for o in outs)
 
 
+def test_a_queued_trial_is_started_under_the_lock_file(tmp_path):
+    """SQLite cannot lock the row: starting a waiting trial waits for the lock file, so of two workers that
+    both read it as waiting, only the first to take the lock starts it (the second gets False)."""
+    import fcntl
+    import threading
+
+    import optuna
+
+    from leanml.search.study import _lock_path, _storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="x", storage=_storage(url))
+    study.enqueue_trial({"a": 1})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    storage = study._storage
+    started = []
+    with open(_lock_path(url), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker holds the lock
+        t = threading.Thread(
+            target=lambda: started.append(storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING))
+        )
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and started == []  # blocked while the lock is held, whatever the timing
+    t.join()
+    assert started == [True]
+    assert storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING) is False  # already started
+
+
 def _one_recipe_on_two_runtimes(monkeypatch, quant: str) -> list:
     """A space of one recipe on torch and onnxruntime; returns the list every compression is appended to."""
     from leanml.search import study as mod
