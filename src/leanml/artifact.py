@@ -145,6 +145,7 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
         "tied": aliases,
         "recipe": (recipe if isinstance(recipe, dict) else recipe.to_dict()) if recipe is not None else None,
         "tokenizer": bool(has_tokenizer),
+        "inputs": _input_specs(handle),
         "files": {
             name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
             for name in ("model.safetensors", "module.pt")
@@ -243,8 +244,33 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
     handle.meta["recipe"] = meta.get("recipe")
     from .models.inputs import default_example_inputs
 
-    handle.example_inputs = default_example_inputs(handle)
+    handle.example_inputs = _inputs_from_specs(meta.get("inputs")) or default_example_inputs(handle)
     return handle
+
+
+def _input_specs(handle: ModelHandle) -> list[dict] | None:
+    """The shapes (batch axis left out) and dtypes of a plain module's positional example inputs, so a
+    reloaded artifact is fed inputs of the size it was made for, not a guess from its first layer."""
+    inputs = handle.example_inputs
+    if handle.tokenizer is not None or not isinstance(inputs, tuple | list) or not inputs:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in inputs):
+        return None
+    return [{"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs]
+
+
+def _inputs_from_specs(specs: list[dict] | None, batch: int = 8) -> tuple | None:
+    if not specs:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, str(spec.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            return None
+        shape = (batch, *[int(n) for n in spec.get("shape", [])])
+        out.append(torch.rand(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    return tuple(out)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -165,6 +165,9 @@ def compress(
         str, typer.Option(help="runtime the before/after measurements run on: torch, torch-compile, onnxruntime")
     ] = "torch",
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="measure before and after (--no-measure: only compress and save)")
+    ] = True,
 ) -> None:
     """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out."""
     from .accelerate.runtimes import check_runtime
@@ -184,8 +187,14 @@ def compress(
         threads=threads,
         repeats=repeats,
         runtime=runtime,
+        measure=measure,
     )
     b, a = result.before, result.after
+    if b is None or a is None:
+        for note in result.notes:
+            console.print(f"note: {note}", style="dim")
+        console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml); not measured (--no-measure)")
+        return
     table = Table(title=f"{b.model}: recipe {result.recipe.name}")
     for col in ("measure", "before", "after", "after / before"):
         table.add_column(col, justify="right" if col != "measure" else "left")
@@ -197,6 +206,8 @@ def compress(
     ]
     if b.quality and b.quality.get("metric"):
         rows.append((b.quality["metric"], b.quality["value"], a.quality["value"], lambda v: f"{v:.4f}"))
+    elif a.fidelity and "mean_cosine" in a.fidelity:  # unlabelled text: the embeddings against the original's
+        rows.append(("embedding cosine to the original", 1.0, a.fidelity["mean_cosine"], lambda v: f"{v:.4f}"))
     for name, x, y, fmt in rows:
         table.add_row(name, fmt(x), fmt(y), f"{y / x:.3f}" if x else "-")
     console.print(table)

@@ -99,6 +99,41 @@ def _check_fidelity(handle: ModelHandle, step, index: int, ref: torch.Tensor, fl
         )
 
 
+FIDELITY_TEXTS = 256  # evaluation texts an encoder's embeddings are compared on when the data has no labels
+
+
+@torch.no_grad()
+def _embedding_reference(handle: ModelHandle, data) -> tuple[list[str], torch.Tensor] | None:
+    """For an encoder on text with no quality metric (no pairs, no labels): the original's embeddings of
+    some evaluation texts, kept so the compressed model gets a fidelity figure instead of nothing."""
+    from .measure.quality import metric_for
+
+    if data is None or handle.task != "sentence-embedding" or not hasattr(data, "documents"):
+        return None
+    if metric_for(handle, data) is not None:
+        return None
+    texts = data.documents("eval")[:FIDELITY_TEXTS]
+    return (texts, handle.embed(texts)) if texts else None
+
+
+@torch.no_grad()
+def _embedding_fidelity(handle: ModelHandle, after, reference, notes: list[str]) -> None:
+    if reference is None or after is None:
+        return
+    texts, ref = reference
+    cos = torch.nn.functional.cosine_similarity(handle.embed(texts).float(), ref.float(), dim=-1)
+    after.fidelity = {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "n_items": len(texts),
+        "reference": "the model before compression",
+    }
+    notes.append(
+        f"no quality metric for this data (no pairs or labels): fidelity is the mean cosine of the embeddings to the "
+        f"model before compression, {float(cos.mean()):.4f} over {len(texts)} evaluation texts"
+    )
+
+
 def _validate_first(handle: ModelHandle, recipe: Recipe, data, calib_data, profile_kwargs: dict) -> None:
     """Everything cheap that can be wrong, checked before anything is measured or calibrated."""
     from .measure.quality import check_data_for
@@ -140,10 +175,13 @@ def compress(
         notes.append("no --data or --calib: no step calibrated on data (this recipe's steps are data-free)")
     if data is None:
         notes.append("no --data: quality was not measured, only cost")
+    reference = _embedding_reference(handle, data) if measure else None
     if out is None:
         before = profile(handle, data=data, **profile_kwargs) if measure else None
         apply_recipe(handle, recipe, calib_data)
+        notes += handle.meta.get("notes", [])
         after = profile(handle, data=data, **profile_kwargs) if measure else None
+        _embedding_fidelity(handle, after, reference, notes)
         return CompressResult(handle, recipe, before, after, None, notes)
     if isinstance(handle.module, torch.nn.Module):
         from .measure.cost import weight_bytes
@@ -153,6 +191,7 @@ def compress(
         fault_point("compress-start")
         before = profile(handle, data=data, **profile_kwargs) if measure else None
         apply_recipe(handle, recipe, calib_data)
+        notes += handle.meta.get("notes", [])
         fault_point("compress-applied")
         tmp = w.tmp
         reports = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}
@@ -161,6 +200,7 @@ def compress(
         after = None
         if measure:
             after = profile(handle, data=data, **profile_kwargs)
+            _embedding_fidelity(handle, after, reference, notes)
             (tmp / "before.json").write_text(before.to_json() + "\n")
             (tmp / "after.json").write_text(after.to_json() + "\n")
         out_path = w.commit()

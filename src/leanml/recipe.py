@@ -273,7 +273,7 @@ def _validate_step(handle: ModelHandle, step: TechniqueConfig, state: dict) -> N
             state["reshaped"] = True
         return
     if kind == "prune-structured":
-        _validate_structured(handle, step, gone)
+        _validate_structured(handle, step, gone, reshaped)
         state["reshaped"] = True
         return
     types = (nn.Linear, nn.Conv2d) if kind == "int8-static" else (nn.Linear,)
@@ -296,7 +296,35 @@ def _validate_step(handle: ModelHandle, step: TechniqueConfig, state: dict) -> N
             gone.update(_output_heads(model))
 
 
-def _validate_structured(handle: ModelHandle, cfg: TechniqueConfig, gone: set[str]) -> None:
+def _plan_on_example(handle: ModelHandle, cfg: TechniqueConfig, producer_types: tuple) -> None:
+    """The dependency analysis (torch.fx) of a plain network on its example inputs, before anything is
+    measured or calibrated: a model none of whose channels can be removed is refused now. Skipped when the
+    example inputs do not run (the data's inputs trace it later)."""
+    import torch
+
+    from .prune import structured as st
+    from .prune.dependency import channel_groups
+    from .prune.units import units_to_remove
+
+    example = handle.example_inputs
+    if example is None:
+        return
+    model = handle.module
+    was_training = model.training
+    model.eval()  # a run in training mode would move BatchNorm statistics: validation changes nothing
+    try:
+        with torch.no_grad():
+            handle.call(example)
+    except Exception:  # noqa: BLE001 - inputs guessed for the model that do not fit it
+        return
+    finally:
+        model.train(was_training)
+    plan, _ = st._plan_groups(handle, cfg, channel_groups(handle.module, example), producer_types)
+    for g in plan:
+        units_to_remove(cfg.ratio, g.channels, f"layer {g.producers[0]!r}")
+
+
+def _validate_structured(handle: ModelHandle, cfg: TechniqueConfig, gone: set[str], reshaped: bool = False) -> None:
     """The checks of :func:`leanml.prune.structured.apply_structured_prune` that need no data."""
     from torch import nn
 
@@ -312,6 +340,8 @@ def _validate_structured(handle: ModelHandle, cfg: TechniqueConfig, gone: set[st
             what = "Conv" if cfg.unit == "filters" else "Linear"
             raise LeanmlError(f"unit {cfg.unit!r} does not apply to model {handle.name!r}: it has no {what} layers")
         select_layers(model, producer_types, cfg.targets, cfg.ignore, handle.task, exclude=gone)
+        if not gone and not reshaped:  # the model as it is now is the model this step will prune
+            _plan_on_example(handle, cfg, producer_types)
         return
     if cfg.unit == "neurons":
         st._check_blocks(handle, layout, cfg, lambda b: b.ffn_layers)

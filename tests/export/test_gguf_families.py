@@ -316,3 +316,17 @@ def test_per_layer_widths_are_refused(tmp_path, tokenizer):
     with pytest.raises(LeanmlError, match="block 1 of this model differs from block 0") as err:
         export_gguf(handle, tmp_path / "p.gguf")
     assert "\n" not in str(err.value)
+
+
+def test_a_loaded_gguf_file_is_measured_on_disk_as_the_file(tmp_path, tokenizer, monkeypatch):
+    """Not the fp32 folder it is converted to and cached in."""
+    import leanml
+    from leanml.measure.cost import disk_bytes
+
+    monkeypatch.setenv("LEANML_CACHE", str(tmp_path / "cache"))
+    export_gguf(quantized("llama", tokenizer, next(iter(QUANT))), tmp_path / "q.gguf")
+    back = leanml.load_model(tmp_path / "q.gguf")
+    size, where = disk_bytes(back)
+    assert (size, where) == ((tmp_path / "q.gguf").stat().st_size, str(tmp_path / "q.gguf"))
+    cache = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert cache > 2 * size  # the dequantised cache is far larger: measuring it would be wrong

@@ -174,10 +174,11 @@ def test_records_for_a_causal_lm_get_a_note_and_fidelity(tiny_llama):
     assert fid["top1_agreement"] == 1.0 and fid["n_tokens"] > 0
 
 
-def test_labelled_records_for_an_encoder_are_not_an_accuracy(encoder):
+def test_labelled_records_for_an_encoder_are_a_nearest_centroid_accuracy(encoder):
     records = TextRecords(name="rows", texts=SENTENCES, labels=[i % 2 for i in range(len(SENTENCES))])
-    assert evaluate(encoder, records) is None  # it used to fail on the (B, T, H) output after timing
-    assert "no quality figure" in quality_notes(encoder, records)[0]
+    q = evaluate(encoder, records)  # it used to fail on the (B, T, H) output after timing
+    assert q["metric"] == "accuracy" and q["method"].startswith("nearest class centroid") and q["n_items"] == 12
+    assert "accuracy is over only 12 evaluation items" in quality_notes(encoder, records)[0]
 
 
 def test_unlabelled_tensors_get_a_note(mlp):

@@ -77,3 +77,51 @@ def test_decode_benchmark_reports_speeds(tiny_llama):
     d = decode_benchmark(tiny_llama, prompt, new_tokens=6, repeats=2)
     assert d["step_s"]["n"] == 10 and d["decode_tokens_per_s"] > 0 and d["prefill_tokens_per_s"] > 0
     assert d["decode_tokens_per_s"] == pytest.approx(5 / (d["step_s"]["mean"] * 5), rel=0.5)
+
+
+@pytest.mark.parametrize("technique", ["w4-g4", "w8", "int8-dynamic", "int8-static", "kmeans4", "torch-dynamic"])
+def test_a_quantized_model_has_as_many_params_as_its_float_original(technique):
+    """Quantized layers store their weights as integer codes in buffers: they still count, by hand."""
+    import copy
+
+    from leanml.config import Codebook, Int8Dynamic, Int8Static, WeightOnly
+    from leanml.data import TensorData
+    from leanml.quantize.api import quantize
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 64, 12), torch.nn.ReLU()
+    )
+    net.append(torch.nn.Linear(12, 4, bias=False)).eval()
+    by_hand = (8 * 9 + 8) + (8 * 64 * 12 + 12) + 12 * 4
+    assert count_params(net) == by_hand
+    x = torch.rand(32, 1, 8, 8)
+    if technique == "torch-dynamic":
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear}, dtype=torch.qint8)
+        assert type(q[3]).__module__.startswith("torch.ao.nn.quantized")
+    else:
+        config = {
+            "w4-g4": WeightOnly(bits=4, group_size=4, method="rtn"),
+            "w8": WeightOnly(bits=8, group_size=None, method="rtn"),
+            "int8-dynamic": Int8Dynamic(),
+            "int8-static": Int8Static(observer="minmax"),
+            "kmeans4": Codebook(method="kmeans", bits=4),
+        }[technique]
+        data = TensorData(name="toy", x=x, y=net(x).argmax(-1))
+        q = quantize(ModelHandle(module=copy.deepcopy(net), task="generic", name="cnn"), config, data).module
+        assert type(q[3]).__name__ != "Linear"
+    assert count_params(q) == by_hand
+    assert weight_bytes(q) < weight_bytes(net)  # fewer bytes, the same number of weights
+
+
+def test_a_quantized_tied_head_counts_once(tiny_llama):
+    import copy
+
+    from leanml.config import WeightOnly
+    from leanml.quantize.api import quantize
+
+    before = count_params(tiny_llama.module)
+    cfg = WeightOnly(bits=8, group_size=None, method="rtn", mse_clip=False, head_bits=8)  # the tied head too
+    q = quantize(copy.deepcopy(tiny_llama), cfg)
+    assert type(q.module.lm_head).__name__ == "QuantLinear"
+    assert count_params(q.module) == before

@@ -208,3 +208,28 @@ def test_check_finite_on_buffers():
 def test_a_folder_copy_loads(folder, tmp_path):
     shutil.copytree(folder, tmp_path / "copy")
     assert load_model(tmp_path / "copy").task == "causal-lm"
+
+
+def test_a_pickled_module_whose_class_cannot_be_imported_names_what_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "usernets.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 2)\n\n    def forward(self, x):\n        return self.fc(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usernets
+
+    torch.save(usernets.Net(), tmp_path / "net.pt")
+    assert load_model(tmp_path / "net.pt").module.fc.out_features == 2  # importable: it loads
+    # the user's module is not importable where leanml runs
+    monkeypatch.delitem(sys.modules, "usernets")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    text = raises(tmp_path / "net.pt", r"needs the module 'usernets', which cannot be imported")
+    assert "must be importable" in text and "PYTHONPATH" in text
+    # the module is there but no longer has the class
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "usernets.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    text = raises(tmp_path / "net.pt", r"needs a class that cannot be found .*Net")
+    assert "must be importable" in text

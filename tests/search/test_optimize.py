@@ -379,3 +379,32 @@ def test_a_resumed_search_gets_the_time_that_is_left(tmp_path):
     study.set_user_attr("search_seconds", 3600.0)  # as if the first run had used the whole hour
     res = optimize(handle, data, budget="2%", runtime="torch", time_budget="1h", out=out, resume=True, threads=1)
     assert len([r for r in res.trials if r["status"] != "running"]) == 2  # no time left: no new trial
+
+
+def test_a_budget_shorter_than_the_original_s_measurement_is_refused_before_it(monkeypatch, tmp_path):
+    """One forward call is timed first; a model whose measurement surely outlasts the budget is refused
+    without measuring it (each call sleeps 50 ms, so 23 calls alone take over 1.1 s: a 2 s budget is short)."""
+    from leanml.data import TensorData
+    from leanml.models import ModelHandle
+    from leanml.search import study as mod
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            time.sleep(0.05)
+            return self.fc(x)
+
+    def measured(*a, **k):
+        raise AssertionError("the original was measured before the refusal")
+
+    monkeypatch.setattr(mod, "profile", measured)
+    x = torch.randn(64, 4)
+    handle = ModelHandle(module=Slow().eval(), task="generic", name="slow", example_inputs=(x[:8],))
+    data = TensorData(name="toy", x=x, y=torch.zeros(64, dtype=torch.long))
+    with pytest.raises(LeanmlError, match=r"too small for one trial: measuring the original model takes at least") as info:
+        optimize(handle, data, budget="2%", runtime="torch", time_budget="2s", out=tmp_path / "o")
+    assert "forward calls of" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()

@@ -161,6 +161,36 @@ def _int8_mode(module: torch.nn.Module) -> str | None:
     return modes.pop() if modes else None
 
 
+def _onnx_scope(name: str) -> str:
+    """The node-name scope the ONNX exporter gives module ``name``: ``encoder.layer.0.output.dense`` ->
+    ``/encoder/layer.0/output/dense/`` (list indices stay joined to their list by a dot)."""
+    out = ""
+    for part in name.split("."):
+        out += f".{part}" if part.isdigit() and out else f"/{part}"
+    return out + "/"
+
+
+def _float_nodes(module: torch.nn.Module, graph_path: Path) -> tuple[tuple[str, ...], str]:
+    """The ONNX MatMul/Gemm nodes of the Linear layers leanml left float (targets/ignore, output heads), so
+    ONNX Runtime quantizes exactly the layers the simulated model has in int8; and ``"float"`` for the fused
+    attention when a float layer was fused into it (its MatMul is gone from the graph), else "qattention"."""
+    import onnx
+
+    from ..quantize.modules import Int8ActLinear
+
+    kept = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, Int8ActLinear)]
+    if not kept:
+        return (), "qattention"
+    nodes = [n for n in onnx.load(str(graph_path), load_external_data=False).graph.node if n.op_type in ("MatMul", "Gemm")]
+    exclude, fused_away = [], False
+    for name in kept:
+        scope = _onnx_scope(name)
+        mine = [n.name for n in nodes if scope in n.name]
+        exclude += mine
+        fused_away = fused_away or not mine
+    return tuple(dict.fromkeys(exclude)), "float" if fused_away else "qattention"
+
+
 def _calibration_feeds(handle: ModelHandle, data, names: list[str], limit: int = 16):
     """Calibration inputs for static int8 on ONNX Runtime, from ``data``'s calibration split."""
     from ..data import TensorData
@@ -223,7 +253,8 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
         from .onnx_dynamic import quantize_dynamic_onnx
 
         final = work / "int8.onnx"
-        report["int8"] = quantize_dynamic_onnx(fused, final, per_channel=True)
+        exclude, attention = _float_nodes(handle.module, fused)
+        report["int8"] = quantize_dynamic_onnx(fused, final, per_channel=True, exclude=exclude, attention=attention)
     elif mode == "static":
         import onnx
 
@@ -234,4 +265,59 @@ def _onnxruntime(handle: ModelHandle, work: Path, threads: int | None, device: s
         report["int8"] = quantize_static_onnx(plain, final, _calibration_feeds(handle, data, names), per_channel=True)
     module = OrtModule(final, threads=threads, providers=providers)
     report["bytes"] = sum(p.stat().st_size for p in work.glob(final.name + "*"))
+    if mode is not None:
+        report["agreement"] = _check_int8_agreement(handle, module, data, mode)
     return _twin(handle, module, "onnxruntime", report)
+
+
+INT8_AGREEMENT_DB = 8.0  # least SQNR of ONNX Runtime's int8 output against leanml's simulated int8 model
+
+
+def _agreement_inputs(handle: ModelHandle, data):
+    """Held-out inputs for the runtime check: the data's check split (not what calibrated), else the
+    handle's example inputs."""
+    from ..data import TensorData
+    from ..models.inputs import text_batch
+
+    if isinstance(data, TensorData):
+        x, _ = data.tensors("check")
+        if len(x) == 0:
+            x, _ = data.tensors("eval")
+        return (x[:64],), f"{min(64, len(x))} inputs of the data's check split"
+    if data is not None and handle.tokenizer is not None and hasattr(data, "documents"):
+        docs = data.documents("check")[:32] or data.documents("eval")[:32]
+        if docs:
+            return text_batch(handle.tokenizer, docs, handle.max_length), f"{len(docs)} texts of the data's check split"
+    return handle.example_inputs, "the model's example inputs"
+
+
+@torch.no_grad()
+def _check_int8_agreement(handle: ModelHandle, module, data, mode: str) -> dict | None:
+    """ONNX Runtime quantizes the float graph itself (its own activation ranges): its output must stay near
+    the simulated int8 model leanml calibrated and measured, or the figures would be of another model."""
+    from ..models.handle import output_tensor
+
+    inputs, what = _agreement_inputs(handle, data)
+    if inputs is None:
+        return None
+    run = ModelHandle(module=module, task=handle.task, name=handle.name, runtime="onnxruntime")
+    try:
+        sim = output_tensor(handle.call(inputs)).double()
+        got = output_tensor(run.call(inputs)).double()
+    except Exception:  # noqa: BLE001 - inputs the graph does not take are refused when it is timed
+        return None
+    if sim.shape != got.shape:
+        return None
+    noise = (sim - got).pow(2).sum()
+    sqnr = float("inf") if noise == 0 else float(10 * torch.log10(sim.pow(2).sum().clamp(min=1e-30) / noise))
+    out = {"inputs": what, "sqnr_db": sqnr, "floor_db": INT8_AGREEMENT_DB}
+    if sim.ndim == 2 and sim.shape[1] > 1:
+        out["top1_agreement"] = float((sim.argmax(-1) == got.argmax(-1)).double().mean())
+    if not (torch.isfinite(got).all() and sqnr >= INT8_AGREEMENT_DB):
+        top1 = f", top-1 agreement {out['top1_agreement']:.2f}" if "top1_agreement" in out else ""
+        raise LeanmlError(
+            f"ONNX Runtime's {mode} int8 graph of {handle.name!r} diverges from leanml's simulated int8 model: output "
+            f"SQNR {sqnr:.1f} dB < {INT8_AGREEMENT_DB:g} dB{top1} on {what}; serve it with --runtime torch, or use "
+            f"{'int8-dynamic' if mode == 'static' else 'weight-only 8-bit'} for onnxruntime"
+        )
+    return out

@@ -47,9 +47,21 @@ def unique_tensors(module: torch.nn.Module, buffers: bool = True) -> list[torch.
     return out
 
 
+def _code_numel(module: torch.nn.Module) -> int:
+    """Weights a quantized layer stores as integer codes (buffers or packed params, not Parameters)."""
+    own = getattr(module, "weight_numel", None)  # leanml's quantized layers
+    if callable(own):
+        return int(own())
+    if type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None)):
+        bias = module.bias() if callable(getattr(module, "bias", None)) else None
+        return module.weight().numel() + (0 if bias is None else bias.numel())
+    return 0
+
+
 def count_params(module: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied embeddings count once)."""
-    return sum(t.numel() for t in unique_tensors(module, buffers=False))
+    """Number of distinct parameters (tied embeddings count once), quantized weights included: a layer
+    that stores its weight as integer codes has as many weights as the float layer it replaced."""
+    return sum(t.numel() for t in unique_tensors(module, buffers=False)) + sum(_code_numel(m) for m in module.modules())
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

@@ -110,6 +110,17 @@ def example_inputs(handle: ModelHandle, data, batch: int | None, seq_len: int | 
     return inputs, int(first.shape[0])
 
 
+def _with_data_inputs(handle: ModelHandle, data: TensorData) -> ModelHandle:
+    """A copy of ``handle`` (the same module) whose example inputs are a few rows of the data."""
+    import copy
+
+    x, _ = data.tensors("calib" if len(data.tensors("calib")[0]) else "eval")
+    out = copy.copy(handle)
+    out.example_inputs = (x[:8],)
+    out.meta = {k: v for k, v in handle.meta.items() if k != "example_inputs"}
+    return out
+
+
 def profile(
     model: str | ModelHandle,
     data=None,
@@ -155,6 +166,8 @@ def profile(
     ref = reference if (reference is None or isinstance(reference, ModelHandle)) else load_model(reference)
     if ref is not None:
         check_reference(handle, ref, data)
+    if isinstance(data, TensorData) and handle.is_torch and handle.tokenizer is None:
+        handle = _with_data_inputs(handle, data)  # a runtime is prepared (exported) for the data's shapes
     if runtime is not None and runtime != handle.runtime:
         from ..accelerate.runtimes import prepare
 
@@ -162,7 +175,7 @@ def profile(
     twin = handle.meta.get("torch_handle") or handle
     if hasattr(handle.module, "set_threads") and threads:
         handle.module.set_threads(threads)
-    if handle.meta.get("example_inputs"):
+    if handle.meta.get("example_inputs") and not isinstance(data, TensorData):  # the inputs timed were guessed
         notes.append(handle.meta["example_inputs"])
     with torch_threads(threads) as n_threads:
         inputs, items = example_inputs(handle, data, batch, seq_len)

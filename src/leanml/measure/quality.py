@@ -167,6 +167,8 @@ def metric_for(handle: ModelHandle, data) -> str | None:
     if handle.task == "causal-lm":
         return "perplexity" if isinstance(data, TextCorpus) else None
     if handle.task == "sentence-embedding":
+        if isinstance(data, TextRecords) and data.labels is not None:
+            return "accuracy"  # of the nearest class centroid of the embeddings (see centroid_predictions)
         return "spearman" if isinstance(data, SimilarityPairs) else None
     if isinstance(data, TensorData) and data.y is not None:
         return "accuracy"
@@ -335,9 +337,31 @@ def cosine_spearman(embeddings: torch.Tensor, pairs: list[tuple[int, int]], scor
     return float(spearmanr(cos.numpy(), scores).statistic)
 
 
+class _PerToken(Exception):
+    """The model's output has one vector per token (an encoder), so it holds no class logits."""
+
+
 @torch.no_grad()
 def classify(handle: ModelHandle, data, split: str = "eval", batch_size: int = 64) -> torch.Tensor:
-    """Class logits of ``handle`` for a labelled split of ``data``."""
+    """Class logits of ``handle`` for a labelled split of ``data``; a text model whose outputs are per
+    token (an encoder without a classification head) is scored by :func:`centroid_predictions` instead."""
+    return class_scores(handle, data, split, batch_size)[0]
+
+
+CENTROIDS = "nearest class centroid of the calibration split's embeddings"
+
+
+def class_scores(handle: ModelHandle, data, split: str = "eval", batch_size: int = 64) -> tuple[torch.Tensor, str | None]:
+    """:func:`classify`'s scores and how they were made (None: the model's own logits, or CENTROIDS)."""
+    if handle.task == "sentence-embedding" and isinstance(data, TextRecords):
+        return centroid_predictions(handle, data, split), CENTROIDS
+    try:
+        return _logits(handle, data, split, batch_size), None
+    except _PerToken:
+        return centroid_predictions(handle, data, split), CENTROIDS
+
+
+def _logits(handle: ModelHandle, data, split: str, batch_size: int) -> torch.Tensor:
     outs = []
     if isinstance(data, TensorData):
         x, _ = data.tensors(split)
@@ -349,8 +373,32 @@ def classify(handle: ModelHandle, data, split: str = "eval", batch_size: int = 6
             enc = handle.tokenizer(
                 texts[k : k + batch_size], padding=True, truncation=True, max_length=handle.max_length, return_tensors="pt"
             )
-            outs.append(output_tensor(handle.call(dict(enc))).float())
+            out = output_tensor(handle.call(dict(enc))).float()
+            if out.ndim == 3:
+                raise _PerToken
+            outs.append(out)
     return torch.cat(outs)
+
+
+CENTROID_FIT_ITEMS = 2000  # labelled calibration texts the class centroids are fitted on (at most)
+
+
+@torch.no_grad()
+def centroid_predictions(handle: ModelHandle, data, split: str = "eval") -> torch.Tensor:
+    """Nearest-centroid scores of an encoder on labelled text: the class centroids are the means of the
+    unit-length embeddings of the calibration split's texts (never the split scored), and each text's
+    score for a class is its cosine to that centroid; a class missing from calibration scores -inf."""
+    fit_texts, fit_labels = data.labelled("calib")
+    if not fit_texts:
+        raise LeanmlError(f"data {data.name!r} has no labelled calibration texts to fit the class centroids on")
+    fit_texts, fit_labels = fit_texts[:CENTROID_FIT_ITEMS], torch.tensor(fit_labels[:CENTROID_FIT_ITEMS])
+    texts = data.documents(split)
+    n_classes = int(max(max(fit_labels.tolist()), max(data.labelled(split)[1], default=0))) + 1
+    fit = F.normalize(handle.embed(fit_texts).float(), dim=-1)
+    centroids = torch.zeros(n_classes, fit.shape[1]).index_add_(0, fit_labels, fit)
+    present = torch.bincount(fit_labels, minlength=n_classes) > 0
+    scores = F.normalize(handle.embed(texts).float(), dim=-1) @ F.normalize(centroids, dim=-1).T
+    return scores.masked_fill(~present, float("-inf"))
 
 
 def labels_of(data, split: str = "eval") -> torch.Tensor:
@@ -387,7 +435,7 @@ def evaluate(handle: ModelHandle, data, split: str = "eval", samples: bool = Fal
     if metric == "accuracy":
         if _eval_items(data, split) == 0:
             raise LeanmlError(f"data {data.name!r} has an empty {split} split; accuracy needs at least 2 items")
-        logits = classify(handle, data, split)
+        logits, method = class_scores(handle, data, split)
         y = labels_of(data, split)
         if logits.ndim != 2 or logits.shape[0] != len(y):
             raise LeanmlError(
@@ -396,6 +444,8 @@ def evaluate(handle: ModelHandle, data, split: str = "eval", samples: bool = Fal
             )
         right = (logits.argmax(-1) == y).float()
         out = {"metric": "accuracy", "value": float(right.mean()), "higher_is_better": True, "n_items": len(y), "split": split}
+        if method is not None:
+            out["method"] = method
         if samples:
             out["samples"] = {"kind": "accuracy", "correct": [int(v) for v in right.tolist()]}
         return out

@@ -360,6 +360,7 @@ def load_gguf(path: Path) -> ModelHandle:
         handle.tokenizer = _load_processor(folder, tf.PreTrainedTokenizerFast, "tokenizer")
         handle.example_inputs = default_example_inputs(handle)
     handle.source = str(path)
+    handle.artifact = path  # its size on disk is the file's, not the fp32 cache's
     return handle
 
 
@@ -412,7 +413,17 @@ def load_torch_file(path: Path, task: str | None = None) -> ModelHandle:
             module = torch.jit.load(str(path), map_location="cpu")
         else:
             module = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+    except ModuleNotFoundError as exc:  # the pickle names a class in a module this Python cannot import
+        raise LeanmlError(
+            f"model file '{path}' needs the module {exc.name!r}, which cannot be imported: the model's class must be "
+            "importable where leanml runs (install its package or add its folder to PYTHONPATH)"
+        ) from None
+    except AttributeError as exc:  # the module is there but the class is not ("Can't get attribute 'Net' on ...")
+        raise LeanmlError(
+            f"model file '{path}' needs a class that cannot be found ({_first_line(exc)}): the model's class must be "
+            "importable where leanml runs, from the module it was saved from"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other unpickling failure is the file's fault
         raise LeanmlError(f"model file '{path}' is not a pickled nn.Module or TorchScript file ({type(exc).__name__})") from None
     if isinstance(module, dict):
         raise LeanmlError(

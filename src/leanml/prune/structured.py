@@ -100,6 +100,7 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
 # ----------------------------------------------------------------------------------------------------
 
 NEEDS_DATA = ("taylor", "activation")
+SHORT_OF_TARGET = 0.25  # a plain-network cut that removes under this × the ratio of the FLOPs is reported
 
 
 def _calibration(handle: ModelHandle, cfg: StructuredPrune, data) -> list | None:
@@ -273,6 +274,8 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
     example = traced_on[0] if traced_on else handle.example_inputs
     groups = channel_groups(model, example)
     plan, skipped = _plan_groups(handle, cfg, groups, producer_types)
+    chosen = select_layers(model, producer_types, cfg.targets, cfg.ignore, handle.task)
+    flops_before = _flops(handle, example)
     counts = []
     for g in plan:  # every error comes before any surgery
         others = f" (coupled with {', '.join(repr(p) for p in g.producers[1:])})" if g.coupled else ""
@@ -320,7 +323,38 @@ def prune_channels(handle: ModelHandle, cfg: StructuredPrune, data=None) -> dict
                 }
             )
     _check_pruned(handle, example, ref_shapes, backup)
-    return {"layers": layers, "groups": report_groups, "skipped": skipped}
+    flops_after = _flops(handle, example)
+    kind = "Conv" if cfg.unit == "filters" else "Linear"
+    pruned = sorted(p for p, v in layers.items() if v["removed"])
+    reach = {
+        "producers_targeted": len(chosen),
+        "producers_pruned": len(pruned),
+        "flops_before": flops_before,
+        "flops_after": flops_after,
+        "flops_fraction_removed": None if not flops_before else (flops_before - flops_after) / flops_before,
+    }
+    summary = f"{cfg.unit} {cfg.ratio:g}: pruned {len(pruned)} of the {len(chosen)} targeted {kind} layers"
+    if reach["flops_fraction_removed"] is not None:
+        summary += f", {reach['flops_fraction_removed']:.1%} of the FLOPs removed"
+    reach["summary"] = summary
+    # a cut far below what the ratio asks for (the layers it reached are a small part of the compute)
+    if reach["flops_fraction_removed"] is not None and reach["flops_fraction_removed"] < SHORT_OF_TARGET * cfg.ratio:
+        why = f"; left whole: {skipped[0]['layers'][0]!r} ({skipped[0]['reason']})" if skipped else ""
+        reach["warning"] = (
+            f"{summary}, under {SHORT_OF_TARGET:g} × the ratio {cfg.ratio:g}: most of the model was not pruned "
+            f"({len(skipped)} groups left whole{why}; see prune.json)"
+        )
+        handle.meta.setdefault("notes", []).append(reach["warning"])
+    return {"layers": layers, "groups": report_groups, "skipped": skipped, **reach}
+
+
+def _flops(handle: ModelHandle, example) -> int | None:
+    from ..measure.cost import count_flops
+
+    try:
+        return count_flops(handle, example)
+    except Exception:  # noqa: BLE001 - a model the FLOP counter cannot run: the report says nothing of FLOPs
+        return None
 
 
 @torch.no_grad()

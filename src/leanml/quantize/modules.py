@@ -106,6 +106,10 @@ class QuantLinear(torch.nn.Module):
     def from_spec(cls, s: dict) -> QuantLinear:
         return cls(s["in"], s["out"], s["bits"], s["group_size"], s["symmetric"], s["bias"], s["contiguous_groups"])
 
+    def weight_numel(self) -> int:
+        """Weights stored as integer codes (buffers, so not counted as parameters)."""
+        return self.in_features * self.out_features
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
@@ -165,6 +169,10 @@ class _Int8Act(torch.nn.Module):
             shape = (-1,) + (1,) * (self.qweight.ndim - 1)
             self._weight = self.qweight.to(torch.float32) * self.w_scale.reshape(shape)
         return self._weight
+
+    def weight_numel(self) -> int:
+        """Weights stored as int8 codes (buffers, so not counted as parameters)."""
+        return self.qweight.numel()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._weight = None
@@ -332,6 +340,10 @@ class CodebookLinear(torch.nn.Module):
         self.register_buffer("row_scale", row_scale.to(torch.float32).clone() if row_scale is not None else torch.ones(()))
         self.bias = torch.nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         self.register_buffer("_weight", None, persistent=False)
+
+    def weight_numel(self) -> int:
+        """Weights stored as indices into the codebook (buffers, so not counted as parameters)."""
+        return self.in_features * self.out_features
 
     def dequantize(self) -> torch.Tensor:
         codes = unpack_bits(self.qweight, self.bits, self.in_features * self.out_features).reshape(self.out_features, -1)

@@ -568,6 +568,37 @@ class _Search:
         return fn
 
 
+def _baseline_floor(handle: ModelHandle, data, inputs, threads: int | None) -> tuple[float, int, float]:
+    """A lower bound on the seconds the original's measurement takes, from one timed forward call: the
+    calls it surely makes (the profile's 3 warm-up and 20 timed calls, one per batch of the evaluation and
+    selection splits; for LMs the 512-token windows of both, each at least 4 calls' worth of the 128-token
+    prompt). Returns (seconds, calls, seconds per call)."""
+    import torch
+
+    from ..measure.quality import EVAL_WINDOW
+    from ..measure.system import torch_threads
+
+    try:
+        with torch.no_grad(), torch_threads(threads):
+            handle.call(inputs)  # the first call pays for lazy set-up
+            t0 = time.perf_counter()
+            handle.call(inputs)
+            t_call = time.perf_counter() - t0
+    except Exception:  # noqa: BLE001 - inputs the model refuses: the measurement says so in its own words
+        return 0.0, 0, 0.0
+
+    def items(split: str) -> int:
+        if hasattr(data, "indices"):
+            return len(data.indices(split))
+        return len(data.documents(split)) if hasattr(data, "documents") else 0
+
+    if handle.task == "causal-lm" and hasattr(data, "windows"):
+        calls = 4 * sum(len(data.windows(handle.tokenizer, split, EVAL_WINDOW)) for split in ("eval", "select"))
+    else:
+        calls = 23 + math.ceil((items("eval") + items("select")) / 64)
+    return calls * t_call, calls, t_call
+
+
 def _check_split(data) -> str:
     """The split the fidelity guard reads: the held-out check split, or the selection split's inputs
     (label-free) for data that has no check split."""
@@ -875,6 +906,14 @@ def optimize(
             before = study.user_attrs["before"]
             base_seconds = study.user_attrs.get("before_seconds", 0.0)
         else:
+            if seconds is not None:  # refused now, not after a measurement longer than the whole budget
+                floor_s, calls, t_call = _baseline_floor(handle, data, inputs, threads)
+                if seconds < 2 * floor_s:
+                    raise LeanmlError(
+                        f"time budget {time_budget!r} is too small for one trial: measuring the original model takes at "
+                        f"least {floor_s:.0f} s ({calls} forward calls of {t_call:.2f} s each), so give at least "
+                        f"{math.ceil(2 * floor_s)} s"
+                    )
             t0 = time.perf_counter()
             before = profile(handle, data=data, hardware=hw.name, threads=threads).to_dict()
             before["serving_memory"] = _serving_memory(handle, inputs, threads)
