@@ -29,10 +29,10 @@ import leanml
 from _common import RESULTS, md_table, write_results
 from leanml.accelerate.runtimes import prepare
 from leanml.measure.profile import host_info
+from leanml.measure.quality import evaluate
 from leanml.pipeline import apply_recipe
 from leanml.search import Budget, parse_drop
 from leanml.search.budget import objective_value, serving_peak
-from leanml.measure.quality import evaluate
 from leanml.search.noise import drop_interval
 from leanml.search.study import clone
 
@@ -254,7 +254,8 @@ def markdown(payload: dict) -> str:
             f"drop {_iv(c.get('quality_drop'), c.get('interval'))}; fidelity {_f(c.get('fidelity_score'))}; "
             f"cost {_f(c.get('objective'))} vs {sec['before_usd']:.4g} $/M = **{(sec['cost_ratio'] or float('nan')):.3f}×** "
             f"the fp32 torch-eager model; peak memory of the serving process "
-            f"**{(sec.get('memory_ratio') or float('nan')):.2f}×** ({_f((sec.get('memory_before') or 0) / 1e9)} GB for fp32 torch); "
+            f"**{(sec.get('memory_ratio') or float('nan')):.2f}×** "
+            f"({_f((sec.get('memory_before') or 0) / 1e9)} GB for fp32 torch); "
             f"{sec.get('measured', '-')} candidates measured; search wall-clock {sec['seconds']:.0f} s.\n"
         )
         md.append(

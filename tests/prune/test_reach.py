@@ -3,7 +3,6 @@ the FLOPs removed (against ``count_flops`` before and after), and a cut far shor
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
