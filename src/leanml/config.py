@@ -17,7 +17,7 @@ import typing
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import LeanmlError
@@ -166,7 +166,8 @@ class WeightOnly(TechniqueConfig):
     quantizes a causal LM's output head (and the input embedding tied to it) by round to nearest,
     symmetric per output channel, at that width; it is ignored for other tasks. ``upgrade`` names
     targeted layers (names or patterns, like ``targets``) that end at ``upgrade_bits`` instead: round
-    to nearest, symmetric per output channel, from their original weights. The calibrated pass treats
+    to nearest, symmetric per output channel, from their original weights (so only with ``rtn`` or
+    ``gptq``, which change nothing but the layer they quantize). The calibrated pass treats
     them like every other layer, so the other layers' results do not depend on which are upgraded
     (a search assembles such mixes from one pass).
     """
@@ -188,6 +189,16 @@ class WeightOnly(TechniqueConfig):
     head_bits: int | None = Field(None, ge=2, le=8)
     upgrade: list[str] = Field(default_factory=list)
     upgrade_bits: int = Field(8, ge=2, le=8)
+
+    @model_validator(mode="after")
+    def _upgrade_needs_a_local_method(self):
+        if self.upgrade and self.method in ("awq", "awq+gptq"):
+            raise ValueError(
+                f"upgrade needs a method that changes only the layer it quantizes (rtn or gptq); {self.method} "
+                "folds its scales into the neighbouring layers, so a layer re-quantized from its original weights "
+                "would no longer match them"
+            )
+        return self
 
 
 class Int8Dynamic(TechniqueConfig):

@@ -4,6 +4,9 @@ calibrated pass is exactly what its recipe gives."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from leanml.config import WeightOnly
@@ -95,3 +98,18 @@ def test_an_upgrade_mix_assembled_from_one_pass_equals_its_recipe():
     bits = {n: m.bits for n, m in direct.module.named_modules() if hasattr(m, "bits") and hasattr(m, "qweight")}
     assert {bits[n] for n in names} == {8} and set(bits.values()) == {4, 8}
     assert assembled.meta["applied"][-1]["upgrade"] == names
+
+
+def test_an_upgrade_with_awq_is_refused_in_one_line():
+    """AWQ folds its scales into neighbouring layers: a layer re-quantized from its original weights would not
+    fit them (on SmolLM2 such a mix had exp(-KL) 0.01 to the original), so the config refuses it."""
+    from leanml.errors import LeanmlError
+    from leanml.recipe import load_recipe
+
+    for method in ("awq", "awq+gptq"):
+        with pytest.raises(
+            LeanmlError, match=f"upgrade needs a method that changes only the layer it quantizes.*{re.escape(method)} folds"
+        ) as info:
+            load_recipe({"steps": [{"kind": "weight-only", "method": method, "upgrade": ["0"]}]})
+        assert "\n" not in str(info.value)
+    load_recipe({"steps": [{"kind": "weight-only", "method": "gptq", "upgrade": ["0"]}]})  # GPTQ is local: accepted

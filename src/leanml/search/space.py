@@ -18,6 +18,7 @@ from ..distill.config import Distill
 from ..errors import LeanmlError
 from ..prune.config import StructuredPrune
 from ..recipe import BUILTIN_RECIPES, Recipe
+from ..targeting import default_ignore
 
 SEARCH_RUNTIMES = ("onnxruntime", "torch")  # torch-compile is a runtime, but not one the search serves from
 
@@ -39,6 +40,7 @@ class Space:
     seeds: list[dict[str, str]] = field(default_factory=list)
     sensitive: list[str] = field(default_factory=list)  # layers, most sensitive first (the "+8b:" options upgrade a share)
     n_layers: int = 1  # of the transformer, for removing whole layers
+    roles: dict[str, list[str]] = field(default_factory=dict)  # layer patterns by role (the "+fp:" options keep them float)
 
     def points(self) -> list[dict[str, str]]:
         """Every valid point of the space."""
@@ -105,7 +107,37 @@ class Space:
             base = self._quant(head)[0]
             n = round(float(share) * len(self.sensitive))
             return [base.model_copy(update={"upgrade": list(self.sensitive[: max(1, n)])})] if self.sensitive else [base]
+        if "+fp:" in name:  # int8 everywhere but the layers of the named roles, which stay float
+            head, roles = name.split("+fp:")
+            base = self._quant(head)[0]
+            keep = [p for role in roles.split("+") for p in self.roles.get(role, [])]
+            if not keep:
+                raise LeanmlError(f"quantization option {name!r} names roles this model has no layers for")
+            ignore = default_ignore(self.task) if base.ignore is None else base.ignore
+            return [base.model_copy(update={"ignore": [*ignore, *keep]})]
         raise LeanmlError(f"unknown quantization option {name!r}")
+
+
+FLOAT_ROLES = ("ffn-down", "attention", "attention+ffn-down")  # encoder int8 mixes: these layers stay float
+
+
+def encoder_roles(module) -> dict[str, list[str]]:
+    """Layer patterns of an encoder by role, from its family's layout, that hold in any number of layers
+    (``re:`` patterns with the layer index as ``\\d+``, so they still match after layers are removed)."""
+    import re
+
+    from ..prune.transformer import detect_layout
+
+    layout = detect_layout(module)
+    if layout is None or not layout.blocks:
+        return {}
+    block = layout.blocks[0]
+    stem = block.name[: -len(str(block.index))]  # "encoder.layer."
+
+    def pattern(layer: str) -> str:
+        return "re:^" + re.escape(stem) + r"\d+" + re.escape(layer[len(block.name) :]) + "$"
+
+    return {"ffn-down": [pattern(block.ffn_cols)], "attention": [pattern(n) for n in block.attn_layers]}
 
 
 def check_search_runtime(runtime: str) -> None:
@@ -121,14 +153,21 @@ def build_space(
     runtimes = list(SEARCH_RUNTIMES) if runtime == "auto" else [runtime]
     task = handle.task
     hf = getattr(handle.module, "config", None) is not None
+    roles: dict[str, list[str]] = {}
     if task == "causal-lm":
         # every "w4-g64+8b:" mix is assembled from one calibrated 4-bit pass (see leanml.search.study)
-        mixes = [f"w4-g64+8b:{s}" for s in UPGRADE_SHARES] if sensitive else []
-        choices = {"quant": ["w8", "w4-g64", *mixes, "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
-        seeds = [{"quant": q, "ffn": "0"} for q in ["w8", "w4-g64", *mixes[1::2]]]
+        # (GPTQ alone: AWQ folds scales into neighbouring layers, so a layer re-quantized from its original
+        # weights would no longer fit them); "w4-g64" (AWQ + GPTQ) is there too, at the full cost of its pass
+        mixes = [f"w4-g64-gptq+8b:{s}" for s in UPGRADE_SHARES] if sensitive else []
+        choices = {"quant": ["w8", "w4-g64-gptq", *mixes, "w4-g64", "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
+        seeds = [{"quant": q, "ffn": "0"} for q in ["w8", "w4-g64-gptq", *mixes[1::2], *mixes[0::2]]]
     elif hf:  # encoders and classifiers from Hugging Face
+        roles = encoder_roles(handle.module)
+        # int8 with the layers whose activations int8 hurts most kept float (the FFN's down projection reads
+        # the GELU output; attention), for budgets that all-int8 cannot be shown to meet
+        mixes = [f"int8-dynamic+fp:{r}" for r in FLOAT_ROLES] if roles else []
         choices = {
-            "quant": ["int8-dynamic", "none"],
+            "quant": ["int8-dynamic", *mixes, "none"],
             "ffn": ["0", "0.25", "0.5", "0.75"],
             "heads": ["0", "0.5"],
             "layers": ["0", "1", "2", "3"],
@@ -137,6 +176,7 @@ def build_space(
             {"quant": "int8-dynamic", "ffn": "0", "heads": "0", "layers": "0"},
             {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "0"},
             {"quant": "int8-dynamic", "ffn": "0.5", "heads": "0", "layers": "2"},
+            *({"quant": m, "ffn": "0", "heads": "0", "layers": "0"} for m in mixes),
         ]
     else:  # plain nn.Modules: conv filters of CNNs, hidden features of MLPs
         unit = "filters" if any(isinstance(m, torch.nn.Conv2d) for m in handle.module.modules()) else "ffn"
@@ -150,4 +190,11 @@ def build_space(
             seeds.append(dict(seeds[-1], distill=str(steps)))
     choices["runtime"] = runtimes
     seeds = [dict(s, runtime=runtimes[0]) for s in seeds]
-    return Space(task=task, choices=choices, seeds=seeds, sensitive=list(sensitive or []), n_layers=n_layers or 1)
+    return Space(
+        task=task,
+        choices=choices,
+        seeds=seeds,
+        sensitive=list(sensitive or []),
+        n_layers=n_layers or 1,
+        roles=roles,
+    )

@@ -406,7 +406,8 @@ class _Search:
             return clone(hit)
         original = self.models[point.get("model", "original")]
         steps = recipe.steps
-        if len(steps) == 1 and isinstance(steps[0], WeightOnly) and steps[0].upgrade:
+        # one calibrated weight-only pass is kept for the mixes assembled from it (its own trial included)
+        if len(steps) == 1 and isinstance(steps[0], WeightOnly) and steps[0].method == "gptq":
             cand = self._assembled(point, original, steps[0], rec)
         else:
             cand = clone(original)
