@@ -99,6 +99,22 @@ def _check_fidelity(handle: ModelHandle, step, index: int, ref: torch.Tensor, fl
         )
 
 
+def _inputs_from_data(handle: ModelHandle, data) -> None:
+    """A plain module whose example inputs were guessed from its first layer (or are missing) takes a few
+    rows of the data instead: the checks, the exports and the saved artifact then see real inputs."""
+    from .data import TensorData
+
+    if not isinstance(data, TensorData) or not handle.is_torch or handle.tokenizer is not None:
+        return
+    if handle.example_inputs is not None and not handle.meta.get("example_inputs"):
+        return  # inputs the user or the loader chose
+    x, _ = data.tensors("calib")
+    if len(x) == 0:
+        x, _ = data.tensors("eval")
+    handle.example_inputs = (x[:8],)
+    handle.meta.pop("example_inputs", None)
+
+
 FIDELITY_TEXTS = 256  # evaluation texts an encoder's embeddings are compared on when the data has no labels
 
 
@@ -169,6 +185,7 @@ def compress(
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     data = load_data(data) if data is not None else None
     calib_data = load_data(calib) if calib is not None else data
+    _inputs_from_data(handle, calib_data or data)
     _validate_first(handle, recipe, data, calib_data, profile_kwargs)
     notes = []
     if calib_data is None:  # a step that needs activations refuses without data; the others are data-free

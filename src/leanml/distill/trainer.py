@@ -67,7 +67,25 @@ def init_distributed() -> bool:
             # which sandboxes and containers often leave unresolvable
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import atexit
+
+        atexit.register(_leave_distributed)
     return True
+
+
+def _leave_distributed() -> None:
+    """At exit: wait for every rank, then close the process group, so no rank tears down its connections
+    while another still uses them (gloo aborts a process whose peer vanished: "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer that already failed: torchrun reports that rank's error
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -140,6 +140,13 @@ def encoder_roles(module) -> dict[str, list[str]]:
     return {"ffn-down": [pattern(block.ffn_cols)], "attention": [pattern(n) for n in block.attn_layers]}
 
 
+def _groups_fit(module, group: int) -> bool:
+    """Whether ``group`` divides the inputs of every linear layer (a grouped option that cannot apply is left
+    out of the space, instead of failing as a trial); FFN cuts that break it fail as their own trials."""
+    widths = {m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    return bool(widths) and all(w % group == 0 for w in widths)
+
+
 def check_search_runtime(runtime: str) -> None:
     if runtime != "auto" and runtime not in RUNTIMES:
         raise LeanmlError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}")
@@ -159,8 +166,10 @@ def build_space(
         # (GPTQ alone: AWQ folds scales into neighbouring layers, so a layer re-quantized from its original
         # weights would no longer fit them); "w4-g64" (AWQ + GPTQ) is there too, at the full cost of its pass
         mixes = [f"w4-g64-gptq+8b:{s}" for s in UPGRADE_SHARES] if sensitive else []
-        choices = {"quant": ["w8", "w4-g64-gptq", *mixes, "w4-g64", "w4-g128-rtn", "none"], "ffn": ["0", "0.125"]}
-        seeds = [{"quant": q, "ffn": "0"} for q in ["w8", "w4-g64-gptq", *mixes[1::2], *mixes[0::2]]]
+        grouped = [q for q, g in (("w4-g64-gptq", 64), ("w4-g64", 64), ("w4-g128-rtn", 128)) if _groups_fit(handle.module, g)]
+        mixes = mixes if "w4-g64-gptq" in grouped else []
+        choices = {"quant": ["w8", *grouped[:1], *mixes, *grouped[1:], "none"], "ffn": ["0", "0.125"]}
+        seeds = [{"quant": q, "ffn": "0"} for q in ["w8", *grouped[:1], *mixes[1::2], *mixes[0::2]]]
     elif hf:  # encoders and classifiers from Hugging Face
         roles = encoder_roles(handle.module)
         # int8 with the layers whose activations int8 hurts most kept float (the FFN's down projection reads
