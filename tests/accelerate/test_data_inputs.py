@@ -45,3 +45,21 @@ def test_a_saved_artifact_keeps_its_input_shape(tmp_path, images):
     assert back.module(x).shape == (8, 5)
     m = leanml.profile(back, runtime="onnxruntime", repeats=1, threads=1)  # no data: the saved shape, no guess
     assert not [n for n in m.notes if "inferred shape" in n]
+
+
+def test_compress_checks_and_saves_on_the_data_inputs_when_they_were_guessed(tmp_path, images):
+    """The near-lossless check of int8-static runs on the model's example inputs: guessed random 32×32 inputs
+    would not even fit this CNN; a few rows of the data are used instead, and saved as its input shape."""
+    from leanml.models.inputs import default_example_inputs
+
+    handle = ModelHandle(module=_cnn(), task="generic", name="cnn")
+    handle.example_inputs = default_example_inputs(handle)
+    result = leanml.compress(handle, "int8-static", data=images, out=tmp_path / "o", measure=False)
+    (x,) = result.handle.example_inputs
+    assert x.shape[1:] == (3, 40, 40) and "example_inputs" not in result.handle.meta
+    assert result.handle.meta["checks"][0]["sqnr_db"] >= 8  # the check ran, on the data's rows
+    assert leanml.load_model(tmp_path / "o").example_inputs[0].shape == (8, 3, 40, 40)
+    chosen = (torch.rand(2, 3, 40, 40),)
+    mine = ModelHandle(module=_cnn(), task="generic", name="cnn", example_inputs=chosen)
+    leanml.compress(mine, "int8-dynamic", data=images, measure=False)
+    assert mine.example_inputs is chosen  # inputs the user chose are kept

@@ -72,3 +72,16 @@ def test_onnxruntime_quantizes_the_same_layers(tmp_path):
 
 def test_roles_of_a_model_without_a_layout_are_empty():
     assert encoder_roles(torch.nn.Sequential(torch.nn.Linear(4, 4))) == {}
+
+
+def test_grouped_options_only_where_the_group_divides_every_layer():
+    from leanml.models import ModelHandle
+    from tests.conftest import tiny_llama_module
+
+    narrow = ModelHandle(module=tiny_llama_module(), task="causal-lm", name="narrow")  # 32-wide inputs: no group of 64
+    wide = family_handle("llama")  # inputs 64 and 128 wide: 64 divides both, 128 not 64
+    q_narrow = build_space(narrow, "torch", sensitive=["x"]).choices["quant"]
+    q_wide = build_space(wide, "torch", sensitive=["x"]).choices["quant"]
+    assert not [q for q in q_narrow if "-g" in q]
+    assert "w4-g64-gptq" in q_wide and "w4-g64" in q_wide and "w4-g128-rtn" not in q_wide
+    assert [q for q in q_wide if "+8b:" in q]
