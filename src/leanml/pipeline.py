@@ -108,10 +108,9 @@ def _inputs_from_data(handle: ModelHandle, data) -> None:
         return
     if handle.example_inputs is not None and not handle.meta.get("example_inputs"):
         return  # inputs the user or the loader chose
-    x, _ = data.tensors("calib")
-    if len(x) == 0:
-        x, _ = data.tensors("eval")
-    handle.example_inputs = (x[:8],)
+    from .models.inputs import data_example
+
+    handle.example_inputs = data_example(data)
     handle.meta.pop("example_inputs", None)
 
 

@@ -114,9 +114,10 @@ def _with_data_inputs(handle: ModelHandle, data: TensorData) -> ModelHandle:
     """A copy of ``handle`` (the same module) whose example inputs are a few rows of the data."""
     import copy
 
-    x, _ = data.tensors("calib" if len(data.tensors("calib")[0]) else "eval")
+    from ..models.inputs import data_example
+
     out = copy.copy(handle)
-    out.example_inputs = (x[:8],)
+    out.example_inputs = data_example(data)
     out.meta = {k: v for k, v in handle.meta.items() if k != "example_inputs"}
     return out
 

@@ -68,3 +68,12 @@ def default_example_inputs(handle: ModelHandle, batch: int | None = None, seq_le
         return None
     handle.meta["example_inputs"] = f"inferred shape {tuple(shape)} from the first layer; pass --data for real inputs"
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def data_example(data) -> tuple:
+    """Example inputs from tensor data: a few rows of its calibration split (its evaluation split when the
+    calibration split is empty)."""
+    x, _ = data.tensors("calib")
+    if len(x) == 0:
+        x, _ = data.tensors("eval")
+    return (x[:8],)
