@@ -86,10 +86,10 @@ def _check_fidelity(handle: ModelHandle, step, index: int, ref: torch.Tensor, fl
     out = _reference_output(handle)
     if out is None or out.shape != ref.shape:
         return
-    ref64, out64 = ref.double(), out.double()
-    noise = (ref64 - out64).pow(2).sum()
-    sqnr = float("inf") if noise == 0 else float(10 * torch.log10(ref64.pow(2).sum().clamp(min=1e-30) / noise))
-    if not torch.isfinite(out64).all():
+    from .models.handle import sqnr_db
+
+    sqnr = sqnr_db(ref, out)
+    if not torch.isfinite(out).all():
         sqnr = float("-inf")
     handle.meta.setdefault("checks", []).append({"step": index, "kind": step.kind, "sqnr_db": sqnr, "floor_db": floor})
     if not sqnr >= floor:

@@ -295,7 +295,7 @@ def _agreement_inputs(handle: ModelHandle, data):
 def _check_int8_agreement(handle: ModelHandle, module, data, mode: str) -> dict | None:
     """ONNX Runtime quantizes the float graph itself (its own activation ranges): its output must stay near
     the simulated int8 model leanml calibrated and measured, or the figures would be of another model."""
-    from ..models.handle import output_tensor
+    from ..models.handle import output_tensor, sqnr_db
 
     inputs, what = _agreement_inputs(handle, data)
     if inputs is None:
@@ -308,8 +308,7 @@ def _check_int8_agreement(handle: ModelHandle, module, data, mode: str) -> dict 
         return None
     if sim.shape != got.shape:
         return None
-    noise = (sim - got).pow(2).sum()
-    sqnr = float("inf") if noise == 0 else float(10 * torch.log10(sim.pow(2).sum().clamp(min=1e-30) / noise))
+    sqnr = sqnr_db(sim, got)
     out = {"inputs": what, "sqnr_db": sqnr, "floor_db": INT8_AGREEMENT_DB}
     if sim.ndim == 2 and sim.shape[1] > 1:
         out["top1_agreement"] = float((sim.argmax(-1) == got.argmax(-1)).double().mean())

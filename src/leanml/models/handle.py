@@ -71,6 +71,13 @@ class ModelHandle:
         return torch.cat(chunks)
 
 
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref``, in dB (float64; inf when equal)."""
+    ref64, out64 = ref.double(), out.double()
+    noise = (ref64 - out64).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref64.pow(2).sum().clamp(min=1e-30) / noise))
+
+
 def output_tensor(out: Any) -> torch.Tensor:
     """The main tensor of a model output: logits, last hidden state, or the first element."""
     if isinstance(out, torch.Tensor):
