@@ -4,6 +4,7 @@ config and tokenizer. ``leanml.load(folder)`` rebuilds the model and reproduces 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,10 +35,14 @@ def _layer_specs(model: torch.nn.Module) -> dict[str, dict]:
     return {n: m.to_spec() for n, m in model.named_modules() if type(m).__name__ in LAYER_TYPES and n}
 
 
-def _dedup_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with each storage once; ``aliases`` maps dropped names to the kept one (tied weights)."""
+def _dedup_state(model: torch.nn.Module, skip_meta: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each storage once; ``aliases`` maps dropped names to the kept one (tied weights).
+    ``skip_meta`` leaves out tensors on ``meta`` (the blocks of a model compressed layer by layer, already
+    written)."""
     state, aliases, seen = {}, {}, {}
     for name, tensor in model.state_dict().items():
+        if skip_meta and tensor.device.type == "meta":
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen and tensor.numel():
             aliases[name] = seen[key]
@@ -110,6 +115,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_weights(tmp: Path, name: str, state: dict[str, torch.Tensor]) -> None:
+    """One safetensors file of the artifact (leanml's header metadata; a failed write is one line)."""
+    meta_st = {"format": "leanml", "version": str(FORMAT_VERSION)}
+    _guarded_write(tmp / name, lambda p: save_file(state, str(p), metadata=meta_st))
+
+
 def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dict[str, str] | None = None) -> None:
     """Write the artifact's files into the (new, empty) folder ``tmp``."""
     model = handle.module
@@ -118,9 +132,22 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
 
     if read_marker(tmp) is None:
         write_marker(tmp, "artifact", complete=False)
-    meta_st = {"format": "leanml", "version": str(FORMAT_VERSION)}
-    _guarded_write(tmp / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta_st))
+    write_weights(tmp, WEIGHTS_FILE, state)
     fault_point("after-weights")
+    write_artifact_meta(handle, tmp, recipe, extra, [WEIGHTS_FILE], aliases)
+
+
+def write_artifact_meta(
+    handle: ModelHandle,
+    tmp: Path,
+    recipe,
+    extra: dict[str, str] | None,
+    weight_files: list[str],
+    aliases: dict[str, str],
+) -> None:
+    """Everything of the artifact but its weights, which are already in ``tmp`` as ``weight_files``
+    (one file, or one per block for a model compressed layer by layer): config, tokenizer, leanml.json."""
+    model = handle.module
     config = getattr(model, "config", None)
     base = "hf" if config is not None and hasattr(config, "save_pretrained") else "pickle"
     if base == "hf":
@@ -146,9 +173,10 @@ def write_artifact_files(handle: ModelHandle, tmp: Path, recipe=None, extra: dic
         "recipe": (recipe if isinstance(recipe, dict) else recipe.to_dict()) if recipe is not None else None,
         "tokenizer": bool(has_tokenizer),
         "inputs": _input_specs(handle),
+        "weights": list(weight_files),
         "files": {
             name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-            for name in ("model.safetensors", "module.pt")
+            for name in (*weight_files, "module.pt")
             if (tmp / name).exists()
         },
     }
@@ -176,10 +204,12 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
             raise LeanmlError(
                 f"'{f}' does not match the checksum in its {META_FILE} (a damaged or partial copy); copy the artifact again"
             )
-    try:
-        state = load_file(str(folder / "model.safetensors"))
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise LeanmlError(f"'{folder}/model.safetensors' is not readable ({str(exc).splitlines()[0]})") from None
+    state = {}
+    for name in meta.get("weights") or [WEIGHTS_FILE]:
+        try:
+            state.update(load_file(str(folder / name)))
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise LeanmlError(f"'{folder}/{name}' is not readable ({str(exc).splitlines()[0]})") from None
     try:
         if meta["base"] == "hf":
             model = _empty_hf_model(folder, meta["task"])
@@ -194,19 +224,24 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
         for name, spec in meta["layers"].items():
             if spec["type"] not in LAYER_TYPES:
                 raise LeanmlError(f"layer {name!r} in '{folder}' has unknown type {spec['type']!r}")
-            set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
+            # packed weights are built empty: their tensors are the saved ones (assigned below), never allocated twice
+            with torch.device("meta") if spec["type"] == "QuantLinear" else contextlib.nullcontext():
+                set_module(model, name, LAYER_TYPES[spec["type"]].from_spec(spec))
         for alias, kept in meta["tied"].items():
             state.setdefault(alias, state[kept])
         if meta["base"] == "hf":
             _follow_saved_linear_shapes(model, state)
             if getattr(model, "pooler", None) is not None and not any(k.startswith("pooler.") for k in state):
                 model.pooler = None  # an encoder saved without its pooler (embeddings never use it)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        del state
     except LeanmlError:
         raise
     except Exception as exc:  # noqa: BLE001 - shapes edited in leanml.json or config.json, layers renamed
         raise LeanmlError(f"'{folder}' does not match its layout ({META_FILE} / config.json): {_first_line(exc)}") from None
-    if missing or unexpected:
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing or unexpected or empty:
+        missing = missing or empty
         raise LeanmlError(f"'{folder}' does not match its layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
     from .quantize.modules import QuantEmbedding, bind_embeddings
 
@@ -217,6 +252,7 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
     from .models.loaders import check_finite
 
     check_finite(model, str(folder))
+    uncached = _fit_dequantized_weights(model)
     tokenizer = None
     if meta["task"] != "generic":
         try:
@@ -242,6 +278,8 @@ def load_artifact(folder: str | os.PathLike) -> ModelHandle:
         max_length=meta.get("max_length", 512),
     )
     handle.meta["recipe"] = meta.get("recipe")
+    if uncached:
+        handle.meta.setdefault("notes", []).append(uncached)
     from .models.inputs import default_example_inputs
 
     handle.example_inputs = _inputs_from_specs(meta.get("inputs")) or default_example_inputs(handle)
@@ -299,8 +337,37 @@ def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:
     }.get(task, tf.AutoModel)
     if task == "sentence-embedding":
         config._attn_implementation = "eager"
-    model = auto.from_config(config)  # weights are overwritten by the saved ones
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": the saved tensors are assigned
+        model = auto.from_config(config)
     from .models.arch import normalise
 
     normalise(model)  # saved Conv1D layers are nn.Linear (see leanml.models.arch.normalise)
     return model
+
+
+DEQUANTIZED_SHARE = 0.5  # of the available memory that the cached dequantized weights may take
+
+
+def _fit_dequantized_weights(model: torch.nn.Module) -> str | None:
+    """Packed layers keep their dequantized fp32 weight after the first call, unless all of them together
+    would take more than :data:`DEQUANTIZED_SHARE` of the available memory (a model compressed because it
+    did not fit): then each layer dequantizes on each call, slower but within memory. Returns a note then."""
+    from .quantize.modules import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    need = sum(4 * m.in_features * m.out_features for m in layers)
+    if not layers:
+        return None
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    if need <= DEQUANTIZED_SHARE * avail:
+        return None
+    for m in layers:
+        m.cache_weight = False
+    return (
+        f"the dequantized weights ({need / 1e9:.1f} GB in fp32) would take more than half of the available memory "
+        f"({avail / 1e9:.1f} GB): each layer is dequantized on each call instead of once"
+    )

@@ -162,6 +162,51 @@ def _validate_first(handle: ModelHandle, recipe: Recipe, data, calib_data, profi
             check_data_for(handle, d, verb=verb)
 
 
+WHOLE_MODEL_FACTOR = 2.0  # an in-memory run holds about twice the model's fp32 weights at its peak
+
+
+def layer_by_layer_plan(model, recipe, max_memory: int | None = None, lazy: bool | None = None) -> tuple[Path, int] | None:
+    """``(folder, fp32 bytes)`` when ``model`` is to be compressed layer by layer, else None.
+
+    ``lazy`` True asks for it, False forbids it; None decides: a Hugging Face folder whose fp32 weights,
+    twice over, exceed ``max_memory`` (default: the memory available now). A model too large for memory
+    with a recipe that cannot run layer by layer is a one-line error, not a crash later."""
+    from .calibrate.streaming import streamable
+    from .errors import LeanmlError
+    from .search.budget import parse_memory
+
+    max_memory = parse_memory(max_memory)
+    if lazy is False or isinstance(model, ModelHandle):
+        return None
+    path = Path(str(model)).expanduser()
+    folder = path if path.is_dir() and (path / "config.json").is_file() and not (path / "leanml.json").exists() else None
+    if folder is None:
+        if lazy:
+            raise LeanmlError(
+                f"layer-by-layer compression reads a Hugging Face folder (config.json + *.safetensors); {str(model)!r} is not one"
+            )
+        return None
+    from .models.lazy import fp32_bytes_of_folder
+
+    fp32 = fp32_bytes_of_folder(folder)
+    if fp32 is None:
+        if lazy:
+            raise LeanmlError(f"layer-by-layer compression reads safetensors weights; '{folder}' has none")
+        return None
+    if lazy is None:
+        import psutil
+
+        budget = max_memory if max_memory is not None else psutil.virtual_memory().available
+        if WHOLE_MODEL_FACTOR * fp32 <= budget:
+            return None
+        why = streamable(recipe)
+        if why:
+            raise LeanmlError(
+                f"model '{folder}' takes {fp32 / 1e9:.1f} GB in fp32, too much for {budget / 1e9:.1f} GB of memory, and {why}"
+            )
+    return folder, fp32
+
+
 def compress(
     model: str | ModelHandle,
     recipe,
@@ -170,22 +215,36 @@ def compress(
     out: str | os.PathLike | None = None,
     force: bool = False,
     measure: bool = True,
+    max_memory: int | str | None = None,
+    lazy: bool | None = None,
     **profile_kwargs,
 ) -> CompressResult:
     """Load ``model``, measure it, apply ``recipe``, measure again, and save everything to ``out``.
 
     ``out`` is locked for the whole run and published at the end in one atomic swap (see
-    :mod:`leanml.outputs`): a killed run leaves the old output or the complete new one."""
+    :mod:`leanml.outputs`): a killed run leaves the old output or the complete new one.
+
+    A Hugging Face folder too large for ``max_memory`` (or any, with ``lazy=True``) is compressed layer by
+    layer (:mod:`leanml.calibrate.streaming`). Under ``torchrun`` the calibration is split over the ranks
+    and rank 0 alone measures and writes (:mod:`leanml.distributed`)."""
+    from .distributed import init_distributed, world
     from .outputs import FolderOutput, check_folder_target, check_free_space, fault_point
 
     recipe = load_recipe(recipe)  # a bad recipe fails here, before anything is loaded or written
     if out is not None:
         check_folder_target(out, force)
+    init_distributed()
+    plan = layer_by_layer_plan(model, recipe, max_memory, lazy)
+    if plan is not None:
+        return _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs)
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     data = load_data(data) if data is not None else None
     calib_data = load_data(calib) if calib is not None else data
     _inputs_from_data(handle, calib_data or data)
     _validate_first(handle, recipe, data, calib_data, profile_kwargs)
+    if world()[0] != 0:  # another rank of a torchrun job: calibrate its share; rank 0 measures and writes
+        apply_recipe(handle, recipe, calib_data)
+        return CompressResult(handle, recipe, None, None, None, ["rank of a torchrun job: rank 0 writes the output"])
     notes = []
     if calib_data is None:  # a step that needs activations refuses without data; the others are data-free
         notes.append("no --data or --calib: no step calibrated on data (this recipe's steps are data-free)")
@@ -222,3 +281,51 @@ def compress(
         out_path = w.commit()
         handle.artifact = out_path
     return CompressResult(handle, recipe, before, after, out_path, notes)
+
+
+def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs) -> CompressResult:
+    from .artifact import load_artifact, write_artifact_meta
+    from .calibrate.streaming import compress_layer_by_layer, streamable
+    from .distributed import world
+    from .errors import LeanmlError
+    from .measure.system import check_threads
+    from .models.lazy import open_lazy
+    from .outputs import FolderOutput, check_free_space
+
+    folder, fp32 = plan
+    why = streamable(recipe)
+    if why:
+        raise LeanmlError(why)
+    if out is None:
+        raise LeanmlError("layer-by-layer compression writes the model block by block as it goes; pass --out")
+    check_threads(profile_kwargs.get("threads"))
+    handle = open_lazy(folder)
+    data = load_data(data) if data is not None else None
+    calib_data = load_data(calib) if calib is not None else data
+    _validate_first(handle, recipe, data, calib_data, profile_kwargs)
+    notes = [
+        f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole "
+        "and was not measured"
+    ]
+    if world()[0] != 0:
+        compress_layer_by_layer(handle, recipe, calib_data, None)
+        return CompressResult(handle, recipe, None, None, None, [*notes, "rank of a torchrun job: rank 0 writes the output"])
+    check_free_space(Path(out).parent, fp32 // 4, f"the compressed model at {str(out)!r}")
+    with FolderOutput(out, "compress", force) as w:
+        facts = compress_layer_by_layer(handle, recipe, calib_data, w.tmp)
+        report = {k: v for k, v in facts.items() if k != "aliases"}
+        extra = {"recipe.yaml": recipe.to_yaml(), "layer_by_layer.json": json.dumps(report, indent=2)}
+        write_artifact_meta(handle, w.tmp, recipe, extra, facts["weights"], facts["aliases"])
+        notes.append(
+            f"{facts['blocks']} blocks, one at a time, in {len(facts['weights'])} weight files; peak resident memory "
+            f"{facts['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
+        after = None
+        if measure:
+            saved = load_artifact(w.tmp)
+            notes += saved.meta.get("notes", [])
+            after = profile(saved, data=data, **profile_kwargs)
+            (w.tmp / "after.json").write_text(after.to_json() + "\n")
+        out_path = w.commit()
+    handle.artifact = out_path
+    return CompressResult(handle, recipe, None, after, out_path, notes)

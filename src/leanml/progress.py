@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -24,19 +24,29 @@ def enabled() -> bool:
     return os.environ.get("LEANML_QUIET") != "1" and sys.stderr.isatty()
 
 
-def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over ``items`` showing a progress bar on stderr."""
+def progress(items: Iterable[T], label: str, total: int | None = None, status: Callable[[], str] | None = None) -> Iterator[T]:
+    """Iterate over ``items`` showing a progress bar on stderr; ``status()`` (e.g. the memory in use) is
+    shown beside it, refreshed after each item."""
     if not enabled():
         yield from items
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    if status is not None:
+        columns = (*columns, TextColumn("{task.fields[status]}"))
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(label, total=total, status=status() if status else "")
         for item in items:
             yield item
-            bar.advance(task)
+            bar.update(task, advance=1, status=status() if status else "")
+
+
+def memory_status() -> str:
+    """This process's resident memory, for a progress bar's status."""
+    import psutil
+
+    return f"RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB"
 
 
 class StepBar:

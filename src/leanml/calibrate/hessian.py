@@ -94,6 +94,20 @@ class HessianAccumulator:
         self.n += float(w.sum())
         self.rows += x.shape[0]
 
+    def reduce_across_ranks(self) -> None:
+        """Sum the statistics over the ranks of a ``torchrun`` job (max for ``max |x|``), so each rank
+        holds those of every rank's rows; nothing outside a job. Every rank must have added rows."""
+        from leanml.distributed import active, all_reduce_max, all_reduce_sum
+
+        if not active():
+            return
+        self._check()
+        all_reduce_sum(self._xtx)
+        all_reduce_sum(self._abs_sum)
+        all_reduce_max(self._abs_max)
+        counts = all_reduce_sum(torch.tensor([self.n, float(self.rows)], dtype=torch.float64))
+        self.n, self.rows = float(counts[0]), int(counts[1])
+
     def _check(self) -> None:
         if self._xtx is None or self.n <= 0:
             raise LeanmlError("no input rows were accumulated; call add(x) with calibration inputs first")

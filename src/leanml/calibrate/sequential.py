@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from leanml.calibrate.hessian import HessianAccumulator, outlier_row_weights
+from leanml.distributed import all_reduce_sum, shard, world
 from leanml.errors import LeanmlError
 from leanml.progress import progress
 
@@ -77,7 +78,8 @@ def _accepts(module: nn.Module, name: str) -> bool:
 
 def window_call(model: nn.Module, window: Any) -> Call:
     """The ``(args, kwargs)`` that feed one calibration window to ``model`` (see the module docstring)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # the first parameter that holds data (a model loaded layer by layer keeps the others on "meta")
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
     def move(x: Any) -> Any:
         return x.to(device) if isinstance(x, torch.Tensor) else x
@@ -201,6 +203,8 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
+        for acc in feeders.values():
+            acc.reduce_across_ranks()
         return accs
 
     @torch.no_grad()
@@ -230,7 +234,7 @@ class BlockContext:
                 xw = x
             xtx = xw.T @ x if xtx is None else xtx + xw.T @ x
             xtd = xw.T @ d if xtd is None else xtd + xw.T @ d
-        return xtx, xtd
+        return all_reduce_sum(xtx), all_reduce_sum(xtd)
 
 
 def _inputs_of(module: nn.Module, linear: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
@@ -337,15 +341,29 @@ def run_sequential(
     hessian_dtype: torch.dtype = torch.float32,
     label: str = "calibrate",
     dense_inputs: bool = False,
+    before_block: Callable[[int, str, nn.Module], None] | None = None,
+    after_block: Callable[[int, str, nn.Module], None] | None = None,
+    status: Callable[[], str] | None = None,
 ) -> None:
     """Calibrate ``model`` block by block: ``process_block(ctx)`` is called once per block holding
     targets (in forward order), then once for the targets outside the stack, if any (see the module
     docstring). ``outlier_factor`` and ``hessian_dtype`` configure the accumulators of ``ctx.collect``.
     With ``dense_inputs`` each block of the stack also gets a copy of itself as it was before
     ``process_block`` and its inputs in the unchanged model (``ctx.dense_module``, ``ctx.dense_calls``), for
-    :meth:`BlockContext.collect_dense_cross`; this holds a second set of cached inputs."""
+    :meth:`BlockContext.collect_dense_cross`; this holds a second set of cached inputs.
+
+    ``before_block(i, prefix, block)`` runs before anything touches block ``i`` of the stack and
+    ``after_block(i, prefix, block)`` once it is done (processed and run for the next block's inputs):
+    a model loaded layer by layer reads a block's weights in the first and writes and drops them in the
+    second. In a ``torchrun`` job each rank calibrates on its share of the windows and
+    :meth:`BlockContext.collect` sums the statistics over ranks, so every rank sees the statistics of
+    all the windows (see :mod:`leanml.distributed`)."""
     if len(windows) == 0:
         raise LeanmlError("no calibration windows given; pass at least one")
+    _, size = world()
+    if size > 1 and len(windows) < size:
+        raise LeanmlError(f"{len(windows)} calibration windows cannot be split over {size} processes; pass at least {size}")
+    windows = shard(windows)
     linears = _resolve_targets(model, targets)
     was_training = model.training
     model.eval()
@@ -356,9 +374,11 @@ def run_sequential(
             stack_name, blocks = stack
             calls = capture_block_inputs(model, blocks[0], windows)
             dense_calls = list(calls) if dense_inputs else None
-            for i in progress(range(len(blocks)), label):
+            for i in progress(range(len(blocks)), label, status=status):
                 block = blocks[i]
                 prefix = f"{stack_name}.{i}" if stack_name else str(i)
+                if before_block is not None:
+                    before_block(i, prefix, block)
                 mine = {n: m for n, m in linears.items() if n.startswith(prefix + ".")}
                 if mine:
                     for n in mine:
@@ -388,6 +408,8 @@ def run_sequential(
                     for k, (args, kwargs) in enumerate(calls):
                         calls[k] = _replace_hidden(calls[k], _first_tensor(block(*args, **kwargs)))
                 del dense_block
+                if after_block is not None:
+                    after_block(i, prefix, block)
             del calls, dense_calls
         if remaining:
             calls = [window_call(model, w) for w in windows]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import init_distributed, world  # noqa: F401 - re-exported
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle, output_tensor
 from ..progress import StepBar
@@ -43,49 +44,6 @@ CHECKPOINT = "checkpoint.pt"
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process (``(0, 1)`` outside a torch.distributed job)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> bool:
-    """Join the ``torchrun`` job this process was launched in (``WORLD_SIZE`` > 1): gloo on CPU, NCCL
-    when CUDA is present. Returns whether a job is active."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        if os.environ.get("MASTER_ADDR", "") in ("localhost", "127.0.0.1") and "GLOO_SOCKET_IFNAME" not in os.environ:
-            # a one-machine job: gloo would otherwise bind to the address the host name resolves to,
-            # which sandboxes and containers often leave unresolvable
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        import atexit
-
-        atexit.register(_leave_distributed)
-    return True
-
-
-def _leave_distributed() -> None:
-    """At exit: wait for every rank, then close the process group, so no rank tears down its connections
-    while another still uses them (gloo aborts a process whose peer vanished: "terminate called without an
-    active exception")."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    try:
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - a peer that already failed: torchrun reports that rank's error
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -50,38 +50,53 @@ def apply_weight_only(handle: ModelHandle, cfg: WeightOnly, data=None) -> ModelH
         results = {}
         for name in progress(names, f"RTN w{cfg.bits}"):
             layer = get_module(model, name)
-            results[name] = rtn_quantize_weight(
-                layer.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, mse_clip=cfg.mse_clip
-            )
+            results[name] = rtn_weight(layer.weight.detach(), cfg)
     else:
-        from .weight_only import WeightQuantSpec, quantize_weights
+        from .weight_only import quantize_weights
 
-        spec = WeightQuantSpec(
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            symmetric=cfg.symmetric,
-            method=cfg.method,
-            act_order=cfg.act_order,
-            static_groups=cfg.static_groups,
-            damp=cfg.damp,
-            mse_clip=cfg.mse_clip,
-            outlier_factor=cfg.outlier_factor,
-            awq_grid=cfg.awq_grid,
-            refine_scales=cfg.refine_scales,
-        )
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
-        results = quantize_weights(model, batches, spec, names)
+        results = quantize_weights(model, batches, weight_spec(cfg), names)
     for name in upgrade:
         results[name] = upgraded_weight(originals.pop(name), cfg.upgrade_bits)
     for name, qw in results.items():
         replace_linear(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
-    if cfg.head_bits is not None and handle.task == "causal-lm":
-        for name in _output_heads(model):
-            layer = get_module(model, name)
-            qw = rtn_quantize_weight(layer.weight.detach(), cfg.head_bits, None, True, mse_clip=False)
-            replace_linear(model, name, QuantLinear.from_quantized(layer, qw))
+    quantize_head(model, cfg, handle.task)
     _mark(handle, cfg)
     return handle
+
+
+def weight_spec(cfg: WeightOnly):
+    """The calibrated pass's :class:`~leanml.quantize.weight_only.WeightQuantSpec` of a weight-only step."""
+    from .weight_only import WeightQuantSpec
+
+    return WeightQuantSpec(
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        symmetric=cfg.symmetric,
+        method=cfg.method,
+        act_order=cfg.act_order,
+        static_groups=cfg.static_groups,
+        damp=cfg.damp,
+        mse_clip=cfg.mse_clip,
+        outlier_factor=cfg.outlier_factor,
+        awq_grid=cfg.awq_grid,
+        refine_scales=cfg.refine_scales,
+    )
+
+
+def rtn_weight(weight: torch.Tensor, cfg: WeightOnly):
+    """A weight-only step's round-to-nearest result for one layer's weight."""
+    return rtn_quantize_weight(weight, cfg.bits, cfg.group_size, cfg.symmetric, mse_clip=cfg.mse_clip)
+
+
+def quantize_head(model: torch.nn.Module, cfg: WeightOnly, task: str) -> None:
+    """The output head of a causal LM at ``cfg.head_bits`` (round to nearest, per channel), if asked."""
+    if cfg.head_bits is None or task != "causal-lm":
+        return
+    for name in _output_heads(model):
+        layer = get_module(model, name)
+        qw = rtn_quantize_weight(layer.weight.detach(), cfg.head_bits, None, True, mse_clip=False)
+        replace_linear(model, name, QuantLinear.from_quantized(layer, qw))
 
 
 def upgrade_names(model: torch.nn.Module, names: list[str], cfg: WeightOnly, task: str) -> list[str]:

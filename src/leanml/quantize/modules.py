@@ -47,6 +47,9 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("_weight", None, persistent=False)
+        # keep the dequantized weight after the first forward (fast); off for a model whose float weights
+        # would not fit in memory, which then dequantizes each layer on each call
+        self.cache_weight = True
 
     @classmethod
     def from_quantized(cls, linear: torch.nn.Linear, qw: QuantizedWeight) -> QuantLinear:
@@ -79,6 +82,8 @@ class QuantLinear(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        if not self.cache_weight:
+            return self._weight if self._weight is not None else self.dequantize()
         if self._weight is None:
             self._weight = self.dequantize()
         return self._weight

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from leanml.calibrate.sequential import BlockContext, run_sequential
+from leanml.distributed import active, owner, world
 from leanml.errors import LeanmlError
 from leanml.quantize.awq import awq_scales
 from leanml.quantize.gptq import QuantizedWeight, dequantize_groups, gptq_quantize_weight, rtn_quantize_weight
@@ -524,18 +525,44 @@ def _process_stage(
             s_src = awq_search(W, H, acc.mean_abs, producer, spec, lambda w: quantize_one(w, None, cfg).weight)
             s = fold_scales(modules, producer, s_src, records)
             H = H / s.double()[:, None] / s.double()[None, :]
-    for name in stage:
+    rank, _ = world()
+    for k, name in enumerate(stage):  # in a torchrun job each rank quantizes its share and sends it to the others
         lin = ctx.linears[name]
-        qw = quantize_one(lin.weight.detach(), H, spec)
+        qw = quantize_one(lin.weight.detach(), H, spec) if owner(k) == rank else None
+        qw = share(qw, owner(k))
         lin.weight.copy_(qw.weight)
         records[name] = qw
 
 
+def share(qw: QuantizedWeight | None, src: int) -> QuantizedWeight:
+    """Rank ``src``'s QuantizedWeight on every rank of a torchrun job (``qw`` itself outside one)."""
+    if not active():
+        return qw
+    import torch.distributed as dist
+
+    box = [qw]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def quantize_weights(
-    model: nn.Module, calib_windows: Sequence, spec: WeightQuantSpec, targets: Sequence[str]
+    model: nn.Module,
+    calib_windows: Sequence,
+    spec: WeightQuantSpec,
+    targets: Sequence[str],
+    *,
+    before_block: Callable[[int, str, nn.Module], None] | None = None,
+    after_block: Callable[[int, str, nn.Module, dict[str, QuantizedWeight]], None] | None = None,
+    status: Callable[[], str] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the ``targets`` (full ``nn.Linear`` names) of ``model`` in place, block by block, on
-    ``calib_windows`` (see the module docstring); returns the QuantizedWeight of every target."""
+    ``calib_windows`` (see the module docstring); returns the QuantizedWeight of every target.
+
+    ``before_block(i, prefix, block)`` and ``after_block(i, prefix, block, records)`` bracket each block of
+    the stack (see :func:`~leanml.calibrate.sequential.run_sequential`); ``after_block`` receives the
+    block's QuantizedWeights, which are then handed over: they are left out of the result (a model
+    compressed layer by layer writes them and keeps none). They need a Hessian method (GPTQ/AWQ).
+    In a ``torchrun`` job every rank ends with the same weights (each computes a share of the layers)."""
     if not isinstance(spec, WeightQuantSpec):
         raise LeanmlError(f"spec must be a WeightQuantSpec, got {type(spec).__name__}")
     _check_targets(model, targets)
@@ -560,8 +587,26 @@ def quantize_weights(
             stage_accs = ctx.collect(stage) if spec.true_sequential else accs
             _process_stage(ctx, stage, stage_accs, spec, modules, records, found)
 
+    def done(i: int, prefix: str, block: nn.Module) -> None:
+        mine = {n: records.pop(n) for n in list(records) if n.startswith(prefix + ".")}
+        after_block(i, prefix, block, mine)
+
     if spec.needs_hessian:
-        run_sequential(model, windows, list(targets), process, outlier_factor=spec.outlier_factor, label="quantize")
+        run_sequential(
+            model,
+            windows,
+            list(targets),
+            process,
+            outlier_factor=spec.outlier_factor,
+            label="quantize",
+            before_block=before_block,
+            after_block=done if after_block is not None else None,
+            status=status,
+        )
+        if after_block is not None:
+            return dict(records)
+    elif before_block is not None or after_block is not None:
+        raise LeanmlError("block hooks need a calibrated method (gptq, awq, awq+gptq); RTN runs layer by layer without them")
     else:
         for name in targets:
             lin = modules[name]

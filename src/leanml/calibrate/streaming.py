@@ -1,0 +1,154 @@
+"""Weight-only compression of a model larger than memory, one block at a time.
+
+The model is opened on the ``meta`` device (:func:`leanml.models.lazy.open_lazy`); everything outside
+its stack of blocks (embeddings, final norm, head) is read first. Then for each block in order:
+
+1. its weights are read from the safetensors files (memory-mapped);
+2. RTN quantizes its linears directly; GPTQ/AWQ calibrate them on the cached inputs of the block
+   (:func:`~leanml.calibrate.sequential.run_sequential`, errors fed forward exactly as in memory);
+3. the block, now holding packed integer layers, is written to its own safetensors file of the
+   artifact, and sent back to ``meta``.
+
+The peak memory is the largest block plus the embeddings and head plus the calibration inputs of one
+block (``windows x tokens x hidden`` floats, twice), not the model. The artifact is the same as an
+in-memory run's (same tensors and ``leanml.json`` layout), split into one weights file per block, and it
+reloads with :func:`leanml.load`. In a ``torchrun`` job every rank calibrates on its share of the windows
+and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LeanmlError
+from ..models.handle import ModelHandle
+from ..models.lazy import LAZY_KEY, LazyWeights, materialize, release
+from ..progress import memory_status, progress
+
+
+def streamable(recipe) -> str | None:
+    """Why ``recipe`` cannot run layer by layer (None when it can): one weight-only step, without
+    ``upgrade`` (it needs a second pass over the float weights)."""
+    from ..config import WeightOnly
+
+    steps = list(recipe.steps)
+    if len(steps) != 1 or not isinstance(steps[0], WeightOnly):
+        kinds = ", ".join(s.kind for s in steps) or "none"
+        return f"layer-by-layer compression runs one weight-only step (rtn, gptq, awq); this recipe has: {kinds}"
+    if steps[0].upgrade:
+        return "layer-by-layer compression does not run a weight-only step with 'upgrade'; drop it or use more memory"
+    return None
+
+
+class _Shards:
+    """The artifact's weights, one safetensors file per call of :meth:`add` (nothing when ``folder`` is
+    None: a rank other than 0)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.files: list[str] = []
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        from ..artifact import write_weights
+
+        if self.folder is None or not state:
+            return
+        name = f"model-{len(self.files) + 1:05d}.safetensors"
+        write_weights(self.folder, name, {k: v.detach().contiguous() for k, v in state.items()})
+        self.files.append(name)
+
+
+def _block_state(prefix: str, block: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+
+
+def _rest_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors outside the (released) stack, each storage once, and the aliases of tied ones."""
+    from ..artifact import _dedup_state
+
+    return _dedup_state(model, skip_meta=True)
+
+
+def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None) -> dict:
+    """Run ``recipe`` (see :func:`streamable`) on the lazily opened ``handle`` block by block, writing the
+    weights into ``folder`` (the artifact's temporary folder; None writes nothing). Returns the run's
+    facts: ``weights`` (the files written), ``aliases``, ``blocks``, ``peak_rss_bytes``."""
+    import psutil
+
+    from ..calibrate.batches import calibration_batches
+    from ..calibrate.sequential import find_block_stack
+    from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
+    from ..quantize.modules import QuantLinear
+    from ..targeting import get_module, select_layers
+
+    why = streamable(recipe)
+    if why:
+        raise LeanmlError(why)
+    weights: LazyWeights | None = handle.meta.get(LAZY_KEY)
+    if weights is None:
+        raise LeanmlError(f"model {handle.name!r} was loaded whole; layer-by-layer compression needs it opened lazily")
+    cfg = recipe.steps[0]
+    model = handle.module
+    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    _check_groups(model, names, cfg.group_size)
+    stack = find_block_stack(model, names)
+    if stack is None:
+        raise LeanmlError(f"model {handle.name!r} has no stack of blocks holding its linear layers; load it whole")
+    stack_name, blocks = stack
+    outside = [n for n in names if not n.startswith(stack_name + ".")]
+    if outside and cfg.method != "rtn":
+        raise LeanmlError(
+            f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method (gptq, awq) "
+            "runs layer by layer only on the layers inside it: add it to 'ignore' or load the model whole"
+        )
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+
+    def status() -> str:
+        peak[0] = max(peak[0], process.memory_info().rss)
+        return memory_status()
+
+    shards = _Shards(folder)
+    materialize(model, "", weights, skip=stack_name)
+    mine = {n for n in names if n.startswith(stack_name + ".")}
+
+    def finish(prefix: str, block: nn.Module) -> None:
+        status()
+        shards.add(_block_state(prefix, block))
+        release(block)
+
+    if cfg.method == "rtn":
+        for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
+            prefix = f"{stack_name}.{i}"
+            materialize(model, prefix, weights)
+            for name in sorted(n for n in mine if n.startswith(prefix + ".")):
+                layer = get_module(model, name)
+                replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
+            finish(prefix, blocks[i])
+        for name in outside:
+            layer = get_module(model, name)
+            replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
+    else:
+        from ..quantize.weight_only import quantize_weights
+
+        batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+
+        def before(_i: int, prefix: str, _block: nn.Module) -> None:
+            materialize(model, prefix, weights)
+
+        def after(_i: int, prefix: str, block: nn.Module, records: dict) -> None:
+            for name, qw in records.items():
+                replace_linear(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+            finish(prefix, block)
+
+        quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
+    quantize_head(model, cfg, handle.task)
+    state, aliases = _rest_state(model)
+    shards.add(state)
+    status()
+    handle.meta["modified"] = True
+    handle.meta.setdefault("applied", []).append(cfg.model_dump())
+    return {"weights": shards.files, "aliases": aliases, "blocks": len(blocks), "peak_rss_bytes": peak[0]}
