@@ -168,8 +168,24 @@ def compress(
     measure: Annotated[
         bool, typer.Option("--measure/--no-measure", help="measure before and after (--no-measure: only compress and save)")
     ] = True,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="memory the run may use (e.g. 6GB; default: what is available): a model too large for it is "
+            "compressed layer by layer from disk"
+        ),
+    ] = None,
+    lazy: Annotated[
+        bool | None,
+        typer.Option(
+            "--lazy/--no-lazy", help="force (or forbid) layer-by-layer compression of a Hugging Face folder; default: by size"
+        ),
+    ] = None,
 ) -> None:
-    """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out."""
+    """Apply a recipe, measure before and after on a runtime, and write the compressed model to --out.
+
+    Under torchrun (torchrun --nproc-per-node N -m leanml.cli compress ...) the calibration windows are
+    split across the processes; rank 0 measures and writes."""
     from .accelerate.runtimes import check_runtime
     from .outputs import check_folder_target
     from .pipeline import compress as run_compress
@@ -188,12 +204,22 @@ def compress(
         repeats=repeats,
         runtime=runtime,
         measure=measure,
+        max_memory=max_memory,
+        lazy=lazy,
     )
     b, a = result.before, result.after
+    if result.out is None:  # a rank other than 0 of a torchrun job
+        return
     if b is None or a is None:
         for note in result.notes:
             console.print(f"note: {note}", style="dim")
-        console.print(f"wrote {out} (model.safetensors, leanml.json, recipe.yaml); not measured (--no-measure)")
+        if a is not None:
+            console.print(f"after: {a.model}: {_fmt_bytes(a.disk_bytes)} on disk", end="")
+            if a.quality and a.quality.get("metric"):
+                console.print(f", {a.quality['metric']} {a.quality['value']:.4f}", end="")
+            console.print(f", {a.throughput_per_s:.1f} {a.item}s/s")
+        what = "not measured (--no-measure)" if not measure else "the original was not measured"
+        console.print(f"wrote {out} (weights, leanml.json, recipe.yaml); {what}")
         return
     table = Table(title=f"{b.model}: recipe {result.recipe.name}")
     for col in ("measure", "before", "after", "after / before"):

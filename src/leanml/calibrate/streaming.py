@@ -33,8 +33,9 @@ def streamable(recipe) -> str | None:
     """Why ``recipe`` cannot run layer by layer (None when it can): one weight-only step, without
     ``upgrade`` (it needs a second pass over the float weights)."""
     from ..config import WeightOnly
+    from ..recipe import load_recipe
 
-    steps = list(recipe.steps)
+    steps = list(load_recipe(recipe).steps)
     if len(steps) != 1 or not isinstance(steps[0], WeightOnly):
         kinds = ", ".join(s.kind for s in steps) or "none"
         return f"layer-by-layer compression runs one weight-only step (rtn, gptq, awq); this recipe has: {kinds}"

@@ -1,0 +1,154 @@
+"""Peak memory of compressing Llama-shaped models layer by layer, from random bf16 weights on disk.
+
+Quality is meaningless here (random weights); memory and time are not. Each shape is written block by
+block (never whole in memory) with the SmolLM2 tokenizer, then compressed by ``leanml compress --lazy
+--no-measure`` in a child process whose resident memory (the whole process tree, sampled every 0.2 s)
+gives the peak. Writes bench/results/bigmodel.json and .md.
+
+    python bench/bigmodel.py --shapes 135m 1b --recipes rtn gptq      # add 3b 7b where disk and time allow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads (vocabulary: the SmolLM2 tokenizer's 49152)
+    "135m": (576, 30, 1536, 9, 3),
+    "1b": (2048, 16, 8192, 32, 8),
+    "3b": (3072, 28, 8192, 24, 8),
+    "7b": (4096, 32, 11008, 32, 32),
+}
+RECIPES = {
+    "rtn": {"name": "w4-g64-rtn", "steps": [{"kind": "weight-only", "bits": 4, "group_size": 64, "method": "rtn"}]},
+    "gptq": {
+        "name": "w4-g64-gptq",
+        "steps": [{"kind": "weight-only", "bits": 4, "group_size": 64, "method": "gptq", "calib_windows": 16, "window": 512}],
+    },
+}
+
+
+def build(shape: str, folder: Path) -> Path:
+    """A Llama-shaped model with random bf16 weights, written one block per file (plus an index)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from leanml.models import load_model
+
+    if (folder / "config.json").exists():
+        return folder
+    hidden, layers, inter, heads, kv = SHAPES[shape]
+    tok = load_model("smollm2-135m").tokenizer
+    config = tf.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(config).state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    groups: dict[str, list[str]] = {}
+    for key in shapes:
+        part = key.split(".")[2] if key.startswith("model.layers.") else "rest"
+        groups.setdefault(part, []).append(key)
+    index = {}
+    for part, keys in groups.items():
+        name = f"model-{part}.safetensors"
+        state = {}
+        for k in keys:
+            s = shapes[k]
+            state[k] = torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else (0.02 * torch.randn(s, generator=gen)).bfloat16()
+        save_file(state, str(folder / name), metadata={"format": "pt"})
+        index.update({k: name for k in keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run(argv: list[str], env: dict) -> dict:
+    """Run ``argv``; its wall time and the peak resident memory of its process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    peak = 0
+    try:
+        while proc.poll() is None:
+            try:
+                root = psutil.Process(proc.pid)
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    out = proc.stdout.read() if proc.stdout else ""
+    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak, "tail": out[-600:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
+    ap.add_argument("--recipes", nargs="+", default=["rtn", "gptq"], choices=list(RECIPES))
+    ap.add_argument("--work", default=os.environ.get("LEANML_BIG_WORK", "/tmp/leanml-bigmodel"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torchrun", action="store_true", help="also run GPTQ with 2 torchrun processes")
+    args = ap.parse_args()
+    work = Path(args.work)
+    out_json = RESULTS / "bigmodel.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    env = {**os.environ, "LEANML_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    for shape in args.shapes:
+        folder = build(shape, work / f"llama-{shape}")
+        from leanml.models.lazy import fp32_bytes_of_folder
+
+        fp32 = fp32_bytes_of_folder(folder)
+        for recipe in args.recipes:
+            rfile = work / f"{recipe}.json"
+            rfile.write_text(json.dumps(RECIPES[recipe]))
+            modes = [("1", [sys.executable, "-m", "leanml.cli"])]
+            if args.torchrun and recipe == "gptq":
+                modes.append(("2", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "leanml.cli"]))
+            for procs, launcher in modes:
+                threads = str(args.threads if procs == "1" else max(1, args.threads // 2))
+                target = work / f"out-{shape}-{recipe}-{procs}"
+                cmd = [*launcher, "compress", str(folder), "--recipe", str(rfile), "--data", "lee", "--out", str(target)]
+                cmd += ["--force", "--no-measure", "--lazy"]
+                r = run(cmd, {**env, "OMP_NUM_THREADS": threads})
+                r.update(shape=shape, recipe=recipe, processes=int(procs), fp32_bytes=fp32, threads_per_process=int(threads))
+                results[f"{shape}/{recipe}/{procs}"] = r
+                print(json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                tmp = out_json.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(results, indent=2))
+                os.replace(tmp, out_json)
+    rows = ["| shape | fp32 weights | recipe | processes | peak RSS | wall |", "|---|---|---|---|---|---|"]
+    for r in results.values():
+        rows.append(
+            f"| {r['shape']} | {r['fp32_bytes'] / 2**30:.1f} GiB | {r['recipe']} | {r['processes']} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['wall_s']:.0f} s{'' if r['rc'] == 0 else ' (failed)'} |"
+        )
+    (RESULTS / "bigmodel.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
