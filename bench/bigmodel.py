@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+import _common  # noqa: F401 - keeps bench/ from shadowing the standard library (bench/profile.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads (vocabulary: the SmolLM2 tokenizer's 49152)
