@@ -330,11 +330,9 @@ def _empty_hf_model(folder: Path, task: str) -> torch.nn.Module:
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(folder)
-    auto = {
-        "causal-lm": tf.AutoModelForCausalLM,
-        "sequence-classification": tf.AutoModelForSequenceClassification,
-        "image-classification": tf.AutoModelForImageClassification,
-    }.get(task, tf.AutoModel)
+    from .models.loaders import auto_class
+
+    auto = auto_class(task)
     if task == "sentence-embedding":
         config._attn_implementation = "eager"
     from accelerate import init_empty_weights

@@ -116,11 +116,7 @@ def open_lazy(folder: str | Path, task: str | None = None, name: str | None = No
     except Exception as exc:  # noqa: BLE001 - any failure to parse the config is the folder's fault
         raise LeanmlError(f"folder '{folder}' is not a loadable Hugging Face model: {loaders._first_line(exc)}") from None
     task = task or loaders._detect_task(folder, config)
-    auto = {
-        "causal-lm": tf.AutoModelForCausalLM,
-        "sequence-classification": tf.AutoModelForSequenceClassification,
-        "image-classification": tf.AutoModelForImageClassification,
-    }.get(task, tf.AutoModel)
+    auto = loaders.auto_class(task)
     if task == "sentence-embedding":
         config._attn_implementation = "eager"
     with init_empty_weights(include_buffers=False), loaders._quiet_transformers():

@@ -266,6 +266,17 @@ def check_finite(module: torch.nn.Module, where: str) -> None:
                 )
 
 
+def auto_class(task: str):
+    """The transformers auto class that builds a model for ``task``."""
+    import transformers as tf
+
+    return {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+    }.get(task, tf.AutoModel)
+
+
 def load_hf_folder(folder: Path, name: str | None = None, task: str | None = None) -> ModelHandle:
     """Load a Hugging Face model folder; the task comes from its config unless given.
 
@@ -286,11 +297,7 @@ def load_hf_folder(folder: Path, name: str | None = None, task: str | None = Non
             raise LeanmlError(f"'{folder}/config.json' has no 'model_type', so it is not a Hugging Face model config") from None
         raise LeanmlError(f"folder '{folder}' is not a loadable Hugging Face model: {_first_line(exc)}") from None
     task = task or _detect_task(folder, config)
-    auto = {
-        "causal-lm": tf.AutoModelForCausalLM,
-        "sequence-classification": tf.AutoModelForSequenceClassification,
-        "image-classification": tf.AutoModelForImageClassification,
-    }.get(task, tf.AutoModel)
+    auto = auto_class(task)
     kwargs = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if task == "sentence-embedding":
         kwargs["attn_implementation"] = "eager"
