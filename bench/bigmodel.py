@@ -61,6 +61,7 @@ def build(shape: str, folder: Path) -> Path:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],  # so the folder opens as a causal LM with its head, as a real one does
     )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(config).state_dict().items()}

@@ -11,6 +11,7 @@ import torch
 
 from leanml.errors import LeanmlError
 from leanml.quantize.primitives import (
+    default_clip_ratios,
     QParams,
     cast_float,
     compute_qparams,
@@ -215,3 +216,32 @@ def test_mse_clip_range_picks_best_ratio_per_row() -> None:
 def test_qparams_dataclass_fields() -> None:
     qp = qparams_for(torch.randn(4, 8), 4, False, "group", group_size=4)
     assert isinstance(qp, QParams) and qp.group_size == 4 and qp.axis == 1 and qp.scale.shape == (4, 2)
+
+
+def test_mse_clip_range_in_row_chunks_equals_one_pass(monkeypatch) -> None:
+    """Rows are searched a chunk at a time (bounded temporaries); each row's answer is the same."""
+    import leanml.quantize.primitives as prim
+
+    torch.manual_seed(4)
+    x = torch.distributions.StudentT(2.0).sample((37, 64))
+    whole = mse_clip_range(x, 4, False)
+    monkeypatch.setattr(prim, "CLIP_CHUNK_ELEMENTS", 5 * 64)  # 5 rows a chunk: 8 chunks, the last short
+    chunked = mse_clip_range(x, 4, False)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_clip_range_equals_fake_quantize_search(symmetric) -> None:
+    """The in-place search picks exactly the ranges a plain search over fake_quantize picks (fp32 rows)."""
+    torch.manual_seed(5)
+    x = torch.distributions.StudentT(3.0).sample((300, 32))
+    ratios = default_clip_ratios(20)
+    lo, hi = mse_clip_range(x, 3, symmetric, ratios)
+    xmin, xmax = x.amin(1).clamp(max=0), x.amax(1).clamp(min=0)
+    errs = []
+    for r in ratios:
+        qp = compute_qparams(r * xmin[:, None], r * xmax[:, None], 3, symmetric)
+        errs.append((fake_quantize(x, qp) - x).double().pow(2).sum(1))
+    best = torch.stack(errs).argmin(0)  # first minimum: ties keep the larger ratio
+    expect = torch.tensor(ratios, dtype=torch.float32)[best]
+    assert torch.equal(lo, expect * xmin) and torch.equal(hi, expect * xmax)

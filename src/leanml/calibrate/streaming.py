@@ -9,8 +9,9 @@ its stack of blocks (embeddings, final norm, head) is read first. Then for each 
 3. the block, now holding packed integer layers, is written to its own safetensors file of the
    artifact, and sent back to ``meta``.
 
-The peak memory is the largest block plus the embeddings and head plus the calibration inputs of one
-block (``windows x tokens x hidden`` floats, twice), not the model. The artifact is the same as an
+The peak memory is the largest block plus the embeddings (the output head is read once the blocks are
+done, and RTN reads neither before) plus the calibration inputs of one block (``windows x tokens x
+hidden`` floats, twice), not the model; each released block's memory goes back to the system. The artifact is the same as an
 in-memory run's (same tensors and ``leanml.json`` layout), split into one weights file per block, and it
 reloads with :func:`leanml.load`. In a ``torchrun`` job every rank calibrates on its share of the windows
 and only rank 0 writes.
@@ -81,7 +82,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
 
     from ..calibrate.batches import calibration_batches
     from ..calibrate.sequential import find_block_stack
-    from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
+    from ..quantize.api import LINEAR, _check_groups, _output_heads, quantize_head, replace_linear, rtn_weight, weight_spec
     from ..quantize.modules import QuantLinear
     from ..targeting import get_module, select_layers
 
@@ -113,7 +114,6 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
         return memory_status()
 
     shards = _Shards(folder)
-    materialize(model, "", weights, skip=stack_name)
     mine = {n for n in names if n.startswith(stack_name + ".")}
 
     def finish(prefix: str, block: nn.Module) -> None:
@@ -121,7 +121,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
         shards.add(_block_state(prefix, block))
         release(block)
 
-    if cfg.method == "rtn":
+    if cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
             materialize(model, prefix, weights)
@@ -129,12 +129,15 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
                 layer = get_module(model, name)
                 replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
             finish(prefix, blocks[i])
+        materialize(model, "", weights, skip=stack_name)
         for name in outside:
             layer = get_module(model, name)
             replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
     else:
         from ..quantize.weight_only import quantize_weights
 
+        # the embeddings feed the first block; the output head is read only once the blocks are done
+        materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
         batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
 
         def before(_i: int, prefix: str, _block: nn.Module) -> None:
@@ -146,6 +149,8 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
             finish(prefix, block)
 
         quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
+        del batches
+        materialize(model, "", weights, skip=stack_name)
     quantize_head(model, cfg, handle.task)
     state, aliases = _rest_state(model)
     shards.add(state)

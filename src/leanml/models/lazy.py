@@ -167,12 +167,13 @@ def _embeddings(model: nn.Module, which: str) -> nn.Module | None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, prefix: str, weights: LazyWeights, skip: str | None = None) -> int:
+def materialize(model: nn.Module, prefix: str, weights: LazyWeights, skip: str | tuple[str, ...] | None = None) -> int:
     """Read the real weights of every ``meta`` parameter of the sub-module ``prefix`` ("" for the whole
-    model) from ``weights``, leaving out the sub-module ``skip`` (e.g. the stack of blocks); returns the
-    bytes read. An output head tied to the input embedding takes the embedding's parameter, so the tie
+    model) from ``weights``, leaving out the sub-module(s) ``skip`` (e.g. the stack of blocks); returns
+    the bytes read. An output head tied to the input embedding takes the embedding's parameter, so the tie
     holds."""
     root = model.get_submodule(prefix) if prefix else model
+    skips = (skip,) if isinstance(skip, str) else tuple(skip or ())
     read = 0
     modules = list(root.named_modules())
     # the input embedding first, so a tied head finds it whatever the module order
@@ -180,7 +181,7 @@ def materialize(model: nn.Module, prefix: str, weights: LazyWeights, skip: str |
     modules.sort(key=lambda item: item[1] is not first)
     for mname, module in modules:
         full = f"{prefix}.{mname}" if prefix and mname else (prefix or mname)
-        if skip is not None and (full == skip or full.startswith(skip + ".")):
+        if any(full == s or full.startswith(s + ".") for s in skips):
             continue
         for pname, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":
@@ -205,8 +206,37 @@ def materialize(model: nn.Module, prefix: str, weights: LazyWeights, skip: str |
 
 def release(module: nn.Module) -> None:
     """Send every parameter and buffer of ``module`` to ``meta`` (its memory is freed once nothing else
-    holds it)."""
+    holds it) and hand the freed memory back to the operating system (:func:`return_free_memory`)."""
     module.to("meta")
+    return_free_memory()
+
+
+def return_free_memory() -> bool:
+    """Ask the C allocator to give its free memory back to the operating system; True where it could.
+
+    glibc keeps freed blocks of a few MB in its heap once its adaptive mmap threshold has grown, so a
+    run that reads, quantizes and frees one block after another keeps every block's pages resident
+    (measured: the resident memory of a 30-block model grew by ~50 MB a block without this, and stayed
+    flat with it). ``malloc_trim(0)`` returns those pages; elsewhere (musl, macOS, Windows) this does
+    nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC = None  # the C library once looked up (False where it has no malloc_trim)
 
 
 def on_meta(module: nn.Module) -> bool:
