@@ -11,10 +11,10 @@ import torch
 
 from leanml.errors import LeanmlError
 from leanml.quantize.primitives import (
-    default_clip_ratios,
     QParams,
     cast_float,
     compute_qparams,
+    default_clip_ratios,
     dequantize,
     fake_quantize,
     fake_quantize_ste,

@@ -234,7 +234,10 @@ def mse_clip_range(
     step = max(1, CLIP_CHUNK_ELEMENTS // max(1, x2d.shape[1]))
     if x2d.shape[0] <= step:
         return _clip_search(x2d, bits, symmetric, grid, xmin, xmax)
-    parts = [_clip_search(x2d[i : i + step], bits, symmetric, grid, xmin[i : i + step], xmax[i : i + step]) for i in range(0, x2d.shape[0], step)]
+    parts = [
+        _clip_search(x2d[i : i + step], bits, symmetric, grid, xmin[i : i + step], xmax[i : i + step])
+        for i in range(0, x2d.shape[0], step)
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
