@@ -89,7 +89,10 @@ def build(shape: str, folder: Path) -> Path:
 def run(argv: list[str], env: dict) -> dict:
     """Run ``argv``; its wall time and the peak resident memory of its process tree."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # cwd: the project root, so that `python -m` does not put bench/ (whose profile.py shadows the standard library) on the path
+    proc = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     peak = 0
     try:
         while proc.poll() is None:
@@ -105,6 +108,24 @@ def run(argv: list[str], env: dict) -> dict:
             os.killpg(proc.pid, 9)
     out = proc.stdout.read() if proc.stdout else ""
     return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak, "tail": out[-600:]}
+
+
+GENERATE = """
+import sys, time, torch, leanml
+h = leanml.load(sys.argv[1])
+ids = h.tokenizer("The history of the city", return_tensors="pt").input_ids
+t = time.perf_counter()
+with torch.no_grad():
+    out = h.module.generate(ids, max_new_tokens=8, do_sample=False)
+print("GENERATED", out.shape[1] - ids.shape[1], "tokens in", round(time.perf_counter() - t, 1), "s")
+"""
+
+
+def generate(folder: Path, env: dict) -> dict:
+    """Load the artifact in a fresh process and generate 8 tokens greedily: peak RSS, wall, success."""
+    r = run([sys.executable, "-c", GENERATE, str(folder)], env)
+    ok = r["rc"] == 0 and "GENERATED 8 tokens" in r["tail"]
+    return {"generates": ok, "load_generate_peak_rss_bytes": r["peak_rss_bytes"], "load_generate_wall_s": r["wall_s"]}
 
 
 def main() -> None:
@@ -137,17 +158,26 @@ def main() -> None:
                 cmd += ["--force", "--no-measure", "--lazy"]
                 r = run(cmd, {**env, "OMP_NUM_THREADS": threads})
                 r.update(shape=shape, recipe=recipe, processes=int(procs), fp32_bytes=fp32, threads_per_process=int(threads))
+                if r["rc"] == 0 and procs == "1":
+                    r.update(generate(target, {**env, "OMP_NUM_THREADS": str(args.threads)}))
                 results[f"{shape}/{recipe}/{procs}"] = r
                 print(json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 tmp = out_json.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(results, indent=2))
                 os.replace(tmp, out_json)
-    rows = ["| shape | fp32 weights | recipe | processes | peak RSS | wall |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| shape | fp32 weights | recipe | processes | peak RSS | wall | reload + generate 8 tokens: peak RSS, wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results.values():
+        gen = "-"
+        if "generates" in r:
+            gen = f"{r['load_generate_peak_rss_bytes'] / 2**30:.2f} GiB, {r['load_generate_wall_s']:.0f} s"
+            gen += "" if r["generates"] else " (failed)"
         rows.append(
             f"| {r['shape']} | {r['fp32_bytes'] / 2**30:.1f} GiB | {r['recipe']} | {r['processes']} | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['wall_s']:.0f} s{'' if r['rc'] == 0 else ' (failed)'} |"
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['wall_s']:.0f} s{'' if r['rc'] == 0 else ' (failed)'} | {gen} |"
         )
     (RESULTS / "bigmodel.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))

@@ -37,6 +37,7 @@ from torch import nn
 from leanml.calibrate.hessian import HessianAccumulator, outlier_row_weights
 from leanml.distributed import all_reduce_sum, shard, world
 from leanml.errors import LeanmlError
+from leanml.models.lazy import return_free_memory
 from leanml.progress import progress
 
 Call = tuple[tuple, dict]  # (args, kwargs) of one forward call
@@ -205,6 +206,7 @@ class BlockContext:
                 h.remove()
         for acc in feeders.values():
             acc.reduce_across_ranks()
+        return_free_memory()  # a forward's temporaries are freed now; keep the heap from holding them
         return accs
 
     @torch.no_grad()

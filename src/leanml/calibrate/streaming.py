@@ -145,7 +145,9 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
 
         def after(_i: int, prefix: str, block: nn.Module, records: dict) -> None:
             for name, qw in records.items():
-                replace_linear(model, name, QuantLinear.from_quantized(get_module(model, name), qw))
+                old = get_module(model, name)
+                replace_linear(model, name, QuantLinear.from_quantized(old, qw))
+                old.to("meta")  # the calibration keeps a table of the original layers: free their weights now
             finish(prefix, block)
 
         quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
