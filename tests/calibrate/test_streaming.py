@@ -193,3 +193,36 @@ def test_two_process_calibration_gives_the_single_process_weights(tmp_path, proc
                 assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), key
         total = sum(len(v) for k, v in a.items() if k.endswith("qweight"))
         assert moved <= 0.001 * total, f"{moved} of {total} packed bytes differ ({kind})"
+
+
+@pytest.mark.parametrize("recipe", [GPTQ, RTN], ids=["gptq", "rtn"])
+def test_a_finished_block_holds_no_float_weights(tmp_path, llama3_dir, text_file, recipe, monkeypatch):
+    """Memory stays at one block: when a block is released, every float layer it started with that is
+    still alive (GPTQ's calibration tables reference them) holds no real weights, and the output head
+    is read only after the blocks."""
+    import weakref
+
+    import leanml.calibrate.streaming as streaming
+    from leanml.calibrate.sequential import find_block_stack
+    from leanml.data import load_data
+    from leanml.recipe import load_recipe
+
+    handle = open_lazy(llama3_dir)
+    _, blocks = find_block_stack(handle.module)
+    originals = [[weakref.ref(m) for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in blocks]
+    head = handle.module.lm_head
+    checked = []
+
+    def checked_release(module):
+        i = next(i for i, b in enumerate(blocks) if b is module)
+        alive = [r() for r in originals[i] if r() is not None]
+        assert all(m.weight.device.type == "meta" for m in alive)
+        checked.append((len(alive), head.weight.device.type))
+        release(module)
+
+    monkeypatch.setattr(streaming, "release", checked_release)
+    streaming.compress_layer_by_layer(handle, load_recipe(recipe), load_data(text_file), tmp_path)
+    assert len(checked) == len(blocks) and {h for _, h in checked} == {"meta"}
+    if recipe is GPTQ:
+        assert all(n > 0 for n, _ in checked)  # the tables did hold them: the check above had work to do
+    assert head.weight.device.type != "meta"

@@ -128,6 +128,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
             for name in sorted(n for n in mine if n.startswith(prefix + ".")):
                 layer = get_module(model, name)
                 replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
+                layer.to("meta")
             finish(prefix, blocks[i])
         materialize(model, "", weights, skip=stack_name)
         for name in outside:
