@@ -29,6 +29,16 @@ def test_pack_unpack_round_trip(bits):
     assert packed.numel() == (1001 * bits + 7) // 8 and torch.equal(unpack_bits(packed, bits, 1001), v)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_byte_packing_is_the_bit_stream_layout(bits):
+    """The in-bytes path for widths dividing 8 writes the general bit stream's bytes (odd lengths too)."""
+    from leanml.quantize.packing import _pack_bitstream
+
+    for n in (1, 7, 1001):
+        v = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n))
+        assert torch.equal(pack_bits(v.to(torch.int32), bits), _pack_bitstream(v.to(torch.int64), bits))
+
+
 @pytest.fixture
 def cnn_and_data():
     torch.manual_seed(0)

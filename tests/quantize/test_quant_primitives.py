@@ -245,3 +245,17 @@ def test_mse_clip_range_equals_fake_quantize_search(symmetric) -> None:
     best = torch.stack(errs).argmin(0)  # first minimum: ties keep the larger ratio
     expect = torch.tensor(ratios, dtype=torch.float32)[best]
     assert torch.equal(lo, expect * xmin) and torch.equal(hi, expect * xmax)
+
+
+@pytest.mark.parametrize("mse_clip", [False, True])
+def test_rtn_in_row_chunks_equals_one_pass(monkeypatch, mse_clip) -> None:
+    """rtn_quantize_weight rounds a large weight a few rows at a time; every output is the same."""
+    import leanml.quantize.gptq as gptq
+
+    torch.manual_seed(6)
+    w = torch.randn(37, 128)
+    whole = gptq.rtn_quantize_weight(w, 4, 32, False, mse_clip=mse_clip)
+    monkeypatch.setattr(gptq, "RTN_CHUNK_ELEMENTS", 5 * 128)  # 5 rows a chunk, the last one short
+    chunked = gptq.rtn_quantize_weight(w, 4, 32, False, mse_clip=mse_clip)
+    for field in ("weight", "codes", "scales", "zero_points", "g_idx"):
+        assert torch.equal(getattr(whole, field), getattr(chunked, field)), field

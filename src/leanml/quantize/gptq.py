@@ -100,14 +100,29 @@ def rtn_quantize_weight(
     symmetric: bool = False,
     mse_clip: bool = False,
 ) -> QuantizedWeight:
-    """Round-to-nearest baseline: per-output-channel (``group_size=None``) or per-group qparams."""
+    """Round-to-nearest baseline: per-output-channel (``group_size=None``) or per-group qparams.
+
+    Rows are independent, so a large weight is done :data:`RTN_CHUNK_ELEMENTS` at a time (the same
+    result): the temporaries of one chunk, not of the whole weight, sit beside the outputs."""
     gs = _check_weight(W, bits, group_size)
-    Wf = W.detach().to(_work_dtype(W))
-    scales, zeros = group_qparams(Wf, bits, symmetric, gs, mse_clip)
-    g_idx = torch.arange(W.shape[1]) // gs
-    codes = _round_codes(Wf, scales[:, g_idx], zeros[:, g_idx], *qrange(bits, symmetric)).to(CODE_DTYPE)
-    weight = dequantize_groups(codes, scales, zeros, g_idx).to(W.dtype)
+    rows, cols = W.shape
+    g_idx = torch.arange(cols) // gs
+    step = max(1, RTN_CHUNK_ELEMENTS // cols)
+    work = _work_dtype(W)
+    weight = torch.empty(rows, cols, dtype=W.dtype)
+    codes = torch.empty(rows, cols, dtype=CODE_DTYPE)
+    scales = torch.empty(rows, cols // gs, dtype=work)
+    zeros = torch.empty(rows, cols // gs, dtype=work)
+    for i in range(0, rows, step):
+        Wf = W[i : i + step].detach().to(work)
+        s, z = group_qparams(Wf, bits, symmetric, gs, mse_clip)
+        c = _round_codes(Wf, s[:, g_idx], z[:, g_idx], *qrange(bits, symmetric)).to(CODE_DTYPE)
+        weight[i : i + step] = dequantize_groups(c, s, z, g_idx).to(W.dtype)
+        codes[i : i + step], scales[i : i + step], zeros[i : i + step] = c, s, z
     return QuantizedWeight(weight, codes, scales, zeros, g_idx, None, bits, symmetric, gs)
+
+
+RTN_CHUNK_ELEMENTS = 1 << 22  # weights rounded at a time by rtn_quantize_weight (its temporaries: ~16 MB each)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:

@@ -7,11 +7,27 @@ import torch
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integers ``0 <= v < 2**bits`` into ``ceil(numel * bits / 8)`` bytes."""
-    flat = values.reshape(-1).to(torch.int64)
+    flat = values.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] to pack into {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8)
+    if 8 % bits == 0:  # whole values per byte, in bytes (a bit stream of int64 would take 8 x bits bytes a value)
+        per = 8 // bits
+        v = flat.to(torch.uint8)
+        pad = (-v.numel()) % per
+        if pad:
+            v = torch.cat([v, v.new_zeros(pad)])
+        v = v.reshape(-1, per)
+        out = v[:, 0].clone()
+        for k in range(1, per):
+            out |= v[:, k] << (k * bits)
+        return out
+    return _pack_bitstream(flat.to(torch.int64), bits)
+
+
+def _pack_bitstream(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Any width: value i's bit b is bit ``i * bits + b`` of the stream, bytes filled from their low bit."""
     shifts = torch.arange(bits, dtype=torch.int64)
     bitstream = ((flat[:, None] >> shifts) & 1).reshape(-1)
     pad = (-bitstream.numel()) % 8
