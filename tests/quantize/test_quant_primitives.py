@@ -230,11 +230,12 @@ def test_mse_clip_range_in_row_chunks_equals_one_pass(monkeypatch) -> None:
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_mse_clip_range_equals_fake_quantize_search(symmetric) -> None:
-    """The in-place search picks exactly the ranges a plain search over fake_quantize picks (fp32 rows)."""
+def test_mse_clip_range_equals_fake_quantize_search(symmetric, dtype) -> None:
+    """The in-place search picks exactly the ranges a plain search over fake_quantize picks."""
     torch.manual_seed(5)
-    x = torch.distributions.StudentT(3.0).sample((300, 32))
+    x = torch.distributions.StudentT(3.0).sample((300, 32)).to(dtype)
     ratios = default_clip_ratios(20)
     lo, hi = mse_clip_range(x, 3, symmetric, ratios)
     xmin, xmax = x.amin(1).clamp(max=0), x.amax(1).clamp(min=0)
@@ -243,8 +244,9 @@ def test_mse_clip_range_equals_fake_quantize_search(symmetric) -> None:
         qp = compute_qparams(r * xmin[:, None], r * xmax[:, None], 3, symmetric)
         errs.append((fake_quantize(x, qp) - x).double().pow(2).sum(1))
     best = torch.stack(errs).argmin(0)  # first minimum: ties keep the larger ratio
-    expect = torch.tensor(ratios, dtype=torch.float32)[best]
-    assert torch.equal(lo, expect * xmin) and torch.equal(hi, expect * xmax)
+    rows = torch.arange(x.shape[0])
+    assert torch.equal(lo, torch.stack([r * xmin for r in ratios])[best, rows])
+    assert torch.equal(hi, torch.stack([r * xmax for r in ratios])[best, rows])
 
 
 @pytest.mark.parametrize("mse_clip", [False, True])

@@ -232,8 +232,6 @@ def mse_clip_range(
     xmax = (x2d.amax(1) if xmax is None else xmax).clamp(min=0)
     grid = default_clip_ratios() if ratios is None else list(ratios)
     step = max(1, CLIP_CHUNK_ELEMENTS // max(1, x2d.shape[1]))
-    if x2d.shape[0] <= step:
-        return _clip_search(x2d, bits, symmetric, grid, xmin, xmax)
     parts = [
         _clip_search(x2d[i : i + step], bits, symmetric, grid, xmin[i : i + step], xmax[i : i + step])
         for i in range(0, x2d.shape[0], step)
@@ -257,10 +255,9 @@ def _clip_search(x2d, bits, symmetric, grid, xmin, xmax) -> tuple[torch.Tensor, 
         scale, zero = qp.scale.to(dtype), qp.zero_point.to(dtype)
         torch.div(x, scale, out=buf)
         buf.add_(zero).round_().clamp_(qmin, qmax).sub_(zero).mul_(scale)
-        if buf.dtype != x2d.dtype:
-            buf = buf.to(x2d.dtype)
-        buf.sub_(x2d)
-        err = buf.double().square_().sum(1)
+        deq = buf if buf.dtype == x2d.dtype else buf.to(x2d.dtype)  # a half-precision input: fake_quantize's cast
+        deq.sub_(x2d)
+        err = deq.double().square_().sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_min, best_max = torch.where(better, lo, best_min), torch.where(better, hi, best_max)
