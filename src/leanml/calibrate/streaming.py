@@ -152,7 +152,6 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
             finish(prefix, block)
 
         quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
-        del batches
         materialize(model, "", weights, skip=stack_name)
     quantize_head(model, cfg, handle.task)
     state, aliases = _rest_state(model)
