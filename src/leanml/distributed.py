@@ -2,8 +2,10 @@
 
 Training (``leanml.distill``) and calibration (``leanml.calibrate``) use the same job: gloo on CPU, NCCL
 when CUDA is present. Calibration splits its windows across ranks (:func:`shard`), sums the statistics
-each rank gathered (:func:`all_reduce_sum`, :func:`all_reduce_max`) and shares the layers each rank
-quantized (:func:`broadcast`), so every rank ends with the weights one process would compute.
+each rank gathered (:func:`all_reduce_sum`, :func:`all_reduce_max`); rank 0 factors each shared Hessian
+with every local rank's threads and sends it (:func:`broadcast`), each rank quantizes a contiguous share
+of every layer's output rows (:func:`even_split`) and the shares are exchanged (:func:`all_gather_rows`),
+so every rank ends with the weights one process would compute.
 """
 
 from __future__ import annotations
@@ -71,11 +73,6 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items)[rank::size] if size > 1 else list(items)
 
 
-def owner(index: int) -> int:
-    """The rank that computes item ``index`` of a list split round-robin across ranks."""
-    return index % world()[1]
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over ranks, in place (returns ``t``); unchanged outside a job."""
     if active():
@@ -102,3 +99,49 @@ def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
 
         dist.broadcast(t, src=src)
     return t
+
+
+def even_split(n: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's share of ``n`` items in contiguous runs whose lengths differ by at
+    most one (earlier ranks take the longer runs); one run of all ``n`` outside a job."""
+    size = world()[1]
+    base, extra = divmod(n, size)
+    bounds, start = [], 0
+    for r in range(size):
+        stop = start + base + (1 if r < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def all_gather_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``rows`` rows whose :func:`even_split` shares the ranks hold (this rank's is ``part``), stacked
+    in rank order on every rank; ``part`` itself outside a job. Every rank's share is padded to the
+    longest for the exchange."""
+    if not active():
+        return part
+    import torch.distributed as dist
+
+    bounds = even_split(rows)
+    longest = max(b - a for a, b in bounds)
+    padded = part.new_zeros((longest, *part.shape[1:]))
+    padded[: part.shape[0]] = part
+    parts = [torch.empty_like(padded) for _ in bounds]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: b - a] for p, (a, b) in zip(parts, bounds, strict=True)])
+
+
+class all_local_threads:
+    """Context manager: while one rank computes what every rank needs and the others wait for it, give
+    that rank the threads of every process of the job on this machine (``LOCAL_WORLD_SIZE`` x its own, at
+    most the machine's cores). Nothing changes outside a job."""
+
+    def __enter__(self) -> all_local_threads:
+        self._before = torch.get_num_threads()
+        if active():
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, min(self._before * local, os.cpu_count() or 1)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self._before)

@@ -226,3 +226,16 @@ def test_a_finished_block_holds_no_float_weights(tmp_path, llama3_dir, text_file
     if recipe is GPTQ:
         assert all(n > 0 for n, _ in checked)  # the tables did hold them: the check above had work to do
     assert head.weight.device.type != "meta"
+
+
+@pytest.mark.parametrize("n,size", [(10, 3), (2, 2), (7, 1), (5, 4)])
+def test_even_split_covers_every_row_once(n, size, monkeypatch):
+    """Each rank's contiguous run of rows; runs differ by at most one and cover 0..n in order."""
+    import leanml.distributed as d
+
+    monkeypatch.setattr(d, "world", lambda: (0, size))
+    bounds = d.even_split(n)
+    assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    lengths = [b - a for a, b in bounds]
+    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)

@@ -9,6 +9,7 @@ from leanml.errors import LeanmlError
 from leanml.quantize.gptq import (
     QuantizedWeight,
     dequantize_groups,
+    factor_hessian,
     gptq_quantize_weight,
     inverse_hessian_cholesky,
     obs_column_update,
@@ -107,7 +108,13 @@ def qp_max(bits: int, sym: bool) -> int:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("block_size", [8, 5, 128])
-def test_lazy_blocks_match_dense_reference(variant: tuple, block_size: int) -> None:
+@pytest.mark.parametrize("sub_block", [1, 3, 16])
+def test_lazy_blocks_match_dense_reference(variant: tuple, block_size: int, sub_block: int, monkeypatch) -> None:
+    """Blocks and sub-blocks of any width (a sub-block of 3 straddles groups of 8 unless cut at their
+    starts) give the codes of column-by-column GPTQ with a fresh inverse at every step."""
+    import leanml.quantize.gptq as gptq
+
+    monkeypatch.setattr(gptq, "GPTQ_SUB_BLOCK", sub_block)
     gs, act_order, static = variant
     W, _, H = layer(2, out=8, inp=32)
     sym = block_size == 5
@@ -131,6 +138,47 @@ def test_obs_update_matches_least_squares() -> None:
         best2 = torch.linalg.lstsq(X[:, 2:], (target - X[:, :2] @ torch.stack([q0[r], q1[r]]))[:, None]).solution
         torch.testing.assert_close(W1[r, 1:], best1, rtol=0, atol=1e-10)
         torch.testing.assert_close(W2[r, 2:], best2[:, 0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [5, 70, 130, 300])
+def test_inverse_hessian_cholesky_against_dense_inverse(n: int, monkeypatch) -> None:
+    """U (one reversed Cholesky and a recursive triangular inverse) equals the upper Cholesky factor of
+    the dense inverse of the damped Hessian, and U^T U inverts it."""
+    import leanml.quantize.gptq as gptq
+
+    monkeypatch.setattr(gptq, "TRIANGULAR_BASE", 16)  # recursion at these small sizes
+    torch.manual_seed(n)
+    X = torch.randn(n + 40, n, dtype=torch.float64) * torch.rand(n, dtype=torch.float64)
+    H = 2.0 / (n + 40) * X.T @ X
+    U = inverse_hessian_cholesky(H, damp=0.01)
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
+    expect = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    torch.testing.assert_close(U, expect, rtol=1e-9, atol=1e-9 * float(expect.abs().max()))
+    torch.testing.assert_close(U.T @ U @ Hd, torch.eye(n, dtype=H.dtype), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_quantized_apart_with_one_factor_equal_the_whole(variant: tuple) -> None:
+    """What a torchrun job relies on: given one shared factor, a run of rows gives those rows of the whole
+    result (up to the last bit of a product whose kernel depends on the row count: a code may then flip
+    on a rounding boundary), and the factor gives exactly what the Hessian itself gives."""
+    gs, act_order, static = variant
+    W, _, H = layer(7, out=12, inp=64)
+    W = W.float()
+    H[5, :] = H[:, 5] = 0.0  # a dead input
+    kw = dict(bits=3, group_size=gs and 16, act_order=act_order, static_groups=static, mse_clip=True)
+    whole = gptq_quantize_weight(W, H, **kw)
+    f = factor_hessian(H, act_order, 0.01, torch.float32)
+    again = gptq_quantize_weight(W, None, factor=f, **kw)
+    assert torch.equal(again.codes, whole.codes) and torch.equal(again.weight, whole.weight)
+    for a, b in [(0, 5), (5, 12)]:
+        part = gptq_quantize_weight(W[a:b], None, factor=f, **kw)
+        assert float((part.codes != whole.codes[a:b]).float().mean()) <= 0.01
+        torch.testing.assert_close(part.scales, whole.scales[a:b], rtol=1e-5, atol=0)
+        assert torch.equal(part.zero_points, whole.zero_points[a:b]) and torch.equal(part.g_idx, whole.g_idx)
+    with pytest.raises(LeanmlError, match="was not made for this weight"):
+        gptq_quantize_weight(W, None, factor=f, bits=3, act_order=not act_order)
 
 
 def test_high_bits_nearly_exact() -> None:

@@ -130,20 +130,45 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tenso
 
     Row ``j`` of U, divided by ``U[j, j]``, is the OBS update direction for quantizing column j after
     columns ``< j`` are fixed.
+
+    Computed with one factorization: with J the order-reversing permutation, ``J H J = M M^T`` (M lower)
+    gives ``H^-1 = (J M^-1 J)^T (J M^-1 J)``, and ``J M^-1 J`` is upper triangular with a positive
+    diagonal, hence U. One Cholesky and one triangular inverse instead of a Cholesky, an inverse from it
+    and a second Cholesky (about half the work at the sizes of LLM layers).
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise LeanmlError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not damp >= 0:
         raise LeanmlError(f"damp {damp!r} is out of range; use a fraction >= 0 of mean(diag H) (e.g. 0.01)")
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(torch.float64).flip(0, 1)  # a copy, in reversed order
     H.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
+    M, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         raise LeanmlError(f"Hessian is not positive definite with damp {damp}; use a larger damp (e.g. 0.1)")
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info) != 0:
+    del H
+    U = lower_triangular_inverse(M).flip(0, 1)
+    if not bool(torch.isfinite(U).all()):
         raise LeanmlError(f"inverse Hessian is numerically singular with damp {damp}; use a larger damp")
     return U
+
+
+TRIANGULAR_BASE = 256  # lower_triangular_inverse solves blocks up to this size directly
+
+
+def lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by recursive halving: with ``L = [[A, 0], [C, B]]``,
+    ``L^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (the off-diagonal block by a matrix product and one
+    triangular solve), about half the arithmetic of solving ``L X = I``."""
+    n = L.shape[0]
+    if n <= TRIANGULAR_BASE:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+    h = (n // 2 + 63) // 64 * 64  # split on a multiple of 64 (aligned products) where there is room
+    h = h if h < n else n // 2
+    out = torch.zeros_like(L)
+    out[:h, :h] = lower_triangular_inverse(L[:h, :h])
+    out[h:, h:] = lower_triangular_inverse(L[h:, h:])
+    out[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], L[h:, :h] @ out[:h, :h], upper=False).neg_()
+    return out
 
 
 def obs_column_update(W: torch.Tensor, U: torch.Tensor, j: int, q: torch.Tensor) -> torch.Tensor:
@@ -169,28 +194,46 @@ class _Plan:
     block_size: int
 
 
+GPTQ_SUB_BLOCK = 16  # columns per inner block of _gptq_loop (rank-1 updates stay inside it)
+
+
 def _gptq_loop(W: torch.Tensor, plan: _Plan, bits: int, symmetric: bool, mse_clip: bool) -> torch.Tensor:
-    """Quantize W (processing order, modified in place) column by column with lazy block updates."""
+    """Quantize W (processing order, modified in place) column by column with lazy block updates.
+
+    Two levels of laziness, both exact reorderings of the column-by-column OBS updates: a column's error
+    is applied at once only inside its sub-block of :data:`GPTQ_SUB_BLOCK` columns, to the rest of its
+    block of ``block_size`` columns by one product when the sub-block ends, and to the columns after the
+    block by one product when the block ends. Sub-blocks end at group starts, so a dynamic group's
+    qparams are computed on columns that hold every earlier column's update."""
     rows, cols = W.shape
     qmin, qmax = qrange(bits, symmetric)
     codes = torch.empty(rows, cols, dtype=CODE_DTYPE)
     gs, U = plan.group_size, plan.U
     for i1 in range(0, cols, plan.block_size):
         i2 = min(i1 + plan.block_size, cols)
-        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            k = i1 + i
-            if plan.dynamic and k % gs == 0:  # block_size is a multiple of gs: the group is in W1, current
-                s, z = group_qparams(W[:, k : k + gs], bits, symmetric, gs, mse_clip)
-                plan.scales[:, k // gs], plan.zeros[:, k // gs] = s[:, 0], z[:, 0]
-            g = plan.col_group[k]
-            q = _round_codes(W1[:, i], plan.scales[:, g], plan.zeros[:, g], qmin, qmax)
-            codes[:, k] = q.to(CODE_DTYPE)
-            err = (W1[:, i] - (q - plan.zeros[:, g]) * plan.scales[:, g]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        j1 = 0
+        while j1 < i2 - i1:
+            j2 = min(j1 + GPTQ_SUB_BLOCK, i2 - i1)
+            if plan.dynamic:  # end the sub-block where the next group starts
+                j2 = min(j2, ((i1 + j1) // gs + 1) * gs - i1)
+            for i in range(j1, j2):
+                k = i1 + i
+                if plan.dynamic and k % gs == 0:  # block_size is a multiple of gs: the group is in W1, current
+                    s, z = group_qparams(W1[:, i : i + gs], bits, symmetric, gs, mse_clip)
+                    plan.scales[:, k // gs], plan.zeros[:, k // gs] = s[:, 0], z[:, 0]
+                g = plan.col_group[k]
+                q = _round_codes(W1[:, i], plan.scales[:, g], plan.zeros[:, g], qmin, qmax)
+                codes[:, k] = q.to(CODE_DTYPE)
+                err = (W1[:, i] - (q - plan.zeros[:, g]) * plan.scales[:, g]) / U1[i, i]
+                W1[:, i:j2].addr_(err, U1[i, i:j2], alpha=-1)
+                E1[:, i] = err
+            if j2 < i2 - i1:
+                W1[:, j2:].addmm_(E1[:, j1:j2], U1[j1:j2, j2:], alpha=-1)
+            j1 = j2
+        if i2 < cols:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
     return codes
 
 
@@ -217,9 +260,40 @@ def _plan(
     return _Plan(U, scales, zeros, torch.arange(cols) // gs, True, gs, block)
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ takes from a Hessian, computed once for every weight that reads the same input (q/k/v,
+    gate/up): the processing order, the inputs that are never active, and the upper Cholesky factor of
+    the damped inverse in that order."""
+
+    U: torch.Tensor  # (in, in), processing order, in the dtype of the weights' arithmetic
+    perm: torch.Tensor  # int64 (in,), processing order (identity without act_order)
+    dead: torch.Tensor  # bool (in,), inputs with H[j, j] == 0
+    act_order: bool
+    damp: float
+
+
+def factor_hessian(
+    H: torch.Tensor, act_order: bool = False, damp: float = 0.01, dtype: torch.dtype = torch.float32
+) -> HessianFactor:
+    """The :class:`HessianFactor` of ``H`` (see :func:`gptq_quantize_weight` for dead inputs, the
+    ``act_order`` order and dampening); U is computed in float64 and stored in ``dtype``."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise LeanmlError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise LeanmlError("Hessian contains inf or nan; accumulate it from finite calibration inputs")
+    H = H.detach().to(torch.float64).clone()
+    diag = H.diagonal().clone()
+    dead = diag == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(H.shape[0])
+    U = inverse_hessian_cholesky(H[perm][:, perm], damp).to(dtype)
+    return HessianFactor(U, perm, dead, bool(act_order), float(damp))
+
+
 def gptq_quantize_weight(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     bits: int,
     group_size: int | None = None,
     symmetric: bool = False,
@@ -228,6 +302,7 @@ def gptq_quantize_weight(
     block_size: int = 128,
     static_groups: bool | None = None,
     mse_clip: bool = False,
+    factor: HessianFactor | None = None,
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) of a linear weight ``W (out, in)`` given ``H (in, in)`` = 2/n XᵀX.
 
@@ -240,26 +315,31 @@ def gptq_quantize_weight(
       error-updated weights when its first column is reached (``block_size`` is then rounded to a
       multiple of ``group_size`` so that a group never spans two lazy-update blocks);
     * the lazy block update of width ``block_size`` is an exact reordering of the column-by-column OBS
-      updates.
+      updates;
+    * ``factor`` (from :func:`factor_hessian` with the same ``act_order`` and ``damp``) replaces ``H``:
+      weights that share an input share one factorization. Rows are quantized independently given it,
+      so any subset of W's rows gets the rows of the whole result.
     """
     gs = _check_weight(W, bits, group_size)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise LeanmlError(f"block_size {block_size!r} is not a positive integer")
     cols = W.shape[1]
-    if H.shape != (cols, cols):
-        raise LeanmlError(f"Hessian shape {tuple(H.shape)} does not match the weight's {cols} input columns")
-    if not bool(torch.isfinite(H).all()):
-        raise LeanmlError("Hessian contains inf or nan; accumulate it from finite calibration inputs")
-    Wf = W.detach().to(_work_dtype(W)).clone()
-    H = H.detach().to(torch.float64).clone()
-    diag = H.diagonal().clone()
-    dead = diag == 0
-    H[dead, dead] = 1.0
-    Wf[:, dead] = 0.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
+    work = _work_dtype(W)
+    if factor is None:
+        if H is None or H.shape != (cols, cols):
+            got = "no Hessian" if H is None else f"Hessian shape {tuple(H.shape)}"
+            raise LeanmlError(f"{got} does not match the weight's {cols} input columns")
+        factor = factor_hessian(H, act_order, damp, work)
+    elif factor.U.shape != (cols, cols) or factor.act_order != bool(act_order) or factor.damp != float(damp):
+        raise LeanmlError(
+            f"the Hessian factor ({factor.U.shape[0]} inputs, act_order={factor.act_order}, damp={factor.damp}) "
+            f"was not made for this weight ({cols} inputs, act_order={bool(act_order)}, damp={damp})"
+        )
+    Wf = W.detach().to(work).clone()
+    Wf[:, factor.dead] = 0.0
+    perm = factor.perm
     static = True if group_size is None else (act_order if static_groups is None else static_groups)
-    U = inverse_hessian_cholesky(H[perm][:, perm], damp).to(Wf.dtype)
-    plan = _plan(Wf, U, perm, bits, symmetric, mse_clip, gs, static, block_size)
+    plan = _plan(Wf, factor.U.to(work), perm, bits, symmetric, mse_clip, gs, static, block_size)
     codes_p = _gptq_loop(Wf[:, perm].contiguous(), plan, bits, symmetric, mse_clip)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p

@@ -41,11 +41,18 @@ import torch
 from torch import nn
 
 from leanml.calibrate.sequential import BlockContext, run_sequential
-from leanml.distributed import active, owner, world
+from leanml.distributed import active, all_gather_rows, all_local_threads, broadcast, even_split, world
 from leanml.errors import LeanmlError
 from leanml.quantize.awq import awq_scales
-from leanml.quantize.gptq import QuantizedWeight, dequantize_groups, gptq_quantize_weight, rtn_quantize_weight
-from leanml.quantize.primitives import check_bits
+from leanml.quantize.gptq import (
+    HessianFactor,
+    QuantizedWeight,
+    dequantize_groups,
+    factor_hessian,
+    gptq_quantize_weight,
+    rtn_quantize_weight,
+)
+from leanml.quantize.primitives import CODE_DTYPE, check_bits, qrange
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -113,8 +120,11 @@ class WeightQuantSpec:
 # ----------------------------------------------------------------------------------------------------
 
 
-def quantize_one(W: torch.Tensor, H: torch.Tensor | None, spec: WeightQuantSpec) -> QuantizedWeight:
-    """RTN or GPTQ of one weight per ``spec`` (``H`` is needed for GPTQ and ``refine_scales``)."""
+def quantize_one(
+    W: torch.Tensor, H: torch.Tensor | None, spec: WeightQuantSpec, factor: HessianFactor | None = None
+) -> QuantizedWeight:
+    """RTN or GPTQ of one weight per ``spec`` (``H`` is needed for GPTQ and ``refine_scales``; GPTQ uses
+    ``factor``, H's :func:`~leanml.quantize.gptq.factor_hessian`, when given)."""
     if spec.uses_gptq:
         qw = gptq_quantize_weight(
             W,
@@ -126,6 +136,7 @@ def quantize_one(W: torch.Tensor, H: torch.Tensor | None, spec: WeightQuantSpec)
             damp=spec.damp,
             static_groups=spec.static_groups if spec.act_order else None,
             mse_clip=spec.mse_clip,
+            factor=factor,
         )
     else:
         qw = rtn_quantize_weight(W, spec.bits, spec.group_size, spec.symmetric, spec.mse_clip)
@@ -525,24 +536,50 @@ def _process_stage(
             s_src = awq_search(W, H, acc.mean_abs, producer, spec, lambda w: quantize_one(w, None, cfg).weight)
             s = fold_scales(modules, producer, s_src, records)
             H = H / s.double()[:, None] / s.double()[None, :]
-    rank, _ = world()
-    for k, name in enumerate(stage):  # in a torchrun job each rank quantizes its share and sends it to the others
+    factor = None
+    if spec.uses_gptq and H is not None:  # one factorization for every linear of the stage (they share H)
+        factor = shared_factor(H, spec, torch.promote_types(ctx.linears[stage[0]].weight.dtype, torch.float32))
+    for name in stage:
         lin = ctx.linears[name]
-        qw = quantize_one(lin.weight.detach(), H, spec) if owner(k) == rank else None
-        qw = share(qw, owner(k))
+        qw = quantize_rows(lin.weight.detach(), H, spec, factor)
         lin.weight.copy_(qw.weight)
         records[name] = qw
 
 
-def share(qw: QuantizedWeight | None, src: int) -> QuantizedWeight:
-    """Rank ``src``'s QuantizedWeight on every rank of a torchrun job (``qw`` itself outside one)."""
+def shared_factor(H: torch.Tensor, spec: WeightQuantSpec, dtype: torch.dtype) -> HessianFactor:
+    """H's GPTQ factor (:func:`~leanml.quantize.gptq.factor_hessian`). In a ``torchrun`` job rank 0
+    computes it with the threads of every local rank while the others wait, and sends it to them."""
     if not active():
-        return qw
-    import torch.distributed as dist
+        return factor_hessian(H, spec.act_order, spec.damp, dtype)
+    cols = H.shape[0]
+    if world()[0] == 0:
+        with all_local_threads():
+            f = factor_hessian(H, spec.act_order, spec.damp, dtype)
+        U, perm, dead = f.U.contiguous(), f.perm.contiguous(), f.dead.to(torch.uint8)
+    else:
+        U = torch.empty(cols, cols, dtype=dtype)
+        perm, dead = torch.empty(cols, dtype=torch.long), torch.empty(cols, dtype=torch.uint8)
+    for t in (U, perm, dead):
+        broadcast(t, 0)
+    return HessianFactor(U, perm, dead.bool(), bool(spec.act_order), float(spec.damp))
 
-    box = [qw]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+
+def quantize_rows(
+    W: torch.Tensor, H: torch.Tensor | None, spec: WeightQuantSpec, factor: HessianFactor | None = None
+) -> QuantizedWeight:
+    """:func:`quantize_one`; in a ``torchrun`` job each rank quantizes its share of the output rows (RTN,
+    GPTQ given the shared factor, and the scale refit treat rows independently) and the ranks exchange
+    their integer codes, scales and zero points, so every rank holds the whole result."""
+    rows = W.shape[0]
+    if not active() or rows < world()[1]:
+        return quantize_one(W, H, spec, factor)
+    a, b = even_split(rows)[world()[0]]
+    part = quantize_one(W[a:b], H, spec, factor)
+    qmin = qrange(part.bits, part.symmetric)[0]
+    codes = all_gather_rows((part.codes - qmin).to(torch.uint8), rows).to(CODE_DTYPE) + qmin  # bits <= 8
+    scales, zeros = all_gather_rows(part.scales, rows), all_gather_rows(part.zero_points, rows)
+    weight = dequantize_groups(codes, scales, zeros, part.g_idx).to(W.dtype)  # the documented identity
+    return dataclasses.replace(part, weight=weight, codes=codes, scales=scales, zero_points=zeros)
 
 
 def quantize_weights(
@@ -562,7 +599,7 @@ def quantize_weights(
     the stack (see :func:`~leanml.calibrate.sequential.run_sequential`); ``after_block`` receives the
     block's QuantizedWeights, which are then handed over: they are left out of the result (a model
     compressed layer by layer writes them and keeps none). They need a Hessian method (GPTQ/AWQ).
-    In a ``torchrun`` job every rank ends with the same weights (each computes a share of the layers)."""
+    In a ``torchrun`` job every rank ends with the same weights (each computes a share of every layer's rows)."""
     if not isinstance(spec, WeightQuantSpec):
         raise LeanmlError(f"spec must be a WeightQuantSpec, got {type(spec).__name__}")
     _check_targets(model, targets)
