@@ -6,6 +6,10 @@ block (never whole in memory) with the SmolLM2 tokenizer, then compressed by ``l
 gives the peak. Writes bench/results/bigmodel.json and .md.
 
     python bench/bigmodel.py --shapes 135m 1b --recipes rtn gptq      # add 3b 7b where disk and time allow
+    python bench/bigmodel.py --shapes 7b:2 --recipes gptq             # the first 2 of 7B's 32 blocks: time a block
+
+A shape ``NAME:L`` keeps only the first ``L`` blocks of NAME (same widths, so the same peak memory per
+block); its row says so, and its wall time is that of ``L`` blocks plus the embeddings and head.
 """
 
 from __future__ import annotations
@@ -39,8 +43,17 @@ RECIPES = {
 }
 
 
+def parse_shape(spec: str) -> tuple[str, int]:
+    """``"7b"`` -> ("7b", 32); ``"7b:2"`` -> ("7b", 2): a shape and how many of its blocks to keep."""
+    name, _, keep = spec.partition(":")
+    if name not in SHAPES or (keep and not (keep.isdigit() and 0 < int(keep) <= SHAPES[name][1])):
+        raise SystemExit(f"shape {spec!r} is not one of {', '.join(SHAPES)} (optionally NAME:L with 1 <= L <= its layers)")
+    return name, int(keep) if keep else SHAPES[name][1]
+
+
 def build(shape: str, folder: Path) -> Path:
-    """A Llama-shaped model with random bf16 weights, written one block per file (plus an index)."""
+    """A Llama-shaped model with random bf16 weights, written one block per file (plus an index);
+    ``shape`` may be ``NAME:L`` (the first L blocks)."""
     import torch
     import transformers as tf
     from safetensors.torch import save_file
@@ -49,7 +62,8 @@ def build(shape: str, folder: Path) -> Path:
 
     if (folder / "config.json").exists():
         return folder
-    hidden, layers, inter, heads, kv = SHAPES[shape]
+    name, layers = parse_shape(shape)
+    hidden, _, inter, heads, kv = SHAPES[name]
     tok = load_model("smollm2-135m").tokenizer
     config = tf.LlamaConfig(
         vocab_size=49152,
@@ -130,7 +144,7 @@ def generate(folder: Path, env: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["135m", "1b"], help=f"of {', '.join(SHAPES)}, or NAME:L (first L blocks)")
     ap.add_argument("--recipes", nargs="+", default=["rtn", "gptq"], choices=list(RECIPES))
     ap.add_argument("--work", default=os.environ.get("LEANML_BIG_WORK", "/tmp/leanml-bigmodel"))
     ap.add_argument("--threads", type=int, default=2)
@@ -141,7 +155,8 @@ def main() -> None:
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     env = {**os.environ, "LEANML_QUIET": "1", "HF_HUB_OFFLINE": "1"}
     for shape in args.shapes:
-        folder = build(shape, work / f"llama-{shape}")
+        name, layers = parse_shape(shape)
+        folder = build(shape, work / f"llama-{shape.replace(':', '-')}")
         from leanml.models.lazy import fp32_bytes_of_folder
 
         fp32 = fp32_bytes_of_folder(folder)
@@ -153,11 +168,12 @@ def main() -> None:
                 modes.append(("2", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "leanml.cli"]))
             for procs, launcher in modes:
                 threads = str(args.threads if procs == "1" else max(1, args.threads // 2))
-                target = work / f"out-{shape}-{recipe}-{procs}"
+                target = work / f"out-{shape.replace(':', '-')}-{recipe}-{procs}"
                 cmd = [*launcher, "compress", str(folder), "--recipe", str(rfile), "--data", "lee", "--out", str(target)]
                 cmd += ["--force", "--no-measure", "--lazy"]
                 r = run(cmd, {**env, "OMP_NUM_THREADS": threads})
                 r.update(shape=shape, recipe=recipe, processes=int(procs), fp32_bytes=fp32, threads_per_process=int(threads))
+                r.update(blocks=layers, blocks_of_shape=SHAPES[name][1])
                 if r["rc"] == 0 and procs == "1":
                     r.update(generate(target, {**env, "OMP_NUM_THREADS": str(args.threads)}))
                 results[f"{shape}/{recipe}/{procs}"] = r
@@ -175,8 +191,11 @@ def main() -> None:
         if "generates" in r:
             gen = f"{r['load_generate_peak_rss_bytes'] / 2**30:.2f} GiB, {r['load_generate_wall_s']:.0f} s"
             gen += "" if r["generates"] else " (failed)"
+        shape = r["shape"]
+        if ":" in shape:
+            shape = f"{shape.split(':')[0]} (first {r['blocks']} of {r['blocks_of_shape']} blocks)"
         rows.append(
-            f"| {r['shape']} | {r['fp32_bytes'] / 2**30:.1f} GiB | {r['recipe']} | {r['processes']} | "
+            f"| {shape} | {r['fp32_bytes'] / 2**30:.1f} GiB | {r['recipe']} | {r['processes']} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['wall_s']:.0f} s{'' if r['rc'] == 0 else ' (failed)'} | {gen} |"
         )
     (RESULTS / "bigmodel.md").write_text("\n".join(rows) + "\n")

@@ -314,7 +314,8 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
     with FolderOutput(out, "compress", force) as w:
         facts = compress_layer_by_layer(handle, recipe, calib_data, w.tmp)
         report = {k: v for k, v in facts.items() if k != "aliases"}
-        extra = {"recipe.yaml": recipe.to_yaml(), "layer_by_layer.json": json.dumps(report, indent=2)}
+        extra = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}
+        extra.update({"recipe.yaml": recipe.to_yaml(), "layer_by_layer.json": json.dumps(report, indent=2)})
         write_artifact_meta(handle, w.tmp, recipe, extra, facts["weights"], facts["aliases"])
         notes.append(
             f"{facts['blocks']} blocks, one at a time, in {len(facts['weights'])} weight files; peak resident memory "

@@ -37,6 +37,18 @@ def test_float32_accumulator() -> None:
     torch.testing.assert_close(acc.hessian.double(), 2.0 / X.shape[0] * X.T @ X, rtol=1e-5, atol=1e-4)
 
 
+def test_take_hessian_is_the_hessian_without_a_copy() -> None:
+    acc = HessianAccumulator(16, dtype=torch.float32)
+    for b in make_batches(2):
+        acc.add(b)
+    expect = acc.hessian
+    taken = acc.take_hessian()
+    assert torch.equal(taken, expect) and taken.data_ptr() == acc.take_hessian().data_ptr()
+    assert torch.equal(acc.hessian, expect) and acc.hessian.data_ptr() != taken.data_ptr()
+    with pytest.raises(LeanmlError, match="was taken"):
+        acc.add(make_batches(3)[0])
+
+
 def test_token_weights_zero_rows_drop_out() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 10, 8, generator=g, dtype=torch.float64)

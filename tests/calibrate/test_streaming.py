@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 GPTQ = {"name": "g", "steps": [{"kind": "weight-only", "bits": 4, "group_size": 16, "calib_windows": 4, "window": 64}]}
 AWQ = {"name": "a", "steps": [{**GPTQ["steps"][0], "method": "awq"}]}
 RTN = {"name": "r", "steps": [{"kind": "weight-only", "bits": 4, "group_size": 16, "method": "rtn", "head_bits": 8}]}
+WANDA = {"name": "w", "steps": [{"kind": "prune", "method": "wanda", "sparsity": 0.5, "calib_windows": 4, "window": 64}]}
+SPARSEGPT = {"name": "s", "steps": [{**WANDA["steps"][0], "method": "sparsegpt", "pattern": "2:4", "sparsity": None}]}
+MAGNITUDE = {"name": "m", "steps": [{"kind": "prune", "method": "magnitude", "sparsity": 0.4, "scope": "row"}]}
+DENSE = {"name": "d", "steps": [{**WANDA["steps"][0], "method": "sparsegpt", "dense_targets": True}]}
 
 
 def _save(folder: Path, model, family: str = "bpe") -> Path:
@@ -73,7 +77,11 @@ def test_lazy_open_reads_the_same_weights_as_the_whole_load(tmp_path, family):
     assert on_meta(blocks[0]) and not on_meta(blocks[1])
 
 
-@pytest.mark.parametrize("recipe", [GPTQ, AWQ, RTN], ids=["gptq", "awq", "rtn+head8"])
+@pytest.mark.parametrize(
+    "recipe",
+    [GPTQ, AWQ, RTN, WANDA, SPARSEGPT, MAGNITUDE, DENSE],
+    ids=["gptq", "awq", "rtn+head8", "wanda", "sparsegpt-2:4", "magnitude", "sparsegpt-dense-targets"],
+)
 def test_layer_by_layer_writes_the_in_memory_result(tmp_path, llama3_dir, text_file, recipe):
     whole = compress(llama3_dir, recipe, data=text_file, out=tmp_path / "whole", measure=False, lazy=False)
     lazy = compress(llama3_dir, recipe, data=text_file, out=tmp_path / "lazy", measure=False, lazy=True)
@@ -91,6 +99,11 @@ def test_layer_by_layer_writes_the_in_memory_result(tmp_path, llama3_dir, text_f
         assert torch.equal(a.module(input_ids=x).logits, b.module(input_ids=x).logits)
     facts = json.loads((tmp_path / "lazy" / "layer_by_layer.json").read_text())
     assert facts["blocks"] == 3 and facts["peak_rss_bytes"] > 0
+    if recipe["steps"][0]["kind"] == "prune":  # the same sparse layers and the same report
+        assert {v["type"] for v in meta["layers"].values()} == {"SparseLinear"}
+        report = json.loads((tmp_path / "lazy" / "prune.json").read_text())
+        assert report == json.loads((tmp_path / "whole" / "prune.json").read_text())
+        assert 0.3 < report["overall_sparsity"] < 0.6
 
 
 def test_layer_by_layer_measures_the_saved_model(tmp_path, llama3_dir, text_file):
@@ -114,10 +127,18 @@ def test_the_size_decides_and_refusals_are_one_line(tmp_path, llama3_dir, text_f
         compress(llama3_dir, GPTQ, data=text_file, lazy=True)
     with pytest.raises(LeanmlError, match="reads a Hugging Face folder"):
         compress(text_file, GPTQ, data=text_file, out=tmp_path / "y", lazy=True)
+    for step, why in [
+        ({"method": "taylor"}, "needs gradients"),
+        ({"scope": "global"}, "scope 'global'"),
+        ({"allocation": "owl", "scope": "layer"}, "allocation 'owl'"),
+    ]:
+        bad = {"name": "p", "steps": [{**WANDA["steps"][0], **step}]}
+        with pytest.raises(LeanmlError, match=why):
+            compress(llama3_dir, bad, data=text_file, out=tmp_path / "p", lazy=True)
     upgrade = {"name": "u", "steps": [{**GPTQ["steps"][0], "upgrade": ["re:.*down_proj"]}]}
     with pytest.raises(LeanmlError, match="'upgrade'"):
         compress(llama3_dir, upgrade, data=text_file, out=tmp_path / "z", lazy=True)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists() and not (tmp_path / "p").exists()
 
 
 def test_sharded_artifact_with_a_missing_file_is_refused(tmp_path, llama3_dir, text_file):

@@ -1,13 +1,14 @@
-"""Weight-only compression of a model larger than memory, one block at a time.
+"""Weight-only quantization and pruning of a model larger than memory, one block at a time.
 
 The model is opened on the ``meta`` device (:func:`leanml.models.lazy.open_lazy`); everything outside
 its stack of blocks (embeddings, final norm, head) is read first. Then for each block in order:
 
 1. its weights are read from the safetensors files (memory-mapped);
-2. RTN quantizes its linears directly; GPTQ/AWQ calibrate them on the cached inputs of the block
-   (:func:`~leanml.calibrate.sequential.run_sequential`, errors fed forward exactly as in memory);
-3. the block, now holding packed integer layers, is written to its own safetensors file of the
-   artifact, and sent back to ``meta``.
+2. RTN quantizes its linears directly (magnitude pruning prunes them); GPTQ/AWQ (Wanda/SparseGPT)
+   calibrate them on the cached inputs of the block (:func:`~leanml.calibrate.sequential.run_sequential`,
+   errors fed forward exactly as in memory);
+3. the block, now holding packed integer layers (or sparse layers), is written to its own safetensors
+   file of the artifact, and sent back to ``meta``.
 
 The peak memory is the largest block plus the embeddings (the output head is read once the blocks are
 done, and RTN reads neither before) plus the calibration inputs of one block (``windows x tokens x
@@ -29,18 +30,35 @@ from ..models.handle import ModelHandle
 from ..models.lazy import LAZY_KEY, LazyWeights, materialize, release
 from ..progress import memory_status, progress
 
+LAYERWISE_PRUNE = ("magnitude", "wanda", "sparsegpt")
+
 
 def streamable(recipe) -> str | None:
     """Why ``recipe`` cannot run layer by layer (None when it can): one weight-only step, without
-    ``upgrade`` (it needs a second pass over the float weights)."""
+    ``upgrade`` (it needs a second pass over the float weights), or one prune step whose masks are
+    chosen layer by layer (magnitude, Wanda, SparseGPT; not a global ranking, OWL or gradients)."""
     from ..config import WeightOnly
+    from ..prune.config import Prune
     from ..recipe import load_recipe
 
     steps = list(load_recipe(recipe).steps)
-    if len(steps) != 1 or not isinstance(steps[0], WeightOnly):
+    if len(steps) != 1 or not isinstance(steps[0], (WeightOnly, Prune)):
         kinds = ", ".join(s.kind for s in steps) or "none"
-        return f"layer-by-layer compression runs one weight-only step (rtn, gptq, awq); this recipe has: {kinds}"
-    if steps[0].upgrade:
+        return (
+            "layer-by-layer compression runs one weight-only step (rtn, gptq, awq) or one prune step "
+            f"({', '.join(LAYERWISE_PRUNE)}); this recipe has: {kinds}"
+        )
+    step = steps[0]
+    if isinstance(step, Prune):
+        if step.method not in LAYERWISE_PRUNE:
+            methods = ", ".join(LAYERWISE_PRUNE)
+            return f"layer-by-layer pruning runs {methods}; method {step.method!r} needs gradients of the whole model"
+        if step.comparison == "global":
+            return "layer-by-layer pruning cannot rank weights over the whole model (scope 'global'); use scope 'layer' or 'row'"
+        if step.allocation != "uniform":
+            return f"layer-by-layer pruning cannot run allocation {step.allocation!r} (a whole-model pass); use 'uniform'"
+        return None
+    if step.upgrade:
         return "layer-by-layer compression does not run a weight-only step with 'upgrade'; drop it or use more memory"
     return None
 
@@ -82,6 +100,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
 
     from ..calibrate.batches import calibration_batches
     from ..calibrate.sequential import find_block_stack
+    from ..prune.config import Prune
     from ..quantize.api import LINEAR, _check_groups, _output_heads, quantize_head, replace_linear, rtn_weight, weight_spec
     from ..quantize.modules import QuantLinear
     from ..targeting import get_module, select_layers
@@ -95,15 +114,20 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
     cfg = recipe.steps[0]
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
-    _check_groups(model, names, cfg.group_size)
+    if isinstance(cfg, Prune):
+        from ..prune.api import _check_nm_widths
+
+        _check_nm_widths(model, names, cfg.m)
+    else:
+        _check_groups(model, names, cfg.group_size)
     stack = find_block_stack(model, names)
     if stack is None:
         raise LeanmlError(f"model {handle.name!r} has no stack of blocks holding its linear layers; load it whole")
     stack_name, blocks = stack
     outside = [n for n in names if not n.startswith(stack_name + ".")]
-    if outside and cfg.method != "rtn":
+    if outside and cfg.method not in ("rtn", "magnitude"):
         raise LeanmlError(
-            f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method (gptq, awq) "
+            f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method ({cfg.method}) "
             "runs layer by layer only on the layers inside it: add it to 'ignore' or load the model whole"
         )
     process = psutil.Process()
@@ -121,7 +145,9 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
         shards.add(_block_state(prefix, block))
         release(block)
 
-    if cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
+    if isinstance(cfg, Prune):
+        _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status)
+    elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
             materialize(model, prefix, weights)
@@ -153,10 +179,63 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
 
         quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
         materialize(model, "", weights, skip=stack_name)
-    quantize_head(model, cfg, handle.task)
+    if not isinstance(cfg, Prune):
+        quantize_head(model, cfg, handle.task)
     state, aliases = _rest_state(model)
     shards.add(state)
     status()
     handle.meta["modified"] = True
     handle.meta.setdefault("applied", []).append(cfg.model_dump())
     return {"weights": shards.files, "aliases": aliases, "blocks": len(blocks), "peak_rss_bytes": peak[0]}
+
+
+def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, mine, outside, finish, status) -> None:
+    """The prune step of :func:`compress_layer_by_layer`: each block's masks chosen and installed
+    (``SparseLinear``) while the block is in memory, as :func:`leanml.prune.api.apply_prune` does for
+    the whole model; the ``prune.json`` report from the layers' counts."""
+    from ..prune.api import prune_facts, prune_sequential, report_counts
+    from ..prune.criteria import magnitude
+    from ..prune.masks import select_masks
+    from ..prune.modules import SparseLinear
+    from ..quantize.api import _output_heads
+    from ..targeting import get_module, set_module
+
+    model = handle.module
+    stack_name, blocks = stack
+    counts: dict[str, tuple[int, int]] = {}
+
+    def install(masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            old = get_module(model, name)
+            set_module(model, name, SparseLinear.from_linear(old, mask))  # shares old's weight
+            counts[name] = (int(mask.sum()), mask.numel())
+
+    def by_magnitude(names: list[str]) -> None:
+        scores = {n: magnitude(get_module(model, n).weight) for n in names}
+        install(select_masks(scores, cfg.comparison, cfg.target_sparsity, cfg.n, cfg.m))
+
+    if cfg.method == "magnitude":
+        for i in progress(range(len(blocks)), "magnitude pruning, layer by layer", status=status):
+            prefix = f"{stack_name}.{i}"
+            materialize(model, prefix, weights)
+            by_magnitude(sorted(n for n in mine if n.startswith(prefix + ".")))
+            finish(prefix, blocks[i])
+        materialize(model, "", weights, skip=stack_name)
+        if outside:
+            by_magnitude(sorted(outside))
+    else:
+        from ..calibrate.batches import calibration_batches
+
+        materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
+        batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+
+        def before(_i: int, prefix: str, _block: nn.Module) -> None:
+            materialize(model, prefix, weights)
+
+        def after(_i: int, prefix: str, block: nn.Module, masks: dict) -> None:
+            install(masks)
+            finish(prefix, block)
+
+        prune_sequential(model, sorted(mine), batches, cfg, None, before_block=before, after_block=after, status=status)
+        materialize(model, "", weights, skip=stack_name)
+    report_counts(handle, dict(sorted(counts.items())), prune_facts(cfg))

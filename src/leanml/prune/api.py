@@ -53,9 +53,14 @@ def _mark(handle: ModelHandle, config: TechniqueConfig) -> None:
 
 
 def _report(handle: ModelHandle, masks: dict[str, torch.Tensor], extra: dict) -> None:
-    per_layer = {n: 1.0 - float(mk.sum()) / mk.numel() for n, mk in masks.items()}
-    total = sum(mk.numel() for mk in masks.values())
-    removed = sum(mk.numel() - int(mk.sum()) for mk in masks.values())
+    report_counts(handle, {n: (int(mk.sum()), mk.numel()) for n, mk in masks.items()}, extra)
+
+
+def report_counts(handle: ModelHandle, counts: dict[str, tuple[int, int]], extra: dict) -> None:
+    """The ``prune.json`` report from each layer's ``(kept, total)`` weights."""
+    per_layer = {n: 1.0 - kept / total for n, (kept, total) in counts.items()}
+    total = sum(t for _, t in counts.values())
+    removed = sum(t - kept for kept, t in counts.values())
     handle.meta.setdefault("reports", {})["prune.json"] = {
         **extra,
         "overall_sparsity": removed / max(1, total),
@@ -116,18 +121,15 @@ def apply_prune(handle: ModelHandle, cfg: Prune, data=None) -> ModelHandle:
             sparsities = owl_allocation(model, names, batches, cfg) if cfg.allocation == "owl" else None
             masks = prune_sequential(model, names, batches, cfg, sparsities)
     masks = _install(model, masks)
-    _report(
-        handle,
-        masks,
-        {
-            "method": cfg.method,
-            "pattern": f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured",
-            "comparison": comparison,
-            "target_sparsity": sparsity,
-        },
-    )
+    _report(handle, masks, prune_facts(cfg))
     _mark(handle, cfg)
     return handle
+
+
+def prune_facts(cfg: Prune) -> dict:
+    """What the ``prune.json`` report says of the step itself."""
+    pattern = f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured"
+    return {"method": cfg.method, "pattern": pattern, "comparison": cfg.comparison, "target_sparsity": cfg.target_sparsity}
 
 
 @torch.no_grad()
@@ -202,11 +204,23 @@ def owl_allocation(model: torch.nn.Module, names: list[str], batches: list, cfg:
 
 
 def prune_sequential(
-    model: torch.nn.Module, names: list[str], batches: list, cfg: Prune, sparsities: dict[str, float] | None = None
+    model: torch.nn.Module,
+    names: list[str],
+    batches: list,
+    cfg: Prune,
+    sparsities: dict[str, float] | None = None,
+    *,
+    before_block: Callable | None = None,
+    after_block: Callable | None = None,
+    status: Callable[[], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Wanda (layer/row/N:M) or SparseGPT, block by block and stage by stage (errors fed forward);
     the weights are zeroed (and, for SparseGPT, updated) in place. ``sparsities``: per-layer targets
-    (default: ``cfg.target_sparsity`` everywhere). Returns the keep-masks."""
+    (default: ``cfg.target_sparsity`` everywhere). Returns the keep-masks.
+
+    ``before_block(i, prefix, block)`` and ``after_block(i, prefix, block, masks)`` bracket each block of
+    the stack (a model pruned layer by layer reads and writes it there); ``after_block`` receives the
+    block's keep-masks, which are then left out of the result."""
     masks: dict[str, torch.Tensor] = {}
     nm = cfg.comparison == "nm"
     target = {n: cfg.target_sparsity for n in names} if sparsities is None else sparsities
@@ -249,6 +263,9 @@ def prune_sequential(
                     stage_masks[name] = res.mask
             masks.update(stage_masks)
 
+    def done(i: int, prefix: str, block: torch.nn.Module) -> None:
+        after_block(i, prefix, block, {n: masks.pop(n) for n in list(masks) if n.startswith(prefix + ".")})
+
     run_sequential(
         model,
         batches,
@@ -257,6 +274,9 @@ def prune_sequential(
         label=cfg.method,
         outlier_factor=cfg.outlier_factor,
         dense_inputs=cfg.method == "sparsegpt" and cfg.dense_targets,
+        before_block=before_block,
+        after_block=done if after_block is not None else None,
+        status=status,
     )
     return masks
 

@@ -87,8 +87,13 @@ class SparseLinear(torch.nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w = self.weight if keep_vars else self.weight.detach()
-        destination[prefix + "mask_bits"] = pack_mask(self.weight_mask)
-        destination[prefix + "values"] = w[self.weight_mask.to(w.device)]
+        if w.device.type == "meta":  # a released block of a model pruned layer by layer (already written)
+            numel = self.weight_mask.numel()
+            destination[prefix + "mask_bits"] = torch.empty(((numel + 7) // 8,), dtype=torch.uint8, device="meta")
+            destination[prefix + "values"] = torch.empty((0,), dtype=w.dtype, device="meta")
+        else:
+            destination[prefix + "mask_bits"] = pack_mask(self.weight_mask)
+            destination[prefix + "values"] = w[self.weight_mask.to(w.device)]
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 

@@ -138,37 +138,44 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tenso
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise LeanmlError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
+    return _reversed_inverse_factor(H.detach().flip(0, 1).to(torch.float64), damp).flip(0, 1)
+
+
+def _reversed_inverse_factor(R: torch.Tensor, damp: float) -> torch.Tensor:
+    """``M^-1`` for ``R + damp * mean(diag R) * I = M M^T`` (M lower), computed in ``R`` (float64; a
+    Hessian in reversed processing order, overwritten): the memory of one matrix plus products of a
+    quarter of it, however large the layer."""
     if not damp >= 0:
         raise LeanmlError(f"damp {damp!r} is out of range; use a fraction >= 0 of mean(diag H) (e.g. 0.01)")
-    H = H.detach().to(torch.float64).flip(0, 1)  # a copy, in reversed order
-    H.diagonal().add_(damp * H.diagonal().mean())
-    M, info = torch.linalg.cholesky_ex(H)
+    R.diagonal().add_(damp * R.diagonal().mean())
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(R, out=(R, info))  # in place; the upper triangle becomes 0
     if int(info) != 0:
         raise LeanmlError(f"Hessian is not positive definite with damp {damp}; use a larger damp (e.g. 0.1)")
-    del H
-    U = lower_triangular_inverse(M).flip(0, 1)
-    if not bool(torch.isfinite(U).all()):
+    invert_lower_triangular_(R)
+    if not bool(torch.isfinite(R).all()):
         raise LeanmlError(f"inverse Hessian is numerically singular with damp {damp}; use a larger damp")
-    return U
+    return R
 
 
-TRIANGULAR_BASE = 256  # lower_triangular_inverse solves blocks up to this size directly
+TRIANGULAR_BASE = 256  # invert_lower_triangular_ solves blocks up to this size directly
 
 
-def lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by recursive halving: with ``L = [[A, 0], [C, B]]``,
-    ``L^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (the off-diagonal block by a matrix product and one
-    triangular solve), about half the arithmetic of solving ``L X = I``."""
+def invert_lower_triangular_(L: torch.Tensor) -> torch.Tensor:
+    """Invert a lower-triangular matrix in place by recursive halving: with ``L = [[A, 0], [C, B]]``,
+    ``L^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: A is inverted in place, ``C <- -B^-1 (C A^-1)`` by one
+    product and one triangular solve (B still intact), then B in place. About half the arithmetic of
+    solving ``L X = I``, and no second matrix of L's size. Returns L."""
     n = L.shape[0]
     if n <= TRIANGULAR_BASE:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+        L.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False))
+        return L
     h = (n // 2 + 63) // 64 * 64  # split on a multiple of 64 (aligned products) where there is room
     h = h if h < n else n // 2
-    out = torch.zeros_like(L)
-    out[:h, :h] = lower_triangular_inverse(L[:h, :h])
-    out[h:, h:] = lower_triangular_inverse(L[h:, h:])
-    out[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], L[h:, :h] @ out[:h, :h], upper=False).neg_()
-    return out
+    invert_lower_triangular_(L[:h, :h])
+    L[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], L[h:, :h] @ L[:h, :h], upper=False).neg_()
+    invert_lower_triangular_(L[h:, h:])
+    return L
 
 
 def obs_column_update(W: torch.Tensor, U: torch.Tensor, j: int, q: torch.Tensor) -> torch.Tensor:
@@ -282,12 +289,17 @@ def factor_hessian(
         raise LeanmlError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not bool(torch.isfinite(H).all()):
         raise LeanmlError("Hessian contains inf or nan; accumulate it from finite calibration inputs")
-    H = H.detach().to(torch.float64).clone()
-    diag = H.diagonal().clone()
+    H = H.detach()
+    diag = H.diagonal().to(torch.float64)
     dead = diag == 0
-    H[dead, dead] = 1.0
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(H.shape[0])
-    U = inverse_hessian_cholesky(H[perm][:, perm], damp).to(dtype)
+    # the reversed processing order directly (one gather per axis; see inverse_hessian_cholesky)
+    rev = perm.flip(0)
+    R = H.index_select(0, rev).index_select(1, rev).to(torch.float64)
+    R.diagonal()[dead[rev]] = 1.0
+    inv = _reversed_inverse_factor(R, damp)
+    U = inv.to(dtype).flip(0, 1)
+    del inv, R
     return HessianFactor(U, perm, dead, bool(act_order), float(damp))
 
 

@@ -527,7 +527,9 @@ def _process_stage(
     found=None,
 ) -> None:
     acc = accs[stage[0]] if accs else None
-    H = None if acc is None else acc.hessian.to(torch.float64)
+    H = None if acc is None else acc.take_hessian()  # float32 (GPTQ's factor converts); no copy
+    if H is not None and (spec.uses_awq or spec.refine_scales):
+        H = H.to(torch.float64)
     if spec.uses_awq and H is not None:
         producer = find_producer(modules, found, ctx.prefix, stage)
         if producer is not None:
