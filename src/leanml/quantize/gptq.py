@@ -352,9 +352,16 @@ def gptq_quantize_weight(
     perm = factor.perm
     static = True if group_size is None else (act_order if static_groups is None else static_groups)
     plan = _plan(Wf, factor.U.to(work), perm, bits, symmetric, mse_clip, gs, static, block_size)
-    codes_p = _gptq_loop(Wf[:, perm].contiguous(), plan, bits, symmetric, mse_clip)
-    codes = torch.empty_like(codes_p)
-    codes[:, perm] = codes_p
+    if act_order:  # the loop works on its own copy in processing order; the original order is not needed
+        Wf = Wf[:, perm].contiguous()
+    codes_p = _gptq_loop(Wf, plan, bits, symmetric, mse_clip)
+    del Wf
+    if act_order:
+        codes = torch.empty_like(codes_p)
+        codes[:, perm] = codes_p
+        del codes_p
+    else:
+        codes = codes_p
     g_idx = torch.empty(cols, dtype=torch.long)
     g_idx[perm] = plan.col_group
     weight = dequantize_groups(codes, plan.scales, plan.zeros, g_idx).to(W.dtype)

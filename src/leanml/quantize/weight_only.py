@@ -545,7 +545,7 @@ def _process_stage(
         lin = ctx.linears[name]
         qw = quantize_rows(lin.weight.detach(), H, spec, factor)
         lin.weight.copy_(qw.weight)
-        records[name] = qw
+        records[name] = dataclasses.replace(qw, weight=lin.weight.detach())  # the same values: keep one copy
 
 
 def shared_factor(H: torch.Tensor, spec: WeightQuantSpec, dtype: torch.dtype) -> HessianFactor:
