@@ -98,10 +98,9 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
     facts: ``weights`` (the files written), ``aliases``, ``blocks``, ``peak_rss_bytes``."""
     import psutil
 
-    from ..calibrate.batches import calibration_batches
     from ..calibrate.sequential import find_block_stack
     from ..prune.config import Prune
-    from ..quantize.api import LINEAR, _check_groups, _output_heads, quantize_head, replace_linear, rtn_weight, weight_spec
+    from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
     from ..quantize.modules import QuantLinear
     from ..targeting import get_module, select_layers
 
@@ -163,12 +162,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
     else:
         from ..quantize.weight_only import quantize_weights
 
-        # the embeddings feed the first block; the output head is read only once the blocks are done
-        materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
-        batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
-
-        def before(_i: int, prefix: str, _block: nn.Module) -> None:
-            materialize(model, prefix, weights)
+        batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
 
         def after(_i: int, prefix: str, block: nn.Module, records: dict) -> None:
             for name, qw in records.items():
@@ -189,6 +183,23 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
     return {"weights": shards.files, "aliases": aliases, "blocks": len(blocks), "peak_rss_bytes": peak[0]}
 
 
+def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights, stack_name: str):
+    """What a calibrated pass reads before the blocks: the embeddings (they feed the first block; the
+    output head is read only once the blocks are done) and the calibration batches; with the hook that
+    reads each block's weights before it runs."""
+    from ..calibrate.batches import calibration_batches
+    from ..quantize.api import _output_heads
+
+    model = handle.module
+    materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
+    batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+
+    def before(_i: int, prefix: str, _block: nn.Module) -> None:
+        materialize(model, prefix, weights)
+
+    return batches, before
+
+
 def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, mine, outside, finish, status) -> None:
     """The prune step of :func:`compress_layer_by_layer`: each block's masks chosen and installed
     (``SparseLinear``) while the block is in memory, as :func:`leanml.prune.api.apply_prune` does for
@@ -197,7 +208,6 @@ def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, m
     from ..prune.criteria import magnitude
     from ..prune.masks import select_masks
     from ..prune.modules import SparseLinear
-    from ..quantize.api import _output_heads
     from ..targeting import get_module, set_module
 
     model = handle.module
@@ -224,13 +234,7 @@ def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, m
         if outside:
             by_magnitude(sorted(outside))
     else:
-        from ..calibrate.batches import calibration_batches
-
-        materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
-        batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
-
-        def before(_i: int, prefix: str, _block: nn.Module) -> None:
-            materialize(model, prefix, weights)
+        batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
 
         def after(_i: int, prefix: str, block: nn.Module, masks: dict) -> None:
             install(masks)
