@@ -297,9 +297,7 @@ def factor_hessian(
     rev = perm.flip(0)
     R = H.index_select(0, rev).index_select(1, rev).to(torch.float64)
     R.diagonal()[dead[rev]] = 1.0
-    inv = _reversed_inverse_factor(R, damp)
-    U = inv.to(dtype).flip(0, 1)
-    del inv, R
+    U = _reversed_inverse_factor(R, damp).to(dtype).flip(0, 1)
     return HessianFactor(U, perm, dead, bool(act_order), float(damp))
 
 

@@ -309,8 +309,7 @@ def fold_scales(
     else:
         a, b = producer.rows or (0, pmod.weight.shape[0])
         if producer.name in records:
-            records[producer.name] = rescale_rows(records[producer.name], producer.row_factors(s_src))
-            pmod.weight.copy_(records[producer.name].weight)
+            records[producer.name] = set_weight(pmod, rescale_rows(records[producer.name], producer.row_factors(s_src)))
         else:
             pmod.weight[a:b].div_(s_src.to(pmod.weight.dtype)[:, None])
         if pmod.bias is not None:
@@ -543,9 +542,15 @@ def _process_stage(
         factor = shared_factor(H, spec, torch.promote_types(ctx.linears[stage[0]].weight.dtype, torch.float32))
     for name in stage:
         lin = ctx.linears[name]
-        qw = quantize_rows(lin.weight.detach(), H, spec, factor)
+        records[name] = set_weight(lin, quantize_rows(lin.weight.detach(), H, spec, factor))
+
+
+def set_weight(lin: nn.Module, qw: QuantizedWeight) -> QuantizedWeight:
+    """Put ``qw``'s dequantized weight into ``lin`` and return the record sharing ``lin``'s tensor: the
+    same values, kept once instead of twice for every quantized layer."""
+    with torch.no_grad():
         lin.weight.copy_(qw.weight)
-        records[name] = dataclasses.replace(qw, weight=lin.weight.detach())  # the same values: keep one copy
+    return dataclasses.replace(qw, weight=lin.weight.detach())
 
 
 def shared_factor(H: torch.Tensor, spec: WeightQuantSpec, dtype: torch.dtype) -> HessianFactor:
@@ -649,8 +654,5 @@ def quantize_weights(
     else:
         for name in targets:
             lin = modules[name]
-            qw = quantize_one(lin.weight.detach(), None, spec)
-            with torch.no_grad():
-                lin.weight.copy_(qw.weight)
-            records[name] = qw
+            records[name] = set_weight(lin, quantize_one(lin.weight.detach(), None, spec))
     return {name: records[name] for name in targets}
