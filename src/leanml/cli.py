@@ -172,13 +172,14 @@ def compress(
         str | None,
         typer.Option(
             help="memory the run may use (e.g. 6GB; default: what is available): a model too large for it is "
-            "compressed layer by layer from disk"
+            "compressed layer by layer from disk, and that run stops with an error if its peak resident memory passes it"
         ),
     ] = None,
     lazy: Annotated[
         bool | None,
         typer.Option(
-            "--lazy/--no-lazy", help="force (or forbid) layer-by-layer compression of a Hugging Face folder; default: by size"
+            "--lazy/--no-lazy",
+            help="force (or forbid) layer-by-layer compression of a Hugging Face folder or GGUF file; default: by size",
         ),
     ] = None,
 ) -> None:

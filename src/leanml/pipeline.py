@@ -168,8 +168,8 @@ WHOLE_MODEL_FACTOR = 2.0  # an in-memory run holds about twice the model's fp32 
 def layer_by_layer_plan(model, recipe, max_memory: int | None = None, lazy: bool | None = None) -> tuple[Path, int] | None:
     """``(folder, fp32 bytes)`` when ``model`` is to be compressed layer by layer, else None.
 
-    ``lazy`` True asks for it, False forbids it; None decides: a Hugging Face folder whose fp32 weights,
-    twice over, exceed ``max_memory`` (default: the memory available now). A model too large for memory
+    ``lazy`` True asks for it, False forbids it; None decides: a Hugging Face folder (or a ``.gguf`` file)
+    whose fp32 weights, twice over, exceed ``max_memory`` (default: the memory available now). A model too large for memory
     with a recipe that cannot run layer by layer is a one-line error, not a crash later."""
     from .calibrate.streaming import streamable
     from .errors import LeanmlError
@@ -180,19 +180,30 @@ def layer_by_layer_plan(model, recipe, max_memory: int | None = None, lazy: bool
         return None
     path = Path(str(model)).expanduser()
     folder = path if path.is_dir() and (path / "config.json").is_file() and not (path / "leanml.json").exists() else None
-    if folder is None:
+    if folder is None and path.is_file() and path.suffix.lower() == ".gguf":
+        from .models.lazy import fp32_bytes_of_gguf
+
+        fp32 = fp32_bytes_of_gguf(path)
+        if fp32 is None:
+            if lazy:
+                raise LeanmlError(f"'{path}' is not a readable GGUF file; layer-by-layer compression cannot read it")
+            return None
+        folder = path
+    elif folder is None:
         if lazy:
             raise LeanmlError(
-                f"layer-by-layer compression reads a Hugging Face folder (config.json + *.safetensors); {str(model)!r} is not one"
+                "layer-by-layer compression reads a Hugging Face folder (config.json + *.safetensors) or a .gguf file; "
+                f"{str(model)!r} is neither"
             )
         return None
-    from .models.lazy import fp32_bytes_of_folder
+    else:
+        from .models.lazy import fp32_bytes_of_folder
 
-    fp32 = fp32_bytes_of_folder(folder)
-    if fp32 is None:
-        if lazy:
-            raise LeanmlError(f"layer-by-layer compression reads safetensors weights; '{folder}' has none")
-        return None
+        fp32 = fp32_bytes_of_folder(folder)
+        if fp32 is None:
+            if lazy:
+                raise LeanmlError(f"layer-by-layer compression reads safetensors weights; '{folder}' has none")
+            return None
     if lazy is None:
         import psutil
 
@@ -224,8 +235,10 @@ def compress(
     ``out`` is locked for the whole run and published at the end in one atomic swap (see
     :mod:`leanml.outputs`): a killed run leaves the old output or the complete new one.
 
-    A Hugging Face folder too large for ``max_memory`` (or any, with ``lazy=True``) is compressed layer by
-    layer (:mod:`leanml.calibrate.streaming`). Under ``torchrun`` the calibration is split over the ranks
+    A Hugging Face folder or GGUF file too large for ``max_memory`` (or any, with ``lazy=True``) is
+    compressed layer by layer (:mod:`leanml.calibrate.streaming`); there ``max_memory``, when given, is
+    also a cap on the run's peak resident memory, checked after every block (a one-line error past it).
+    Under ``torchrun`` the calibration is split over the ranks
     and rank 0 alone measures and writes (:mod:`leanml.distributed`)."""
     from .distributed import init_distributed, world
     from .outputs import FolderOutput, check_folder_target, check_free_space, fault_point
@@ -236,7 +249,7 @@ def compress(
     init_distributed()
     plan = layer_by_layer_plan(model, recipe, max_memory, lazy)
     if plan is not None:
-        return _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs)
+        return _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs, max_memory)
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     data = load_data(data) if data is not None else None
     calib_data = load_data(calib) if calib is not None else data
@@ -283,7 +296,7 @@ def compress(
     return CompressResult(handle, recipe, before, after, out_path, notes)
 
 
-def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs) -> CompressResult:
+def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, profile_kwargs, max_memory=None) -> CompressResult:
     from .artifact import load_artifact, write_artifact_meta
     from .calibrate.streaming import compress_layer_by_layer, streamable
     from .distributed import world
@@ -307,12 +320,15 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
         f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole "
         "and was not measured"
     ]
+    from .search.budget import parse_memory
+
+    cap = parse_memory(max_memory)
     if world()[0] != 0:
-        compress_layer_by_layer(handle, recipe, calib_data, None)
+        compress_layer_by_layer(handle, recipe, calib_data, None, cap)
         return CompressResult(handle, recipe, None, None, None, [*notes, "rank of a torchrun job: rank 0 writes the output"])
     check_free_space(Path(out).parent, fp32 // 4, f"the compressed model at {str(out)!r}")
     with FolderOutput(out, "compress", force) as w:
-        facts = compress_layer_by_layer(handle, recipe, calib_data, w.tmp)
+        facts = compress_layer_by_layer(handle, recipe, calib_data, w.tmp, cap)
         report = {k: v for k, v in facts.items() if k != "aliases"}
         extra = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}
         extra.update({"recipe.yaml": recipe.to_yaml(), "layer_by_layer.json": json.dumps(report, indent=2)})

@@ -227,3 +227,44 @@ def test_dense_cross_needs_dense_inputs() -> None:
             ctx.collect_dense_cross(ctx.targets[0])
 
     run_sequential(model, windows(n=1), linears(model, "model.layers.0"), process)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_activations_on_disk_give_the_same_statistics(tmp_path, dense: bool) -> None:
+    """The cached inputs kept on disk (one file per window) give the in-memory run's statistics exactly,
+    with changes fed forward (and the dense copy's inputs, for SparseGPT's dense targets); the files are
+    removed when the run ends."""
+    import copy
+
+    from leanml.calibrate.sequential import DiskCalls, activations_on_disk
+
+    base = tiny_llama_module()
+    ws = windows(n=3)
+
+    def run(model) -> dict:
+        got, seen = {}, []
+
+        def process(ctx: BlockContext) -> None:
+            seen.append(type(ctx.calls).__name__)
+            for stage in ctx.stages:
+                for n, acc in ctx.collect(stage).items():
+                    got[n] = acc.hessian.clone()
+            if dense:
+                n = ctx.targets[-1]
+                got[n + "/xtd"] = ctx.collect_dense_cross(n)[1]
+                if isinstance(ctx.calls, DiskCalls):
+                    assert len(list(ctx.calls.folder.parent.iterdir())) == 2  # calls and dense calls
+            for lin in ctx.linears.values():
+                lin.weight.data.mul_(0.5)
+
+        run_sequential(model, ws, linears(model, "model.layers"), process, hessian_dtype=torch.float64, dense_inputs=dense)
+        return got, seen
+
+    ref, kinds = run(copy.deepcopy(base))
+    with activations_on_disk(tmp_path):
+        got, disk_kinds = run(copy.deepcopy(base))
+    assert set(kinds) == {"list"} and set(disk_kinds) == {"DiskCalls"}
+    assert sorted(got) == sorted(ref) and len(ref) >= 7
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+    assert list(tmp_path.iterdir()) == []

@@ -260,3 +260,51 @@ def test_even_split_covers_every_row_once(n, size, monkeypatch):
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
     lengths = [b - a for a, b in bounds]
     assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_max_memory_caps_a_layer_by_layer_run(tmp_path, llama3_dir, text_file):
+    from leanml.memory import rss_bytes
+
+    limit = rss_bytes() // 2  # this process is already past it: the check after the first block stops the run
+    with pytest.raises(LeanmlError, match=r"resident memory reached .* GiB by block 0 of 3, over --max-memory"):
+        compress(llama3_dir, RTN, out=tmp_path / "o", measure=False, lazy=True, max_memory=limit)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())  # nothing published, no temporary left
+    compress(llama3_dir, RTN, out=tmp_path / "o", measure=False, lazy=True, max_memory="64GB")
+    facts = json.loads((tmp_path / "o" / "layer_by_layer.json").read_text())
+    assert facts["max_memory_bytes"] == 64 * 10**9 and 0 < facts["peak_rss_bytes"] < facts["max_memory_bytes"]
+
+
+def test_memory_cap_sees_a_freed_spike():
+    """The kernel's record of the peak (VmHWM) holds a spike freed before the check; reference: the size of
+    the allocation itself."""
+    from leanml.memory import MemoryCap, rss_bytes
+
+    size = 256 * 2**20
+    with MemoryCap() as cap:
+        if not cap.kernel:
+            pytest.skip("no VmHWM/clear_refs on this system")
+        before = rss_bytes()
+        spike = torch.ones(size // 4, dtype=torch.float32)  # touched pages: resident
+        del spike
+        assert rss_bytes() < before + size // 2  # freed: gone from the current resident size
+        assert cap.peak() >= before + size * 0.95
+        cap.limit = before + size // 2  # under the spike, over what is resident now: still past it
+        with pytest.raises(LeanmlError, match="by the test, over --max-memory"):
+            cap.check("the test")
+
+
+@pytest.mark.parametrize("recipe", [GPTQ, DENSE], ids=["gptq", "sparsegpt-dense-targets"])
+def test_activations_on_disk_write_the_in_memory_result(tmp_path, llama3_dir, text_file, monkeypatch, recipe):
+    import leanml.calibrate.streaming as streaming
+
+    whole = tmp_path / "out" / "whole"
+    compress(llama3_dir, recipe, data=text_file, out=whole, measure=False, lazy=False)
+    monkeypatch.setattr(streaming, "OFFLOAD_FRACTION", 0.0)  # any cached input goes to disk
+    compress(llama3_dir, recipe, data=text_file, out=tmp_path / "out" / "lazy", measure=False, lazy=True)
+    facts = json.loads((tmp_path / "out" / "lazy" / "layer_by_layer.json").read_text())
+    assert facts["activations_on_disk"] == str(tmp_path / "out") and facts["activations_bytes"] > 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lazy", "whole"]  # its folder is gone
+    sa, sb = load_artifact(whole).module.state_dict(), load_artifact(tmp_path / "out" / "lazy").module.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key

@@ -13,7 +13,9 @@ target linears, e.g. ``model.layers`` of a llama or ``encoder.layer`` of a BERT)
 3. the (now modified) block is run on the cached inputs and its outputs replace them, so the next block
    is calibrated on what the QUANTIZED blocks before it produce (errors are fed forward).
 
-Only one block's inputs are held in memory (plus one forward's activations). Targets outside the stack
+Only one block's inputs are held in memory (plus one forward's activations); inside
+:func:`activations_on_disk` not even those: each window's hidden states live in a file of their own,
+read when that window runs and rewritten with the block's output (:class:`DiskCalls`). Targets outside the stack
 (or every target, for a model without a stack) are handled afterwards in one extra "block" that is the
 whole model run on the raw windows.
 
@@ -25,10 +27,14 @@ accepts it, and any ``past_key_values`` a block receives is dropped.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +141,74 @@ def _replace_hidden(call: Call, hidden: torch.Tensor) -> Call:
     raise LeanmlError("cannot find the hidden states among the block's inputs (no positional argument, no hidden_states)")
 
 
+def _hidden_of(call: Call) -> torch.Tensor:
+    args, kwargs = call
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise LeanmlError("cannot find the hidden states among the block's inputs (no positional argument, no hidden_states)")
+
+
+_OFFLOAD: contextvars.ContextVar[Path | None] = contextvars.ContextVar("leanml_activations_on_disk", default=None)
+
+
+@contextlib.contextmanager
+def activations_on_disk(folder: str | Path | None):
+    """Inside this context :func:`run_sequential` keeps the blocks' cached inputs in a temporary folder
+    made under ``folder`` (removed when the run ends), instead of in memory. None keeps them in memory."""
+    token = _OFFLOAD.set(None if folder is None else Path(folder))
+    try:
+        yield
+    finally:
+        _OFFLOAD.reset(token)
+
+
+class DiskCalls:
+    """The cached block inputs of every window with each window's hidden states in a file of its own
+    (``torch.save``; read back whole on access, so only the window that runs is in memory). The other
+    arguments (masks, rotary tables, positions: ``tokens x head_dim`` at most) stay in memory. Indexing
+    reads a call, assigning one writes its hidden states, as with the list it replaces."""
+
+    def __init__(self, calls: Sequence[Call], folder: Path, tag: str = "calls"):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(dir=folder, prefix=f".leanml-{tag}-"))
+        self._rest: list[Call] = []
+        for call in calls:
+            self._rest.append(_replace_hidden(call, None))  # type: ignore[arg-type]
+            self[len(self._rest) - 1] = call
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"{k:06d}.pt"
+
+    def __len__(self) -> int:
+        return len(self._rest)
+
+    def __getitem__(self, k: int) -> Call:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        hidden = torch.load(self._path(k), weights_only=True)
+        return _replace_hidden(self._rest[k], hidden)
+
+    def __setitem__(self, k: int, call: Call) -> None:
+        hidden = _hidden_of(call).detach().contiguous()
+        tmp = self._path(k).with_suffix(".tmp")
+        torch.save(hidden, tmp)
+        tmp.replace(self._path(k))
+        self._rest[k] = _replace_hidden(call, None)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+    def copy(self, tag: str) -> DiskCalls:
+        return DiskCalls(self, self.folder.parent, tag)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, torch.Tensor):
@@ -153,11 +227,11 @@ class BlockContext:
     targets: list[str]
     stages: list[list[str]]
     linears: dict[str, nn.Linear]
-    calls: list[Call] = field(repr=False)
+    calls: list[Call] | DiskCalls = field(repr=False)  # DiskCalls inside activations_on_disk
     outlier_factor: float | None = None
     hessian_dtype: torch.dtype = torch.float32
     dense_module: nn.Module | None = field(default=None, repr=False)  # the block before any change
-    dense_calls: list[Call] | None = field(default=None, repr=False)  # its inputs in the unchanged model
+    dense_calls: list[Call] | DiskCalls | None = field(default=None, repr=False)  # its inputs in the unchanged model
 
     def stage_of(self, name: str) -> list[str]:
         for stage in self.stages:
@@ -369,13 +443,22 @@ def run_sequential(
     linears = _resolve_targets(model, targets)
     was_training = model.training
     model.eval()
+    disk: list[DiskCalls] = []
     try:
         stack = find_block_stack(model, list(linears))
         remaining = dict(linears)
         if stack is not None:
             stack_name, blocks = stack
             calls = capture_block_inputs(model, blocks[0], windows)
-            dense_calls = list(calls) if dense_inputs else None
+            offload = _OFFLOAD.get()
+            if offload is not None:
+                calls = DiskCalls(calls, offload)
+                disk.append(calls)
+            dense_calls = None
+            if dense_inputs:
+                dense_calls = calls.copy("dense") if isinstance(calls, DiskCalls) else list(calls)
+                if isinstance(dense_calls, DiskCalls):
+                    disk.append(dense_calls)
             for i in progress(range(len(blocks)), label, status=status):
                 block = blocks[i]
                 prefix = f"{stack_name}.{i}" if stack_name else str(i)
@@ -406,9 +489,9 @@ def run_sequential(
                 if i + 1 < len(blocks):
                     if dense_calls is not None:
                         for k, (args, kwargs) in enumerate(dense_calls):
-                            dense_calls[k] = _replace_hidden(dense_calls[k], _first_tensor(dense_block(*args, **kwargs)))
+                            dense_calls[k] = _replace_hidden((args, kwargs), _first_tensor(dense_block(*args, **kwargs)))
                     for k, (args, kwargs) in enumerate(calls):
-                        calls[k] = _replace_hidden(calls[k], _first_tensor(block(*args, **kwargs)))
+                        calls[k] = _replace_hidden((args, kwargs), _first_tensor(block(*args, **kwargs)))
                 del dense_block
                 if after_block is not None:
                     after_block(i, prefix, block)
@@ -421,4 +504,6 @@ def run_sequential(
             )
             process_block(ctx)
     finally:
+        for d in disk:
+            d.close()
         model.train(was_training)

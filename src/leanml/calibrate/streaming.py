@@ -3,7 +3,8 @@
 The model is opened on the ``meta`` device (:func:`leanml.models.lazy.open_lazy`); everything outside
 its stack of blocks (embeddings, final norm, head) is read first. Then for each block in order:
 
-1. its weights are read from the safetensors files (memory-mapped);
+1. its weights are read from the safetensors files or the GGUF file (memory-mapped; GGUF blocks
+   dequantized tensor by tensor);
 2. RTN quantizes its linears directly (magnitude pruning prunes them); GPTQ/AWQ (Wanda/SparseGPT)
    calibrate them on the cached inputs of the block (:func:`~leanml.calibrate.sequential.run_sequential`,
    errors fed forward exactly as in memory);
@@ -26,9 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import LeanmlError
+from ..memory import MemoryCap
 from ..models.handle import ModelHandle
-from ..models.lazy import LAZY_KEY, LazyWeights, materialize, release
+from ..models.lazy import LAZY_KEY, GGUFWeights, LazyWeights, materialize, release
 from ..progress import memory_status, progress
+from .sequential import activations_on_disk
 
 LAYERWISE_PRUNE = ("magnitude", "wanda", "sparsegpt")
 
@@ -92,12 +95,16 @@ def _rest_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
     return _dedup_state(model, skip_meta=True)
 
 
-def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None) -> dict:
+def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, max_memory: float | None = None) -> dict:
     """Run ``recipe`` (see :func:`streamable`) on the lazily opened ``handle`` block by block, writing the
-    weights into ``folder`` (the artifact's temporary folder; None writes nothing). Returns the run's
-    facts: ``weights`` (the files written), ``aliases``, ``blocks``, ``peak_rss_bytes``."""
-    import psutil
+    weights into ``folder`` (the artifact's temporary folder; None writes nothing). ``max_memory`` (bytes)
+    caps the peak resident memory, checked after every block (:class:`leanml.memory.MemoryCap`). Returns
+    the run's facts: ``weights`` (the files written), ``aliases``, ``blocks``, ``peak_rss_bytes``."""
+    with MemoryCap(max_memory) as cap:
+        return _compress_layer_by_layer(handle, recipe, data, folder, cap)
 
+
+def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, cap: MemoryCap) -> dict:
     from ..calibrate.sequential import find_block_stack
     from ..prune.config import Prune
     from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
@@ -107,7 +114,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
     why = streamable(recipe)
     if why:
         raise LeanmlError(why)
-    weights: LazyWeights | None = handle.meta.get(LAZY_KEY)
+    weights: LazyWeights | GGUFWeights | None = handle.meta.get(LAZY_KEY)
     if weights is None:
         raise LeanmlError(f"model {handle.name!r} was loaded whole; layer-by-layer compression needs it opened lazily")
     cfg = recipe.steps[0]
@@ -129,11 +136,10 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
             f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method ({cfg.method}) "
             "runs layer by layer only on the layers inside it: add it to 'ignore' or load the model whole"
         )
-    process = psutil.Process()
-    peak = [process.memory_info().rss]
+    done = [0]
 
     def status() -> str:
-        peak[0] = max(peak[0], process.memory_info().rss)
+        cap.check(f"block {done[0]} of {len(blocks)}" if done[0] < len(blocks) else "the layers outside the blocks")
         return memory_status()
 
     shards = _Shards(folder)
@@ -143,9 +149,11 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
         status()
         shards.add(_block_state(prefix, block))
         release(block)
+        done[0] += 1
 
+    facts: dict = {}
     if isinstance(cfg, Prune):
-        _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status)
+        _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
     elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
@@ -163,6 +171,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
         from ..quantize.weight_only import quantize_weights
 
         batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
+        offload = _offload_place(model, batches, False, cap, folder, facts)
 
         def after(_i: int, prefix: str, block: nn.Module, records: dict) -> None:
             for name, qw in records.items():
@@ -171,19 +180,56 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
                 old.to("meta")  # the calibration keeps a table of the original layers: free their weights now
             finish(prefix, block)
 
-        quantize_weights(model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status)
+        with activations_on_disk(offload):
+            quantize_weights(
+                model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status
+            )
         materialize(model, "", weights, skip=stack_name)
     if not isinstance(cfg, Prune):
         quantize_head(model, cfg, handle.task)
     state, aliases = _rest_state(model)
     shards.add(state)
-    status()
+    peak = cap.check("the end")
     handle.meta["modified"] = True
     handle.meta.setdefault("applied", []).append(cfg.model_dump())
-    return {"weights": shards.files, "aliases": aliases, "blocks": len(blocks), "peak_rss_bytes": peak[0]}
+    facts.update(weights=shards.files, aliases=aliases, blocks=len(blocks), peak_rss_bytes=peak)
+    facts["peak_from"] = "kernel (VmHWM)" if cap.kernel else "samples after each block"
+    if cap.limit is not None:
+        facts["max_memory_bytes"] = int(cap.limit)
+    return facts
 
 
-def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights, stack_name: str):
+OFFLOAD_FRACTION = 0.25  # cached block inputs above this share of the memory budget go to disk
+
+
+def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, folder: Path | None, facts: dict) -> Path | None:
+    """Where the calibration's cached block inputs go: None (memory) when they take at most
+    :data:`OFFLOAD_FRACTION` of the budget (``--max-memory``, else the memory available now), else the
+    folder beside the output (a temporary folder of leanml's own, removed when the run ends)."""
+    import tempfile
+
+    import psutil
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    width = getattr(emb, "embedding_dim", None)
+    if width is None:
+        return None
+
+    def tokens(batch) -> int:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        return int(ids.numel()) if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else 0
+
+    need = sum(tokens(b) for b in batches) * int(width) * 4 * (2 if dense else 1)
+    budget = cap.limit if cap.limit is not None else psutil.virtual_memory().available
+    facts["activations_bytes"] = need
+    if need == 0 or need <= OFFLOAD_FRACTION * budget:
+        return None
+    place = folder.parent if folder is not None else Path(tempfile.gettempdir())
+    facts["activations_on_disk"] = str(place)
+    return place
+
+
+def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack_name: str):
     """What a calibrated pass reads before the blocks: the embeddings (they feed the first block; the
     output head is read only once the blocks are done) and the calibration batches; with the hook that
     reads each block's weights before it runs."""
@@ -200,7 +246,9 @@ def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights, sta
     return batches, before
 
 
-def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, mine, outside, finish, status) -> None:
+def _prune_blocks(
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, folder, facts
+) -> None:
     """The prune step of :func:`compress_layer_by_layer`: each block's masks chosen and installed
     (``SparseLinear``) while the block is in memory, as :func:`leanml.prune.api.apply_prune` does for
     the whole model; the ``prune.json`` report from the layers' counts."""
@@ -240,6 +288,8 @@ def _prune_blocks(handle: ModelHandle, cfg, data, weights: LazyWeights, stack, m
             install(masks)
             finish(prefix, block)
 
-        prune_sequential(model, sorted(mine), batches, cfg, None, before_block=before, after_block=after, status=status)
+        dense = cfg.method == "sparsegpt" and cfg.dense_targets
+        with activations_on_disk(_offload_place(model, batches, dense, cap, folder, facts)):
+            prune_sequential(model, sorted(mine), batches, cfg, None, before_block=before, after_block=after, status=status)
         materialize(model, "", weights, skip=stack_name)
     report_counts(handle, dict(sorted(counts.items())), prune_facts(cfg))

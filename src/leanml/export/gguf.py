@@ -1059,15 +1059,50 @@ def _config_from_metadata(family: Arch, layout: _Layout, meta: dict, tensors: di
     return kw
 
 
-def read_gguf_model(path: str | os.PathLike):
-    """``(model, tokenizer)`` rebuilt from a GGUF file of an architecture leanml writes (the inverse of
-    :func:`export_gguf`): an fp32 Hugging Face causal LM in eval mode, and its tokenizer (None when the
-    file carries no vocabulary). None when the file is of another architecture or uses something leanml
-    does not rebuild (other rotary scalings, extra tensors); the caller then tries transformers' loader.
-    Errors reading the file are the ``gguf`` package's (ValueError, OSError...)."""
+@dataclass
+class GGUFPlan:
+    """What a GGUF file of an architecture leanml writes holds, before any tensor is read: the
+    transformers ``config`` its metadata states, the model on ``meta`` (``init_empty_weights``: buffers
+    real, Conv1D as ``nn.Linear``), and where each file tensor goes in it (``slots``)."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader (its tensors are memory-mapped views of the file)
+    config: Any
+    model: torch.nn.Module
+    slots: list[_Slot]
+
+    def __post_init__(self) -> None:
+        self.by_name = {t.name: t for t in self.reader.tensors}
+
+    def values(self, slot: _Slot) -> torch.Tensor:
+        """The slot's tensor dequantized to fp32 (its norm offset taken off), read from the file now."""
+        gguf = _import_gguf()
+        t = self.by_name[slot.name]
+        data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        return data - slot.offset if slot.offset else data
+
+    def fp32_bytes(self) -> int:
+        """What the file's tensors take in memory as fp32."""
+        return sum(int(t.n_elements) * 4 for t in self.reader.tensors)
+
+    def tokenizer(self):
+        """The file's tokenizer (None when it carries no vocabulary)."""
+        import transformers as tf
+
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            return None
+        return tf.PreTrainedTokenizerFast.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+
+def gguf_plan(path: str | os.PathLike) -> GGUFPlan | None:
+    """The :class:`GGUFPlan` of a GGUF file of an architecture leanml writes (the inverse of
+    :func:`export_gguf`). None when the file is of another architecture or uses something leanml does not
+    rebuild (other rotary scalings, extra tensors). Errors reading the file are the ``gguf`` package's
+    (ValueError, OSError...)."""
     gguf = _import_gguf()
     import transformers as tf
-    from transformers.pytorch_utils import Conv1D
+
+    from accelerate import init_empty_weights
 
     path = Path(path)
     reader = gguf.GGUFReader(str(path))
@@ -1085,23 +1120,40 @@ def read_gguf_model(path: str | os.PathLike):
     config = tf.AutoConfig.for_model(family.model_types[0], **kw)
     config.max_position_embeddings = context  # an attribute alias on some configs (GPT-2's n_positions)
     config.architectures = None
-    with torch.device("meta"):  # the names and geometry, with Conv1D as nn.Linear (what resolve reads)
-        shadow = tf.AutoModelForCausalLM.from_config(config)
-    normalise(shadow)
+    with init_empty_weights(include_buffers=False):  # the names and geometry; rotary buffers real
+        shadow = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    normalise(shadow)  # Conv1D as nn.Linear (what resolve reads, and how the file stores it)
     found = resolve(shadow)
     if found is None:
         return None
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     slots = _plan(shadow, found, layout, bool(config.tie_word_embeddings))
-    unknown = sorted(set(tensors) - {s.name for s in slots})
-    if unknown:
+    if set(tensors) - {s.name for s in slots}:
         return None
+    missing = [s.name for s in slots if s.name not in tensors]
+    if missing:
+        raise LeanmlError(f"GGUF file '{path}' lacks the tensor {missing[0]} its {arch_name} metadata implies")
+    return GGUFPlan(path, reader, config, shadow.eval(), slots)
+
+
+def slot_parameter(slot: _Slot) -> str:
+    """The model parameter a slot fills (in the model with Conv1D as ``nn.Linear``)."""
+    return f"{slot.module}.{'bias' if slot.kind == 'bias' else 'weight'}"
+
+
+def read_gguf_model(path: str | os.PathLike):
+    """``(model, tokenizer)`` rebuilt from a GGUF file of an architecture leanml writes (see
+    :func:`gguf_plan`): an fp32 Hugging Face causal LM in eval mode, and its tokenizer (None when the file
+    carries no vocabulary). None when :func:`gguf_plan` is; the caller then tries transformers' loader."""
+    import transformers as tf
+    from transformers.pytorch_utils import Conv1D
+
+    plan = gguf_plan(path)
+    if plan is None:
+        return None
+    model = tf.AutoModelForCausalLM.from_config(plan.config, dtype=torch.float32).eval()
     with torch.no_grad():
-        for s in slots:
-            t = tensors.get(s.name)
-            if t is None:
-                raise LeanmlError(f"GGUF file '{path}' lacks the tensor {s.name} its {arch_name} metadata implies")
-            data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        for s in plan.slots:
+            data = plan.values(s)
             module = module_at(model, s.module)
             if s.kind == "bias":
                 target = module.bias.data
@@ -1112,14 +1164,11 @@ def read_gguf_model(path: str | os.PathLike):
             want = tuple(target.shape) if s.rows is None else (len(s.rows), *target.shape[1:])
             if tuple(data.shape) != want:
                 raise LeanmlError(
-                    f"GGUF tensor {s.name} of '{path}' is {tuple(data.shape)}, but {want} for the model its metadata describes"
+                    f"GGUF tensor {s.name} of '{plan.path}' is {tuple(data.shape)}, but {want} for the model its "
+                    "metadata describes"
                 )
-            data = data - s.offset if s.offset else data
             if s.rows is None:
                 target.copy_(data)
             else:
                 target[s.rows] = data
-    tokenizer = None
-    if "tokenizer.ggml.tokens" in reader.fields:
-        tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+    return model, plan.tokenizer()

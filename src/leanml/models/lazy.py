@@ -1,8 +1,10 @@
-"""Models larger than memory: a Hugging Face folder opened without reading its weights.
+"""Models larger than memory: a Hugging Face folder or a GGUF file opened without reading its weights.
 
 :func:`open_lazy` builds the model on the ``meta`` device (accelerate's ``init_empty_weights``: names,
 shapes and buffers, no parameter memory) and returns a :class:`LazyWeights` that reads one tensor at a
-time from the folder's safetensors files (memory-mapped; bf16/fp16 converted to fp32 on read).
+time from the folder's safetensors files (memory-mapped; bf16/fp16 converted to fp32 on read), or, for
+a ``.gguf`` file of an architecture leanml writes, a :class:`GGUFWeights` that dequantizes one file
+tensor at a time (memory-mapped; no fp32 copy of the model is written).
 :func:`materialize` gives one sub-module (a block, the embeddings) its real weights and :func:`release`
 sends it back to ``meta``, so a run that walks the blocks in order holds one block at a time.
 """
@@ -87,6 +89,51 @@ class LazyWeights:
         return total
 
 
+class GGUFWeights:
+    """The tensors of a GGUF file by model parameter name, each dequantized to fp32 when read (the file
+    is memory-mapped: reading a block touches that block's bytes only). A parameter the file splits or
+    permutes (llama.cpp's rotary row order, a fused layer's parts) is put back together from its slots."""
+
+    def __init__(self, plan):
+        from ..export.gguf import slot_parameter
+
+        self.plan = plan
+        self.folder = plan.path  # named in messages, as a folder's path is
+        self.shapes = {n: tuple(p.shape) for n, p in plan.model.named_parameters()}
+        self.slots: dict[str, list] = {}
+        for slot in plan.slots:
+            self.slots.setdefault(slot_parameter(slot), []).append(slot)
+
+    def key(self, name: str) -> str | None:
+        return name if name in self.slots else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slots
+
+    def get(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as fp32, dequantized from the file now."""
+        slots = self.slots.get(name)
+        if not slots:
+            raise LeanmlError(f"'{self.folder}' holds no tensor for {name!r} (the file does not match its metadata)")
+        if len(slots) == 1 and slots[0].rows is None:
+            return self.plan.values(slots[0])
+        shape = self.shapes[name]
+        out = torch.empty(shape)
+        for slot in slots:
+            data = self.plan.values(slot)
+            want = (len(slot.rows), *shape[1:])
+            if tuple(data.shape) != want:
+                raise LeanmlError(
+                    f"GGUF tensor {slot.name} of '{self.folder}' is {tuple(data.shape)}, but {want} for the model its "
+                    "metadata describes"
+                )
+            out[slot.rows] = data
+        return out
+
+    def fp32_bytes(self) -> int:
+        return self.plan.fp32_bytes()
+
+
 def fp32_bytes_of_folder(folder: str | Path) -> int | None:
     """The fp32 size of a Hugging Face folder's safetensors weights, from the file headers (None when
     it has none or they are unreadable); nothing is loaded."""
@@ -96,10 +143,62 @@ def fp32_bytes_of_folder(folder: str | Path) -> int | None:
         return None
 
 
+def fp32_bytes_of_gguf(path: str | Path) -> int | None:
+    """The fp32 size of a GGUF file's tensors, from its header (None when it is unreadable)."""
+    try:
+        import gguf
+
+        return sum(int(t.n_elements) * 4 for t in gguf.GGUFReader(str(path)).tensors)
+    except Exception:  # noqa: BLE001 - no gguf package, a truncated or foreign file: the whole load says why
+        return None
+
+
+def open_lazy_gguf(path: str | Path, name: str | None = None) -> ModelHandle:
+    """A :class:`ModelHandle` of the causal LM in a GGUF file, all its parameters on ``meta``; its
+    ``meta[LAZY_KEY]`` is a :class:`GGUFWeights`. Architectures leanml writes only (its own reader's);
+    another is a one-line error (loading it whole converts it through transformers)."""
+    from ..export.gguf import gguf_plan
+    from .inputs import default_example_inputs
+
+    path = Path(path)
+    try:
+        plan = gguf_plan(path)
+    except ImportError:
+        raise LeanmlError("loading a .gguf file needs the package gguf: pip install gguf") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LeanmlError(f"GGUF file '{path}' could not be read as a causal LM: {exc}") from None
+    if plan is None:
+        raise LeanmlError(
+            f"GGUF file '{path}' is not of an architecture leanml reads tensor by tensor (those its GGUF export "
+            "writes); load it whole (--no-lazy) with enough memory"
+        )
+    try:
+        tokenizer = plan.tokenizer()
+    except (OSError, ValueError, KeyError) as exc:
+        raise LeanmlError(f"the tokenizer of GGUF file '{path}' cannot be read: {exc}") from None
+    handle = ModelHandle(
+        module=plan.model,
+        task="causal-lm",
+        name=name or path.stem,
+        tokenizer=tokenizer,
+        source=str(path),
+        artifact=path,
+        max_length=512,
+    )
+    handle.meta[LAZY_KEY] = GGUFWeights(plan)
+    handle.example_inputs = default_example_inputs(handle)
+    return handle
+
+
 def open_lazy(folder: str | Path, task: str | None = None, name: str | None = None) -> ModelHandle:
-    """A :class:`ModelHandle` of the Hugging Face folder whose parameters are all on ``meta``; its
-    ``meta[LAZY_KEY]`` reads them (see the module docstring)."""
+    """A :class:`ModelHandle` of the Hugging Face folder (or ``.gguf`` file) whose parameters are all on
+    ``meta``; its ``meta[LAZY_KEY]`` reads them (see the module docstring)."""
     import transformers as tf
+
+    if Path(folder).suffix.lower() == ".gguf" and Path(folder).is_file():
+        if task not in (None, "causal-lm"):
+            raise LeanmlError(f"a GGUF file holds a causal LM; task {task!r} is not one")
+        return open_lazy_gguf(folder, name)
 
     from accelerate import init_empty_weights
 
@@ -167,7 +266,9 @@ def _embeddings(model: nn.Module, which: str) -> nn.Module | None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, prefix: str, weights: LazyWeights, skip: str | tuple[str, ...] | None = None) -> int:
+def materialize(
+    model: nn.Module, prefix: str, weights: LazyWeights | GGUFWeights, skip: str | tuple[str, ...] | None = None
+) -> int:
     """Read the real weights of every ``meta`` parameter of the sub-module ``prefix`` ("" for the whole
     model) from ``weights``, leaving out the sub-module(s) ``skip`` (e.g. the stack of blocks); returns
     the bytes read. An output head tied to the input embedding takes the embedding's parameter, so the tie
