@@ -405,8 +405,15 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
             for n in members:
                 get_module(model, n).weight.data.mul_(s)
     static = cfg.activations == "static"
-    if static:
-        observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
+    if static:  # ranges of what the int8 layers will quantize: x / s where s stayed an input scale
+        hooks = [
+            _divide_input(get_module(model, n)) for n in names if getattr(get_module(model, n), "smooth_inv", None) is not None
+        ]
+        try:
+            observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
+        finally:
+            for h in hooks:
+                h.remove()
     for n in names:
         layer = get_module(model, n)
         new = Int8ActLinear(
@@ -417,6 +424,14 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
         set_module(model, n, new)
     _mark(handle, cfg)
     return handle
+
+
+def _divide_input(layer: torch.nn.Module):
+    """A pre-hook making the float ``layer`` (weights already multiplied by s) take ``x / s``, as its int8
+    replacement will, so it computes the original product; registered before the observer's hook, which
+    then sees the scaled input."""
+    inv = layer.smooth_inv
+    return layer.register_forward_pre_hook(lambda _mod, args: (args[0] * inv.to(args[0].dtype), *args[1:]))
 
 
 class _ChannelAbsMax:
