@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import Int8Dynamic, Int8Static, SmoothQuant, WeightOnly
 from ..errors import LeanmlError
 from ..memory import MemoryCap
 from ..models.handle import ModelHandle
@@ -34,24 +35,26 @@ from ..progress import memory_status, progress
 from .sequential import activations_on_disk
 
 LAYERWISE_PRUNE = ("magnitude", "wanda", "sparsegpt")
+INT8_STEPS = (Int8Dynamic, Int8Static, SmoothQuant)
 
 
 def streamable(recipe) -> str | None:
     """Why ``recipe`` cannot run layer by layer (None when it can): one weight-only step, without
     ``upgrade`` (it needs a second pass over the float weights), or one prune step whose masks are
     chosen layer by layer (magnitude, Wanda, SparseGPT; not a global ranking, OWL or gradients)."""
-    from ..config import WeightOnly
     from ..prune.config import Prune
     from ..recipe import load_recipe
 
     steps = list(load_recipe(recipe).steps)
-    if len(steps) != 1 or not isinstance(steps[0], (WeightOnly, Prune)):
+    if len(steps) != 1 or not isinstance(steps[0], (WeightOnly, Prune, *INT8_STEPS)):
         kinds = ", ".join(s.kind for s in steps) or "none"
         return (
-            "layer-by-layer compression runs one weight-only step (rtn, gptq, awq) or one prune step "
-            f"({', '.join(LAYERWISE_PRUNE)}); this recipe has: {kinds}"
+            "layer-by-layer compression runs one weight-only step (rtn, gptq, awq), one int8 step (int8-dynamic, "
+            f"int8-static, smoothquant) or one prune step ({', '.join(LAYERWISE_PRUNE)}); this recipe has: {kinds}"
         )
     step = steps[0]
+    if isinstance(step, INT8_STEPS):
+        return None
     if isinstance(step, Prune):
         if step.method not in LAYERWISE_PRUNE:
             methods = ", ".join(LAYERWISE_PRUNE)
@@ -119,21 +122,23 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
         raise LeanmlError(f"model {handle.name!r} was loaded whole; layer-by-layer compression needs it opened lazily")
     cfg = recipe.steps[0]
     model = handle.module
-    names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if isinstance(cfg, Int8Static) else LINEAR
+    names = select_layers(model, kinds, cfg.targets, cfg.ignore, handle.task)
     if isinstance(cfg, Prune):
         from ..prune.api import _check_nm_widths
 
         _check_nm_widths(model, names, cfg.m)
-    else:
+    elif isinstance(cfg, WeightOnly):
         _check_groups(model, names, cfg.group_size)
     stack = find_block_stack(model, names)
     if stack is None:
         raise LeanmlError(f"model {handle.name!r} has no stack of blocks holding its linear layers; load it whole")
     stack_name, blocks = stack
     outside = [n for n in names if not n.startswith(stack_name + ".")]
-    if outside and cfg.method not in ("rtn", "magnitude"):
+    method = getattr(cfg, "method", cfg.kind)
+    if outside and method not in ("rtn", "magnitude", "int8-dynamic"):
         raise LeanmlError(
-            f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method ({cfg.method}) "
+            f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method ({method}) "
             "runs layer by layer only on the layers inside it: add it to 'ignore' or load the model whole"
         )
     done = [0]
@@ -154,6 +159,8 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
     facts: dict = {}
     if isinstance(cfg, Prune):
         _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
+    elif isinstance(cfg, INT8_STEPS):
+        _int8_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
     elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
@@ -185,7 +192,7 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
                 model, batches, weight_spec(cfg), sorted(mine), before_block=before, after_block=after, status=status
             )
         materialize(model, "", weights, skip=stack_name)
-    if not isinstance(cfg, Prune):
+    if isinstance(cfg, WeightOnly):
         quantize_head(model, cfg, handle.task)
     state, aliases = _rest_state(model)
     shards.add(state)
@@ -231,14 +238,15 @@ def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, folde
 
 def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack_name: str):
     """What a calibrated pass reads before the blocks: the embeddings (they feed the first block; the
-    output head is read only once the blocks are done) and the calibration batches; with the hook that
-    reads each block's weights before it runs."""
+    output head is read only once the blocks are done) and the calibration batches (as many as the
+    in-memory step takes); with the hook that reads each block's weights before it runs."""
     from ..calibrate.batches import calibration_batches
     from ..quantize.api import _output_heads
 
     model = handle.module
     materialize(model, "", weights, skip=(stack_name, *_output_heads(model)))
-    batches = calibration_batches(handle, data, cfg.calib_windows, cfg.window)
+    count = cfg.calib_batches if isinstance(cfg, Int8Static) else cfg.calib_windows
+    batches = calibration_batches(handle, data, count, *([cfg.window] if hasattr(cfg, "window") else []))
 
     def before(_i: int, prefix: str, _block: nn.Module) -> None:
         materialize(model, prefix, weights)
@@ -293,3 +301,118 @@ def _prune_blocks(
             prune_sequential(model, sorted(mine), batches, cfg, None, before_block=before, after_block=after, status=status)
         materialize(model, "", weights, skip=stack_name)
     report_counts(handle, dict(sorted(counts.items())), prune_facts(cfg))
+
+
+def _int8_blocks(
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, folder, facts
+) -> None:
+    """The int8 step of :func:`compress_layer_by_layer` (int8-dynamic, int8-static, SmoothQuant), block by
+    block, giving the layers :mod:`leanml.quantize.api` gives the whole model: its calibration observes
+    the float model only, so each block advances the cached inputs unchanged while its observers watch,
+    and its linears become int8 afterwards. SmoothQuant reads each block's channel maxima in one extra
+    forward of the block; its static ranges are those of the inputs divided by s (what the smoothed
+    float model feeds each layer, up to rounding), and the scales are folded once the block is done."""
+    from ..distributed import world
+    from ..quantize.api import (
+        ChannelAbsMax,
+        _own_forward,
+        _static_padding,
+        apply_smoothing,
+        int8_static_layer,
+        make_observer,
+        norm_producers,
+        replace_linear,
+        smoothing_groups,
+        smoothquant_layer,
+    )
+    from ..quantize.modules import Int8ActLinear
+    from ..targeting import get_module
+    from .sequential import run_sequential
+
+    model = handle.module
+    stack_name, blocks = stack
+    if isinstance(cfg, Int8Dynamic):
+        for i in progress(range(len(blocks)), "int8 dynamic, layer by layer", status=status):
+            prefix = f"{stack_name}.{i}"
+            materialize(model, prefix, weights)
+            for name in sorted(n for n in mine if n.startswith(prefix + ".")):
+                layer = get_module(model, name)
+                replace_linear(model, name, Int8ActLinear(layer, "dynamic", cfg.per_token))
+                layer.to("meta")
+            finish(prefix, blocks[i])
+        materialize(model, "", weights, skip=stack_name)
+        for name in outside:
+            replace_linear(model, name, Int8ActLinear(get_module(model, name), "dynamic", cfg.per_token))
+        return
+    if world()[1] > 1:
+        raise LeanmlError(f"{cfg.kind} calibrates activation ranges in one process; run it without torchrun")
+    smooth = isinstance(cfg, SmoothQuant)
+    static = not smooth or cfg.activations == "static"
+    batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
+    offload = _offload_place(model, batches, False, cap, folder, facts)
+    percentile = getattr(cfg, "percentile", 99.99)
+    held: dict = {}  # the block in hand: its names, hooks, observers, input shapes and smoothing
+
+    def watch(names: list[str], make, inv: dict | None = None) -> tuple[dict, list]:
+        """An observer per name on the layer's float input (times ``inv[name]`` where given)."""
+        observers = {n: make() for n in names}
+
+        def see(name: str, args: tuple) -> None:
+            x = args[0].detach().float()
+            observers[name].observe(x if inv is None else x * inv[name])
+
+        hooks = [get_module(model, n).register_forward_pre_hook(lambda _m, a, n=n: see(n, a)) for n in names]
+        return observers, hooks
+
+    def forward(ctx) -> None:
+        with torch.no_grad():
+            for args, kwargs in ctx.calls:
+                ctx.module(*args, **kwargs)
+
+    def process(ctx) -> None:
+        names = sorted(ctx.linears)
+        groups, inv = [], None
+        if smooth:  # s from the block's float inputs; folded once the block is done
+            absmax, first = watch(names, lambda: ChannelAbsMax(cfg.outlier_factor))
+            try:
+                forward(ctx)
+            finally:
+                for h in first:
+                    h.remove()
+            groups = smoothing_groups(model, names, absmax, norm_producers(handle, names, ctx.prefix), cfg.alpha)
+            inv = {n: (1.0 / s).to(torch.float32) for _, _, members, s in groups for n in members}
+        observers: dict = {}
+        hooks: list = []
+        shapes: dict[str, tuple] = {}
+        custom = [n for n in names if not smooth and _own_forward(get_module(model, n))]
+
+        def record(name: str, args: tuple) -> None:  # a pre-hook returning None leaves the input alone
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        if static:  # ranges of what each int8 layer quantizes: its input, divided by s under SmoothQuant
+            observers, hooks = watch(names, lambda: make_observer(cfg.observer, percentile), inv)
+            hooks += [get_module(model, n).register_forward_pre_hook(lambda _m, a, n=n: record(n, a)) for n in custom]
+            if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
+                forward(ctx)
+        held.update(names=names, hooks=hooks, observers=observers, shapes=shapes, custom=custom, groups=groups)
+
+    def after(_i: int, prefix: str, block: nn.Module) -> None:
+        for h in held.pop("hooks", []):
+            h.remove()
+        names, observers, shapes = held.pop("names", []), held.pop("observers", {}), held.pop("shapes", {})
+        custom = {n: _static_padding(get_module(model, n), n, shapes.get(n)) for n in held.pop("custom", [])}
+        apply_smoothing(model, held.pop("groups", []))
+        for name in names:
+            old = get_module(model, name)
+            if smooth:
+                new = smoothquant_layer(old, observers.get(name))
+            else:
+                new = int8_static_layer(old, observers[name], cfg, custom.get(name, False))
+            replace_linear(model, name, new)
+            old.to("meta")
+        finish(prefix, block)
+
+    label = f"{cfg.kind}, layer by layer"
+    with activations_on_disk(offload):
+        run_sequential(model, batches, sorted(mine), process, label=label, before_block=before, after_block=after, status=status)
+    materialize(model, "", weights, skip=stack_name)
