@@ -34,6 +34,13 @@ DENSE = {"name": "d", "steps": [{**WANDA["steps"][0], "method": "sparsegpt", "de
 INT8_DYNAMIC = {"name": "i8d", "steps": [{"kind": "int8-dynamic"}]}
 INT8_STATIC = {"name": "i8s", "steps": [{"kind": "int8-static", "observer": "percentile", "calib_batches": 4}]}
 SMOOTH = {"name": "sq", "steps": [{"kind": "smoothquant", "calib_windows": 4}]}
+FFN_L2 = {"name": "f", "steps": [{"kind": "prune-structured", "unit": "neurons", "ratio": 0.25}]}
+FFN_ACT = {"name": "fa", "steps": [{**FFN_L2["steps"][0], "criterion": "activation", "calib_windows": 4, "window": 64}]}
+HEADS = {"name": "h", "steps": [{"kind": "prune-structured", "unit": "heads", "ratio": 0.5, "criterion": "l1"}]}
+QUERIES = {
+    "name": "q",
+    "steps": [{**HEADS["steps"][0], "gqa": "queries", "criterion": "activation", "calib_windows": 4, "window": 64}],
+}
 SMOOTH_STATIC = {"name": "sqs", "steps": [{"kind": "smoothquant", "activations": "static", "calib_windows": 4}]}
 
 
@@ -83,7 +90,8 @@ def test_lazy_open_reads_the_same_weights_as_the_whole_load(tmp_path, family):
 
 @pytest.mark.parametrize(
     "recipe",
-    [GPTQ, AWQ, RTN, WANDA, SPARSEGPT, MAGNITUDE, DENSE, INT8_DYNAMIC, INT8_STATIC, SMOOTH, SMOOTH_STATIC],
+    [GPTQ, AWQ, RTN, WANDA, SPARSEGPT, MAGNITUDE, DENSE, INT8_DYNAMIC, INT8_STATIC, SMOOTH, SMOOTH_STATIC]
+    + [FFN_L2, FFN_ACT, HEADS, QUERIES],
     ids=[
         "gptq",
         "awq",
@@ -96,6 +104,10 @@ def test_lazy_open_reads_the_same_weights_as_the_whole_load(tmp_path, family):
         "int8-static",
         "smoothquant",
         "smoothquant-static",
+        "ffn-neurons-l2",
+        "ffn-neurons-activation",
+        "kv-groups-l1",
+        "query-heads-activation",
     ],
 )
 def test_layer_by_layer_writes_the_in_memory_result(tmp_path, llama3_dir, text_file, recipe):
@@ -127,6 +139,13 @@ def test_layer_by_layer_writes_the_in_memory_result(tmp_path, llama3_dir, text_f
         assert torch.equal(la, lb)
     facts = json.loads((tmp_path / "lazy" / "layer_by_layer.json").read_text())
     assert facts["blocks"] == 3 and facts["peak_rss_bytes"] > 0
+    if recipe["steps"][0]["kind"] == "prune-structured":  # the same widths, cuts and report
+        report = json.loads((tmp_path / "lazy" / "prune.json").read_text())
+        assert report == json.loads((tmp_path / "whole" / "prune.json").read_text())
+        assert report["params_removed"] > 0
+        assert json.loads((tmp_path / "lazy" / "config.json").read_text()) == json.loads(
+            (tmp_path / "whole" / "config.json").read_text()
+        )
     if recipe["steps"][0]["kind"] == "prune":  # the same sparse layers and the same report
         assert {v["type"] for v in meta["layers"].values()} == {"SparseLinear"}
         report = json.loads((tmp_path / "lazy" / "prune.json").read_text())
@@ -161,6 +180,10 @@ def test_the_size_decides_and_refusals_are_one_line(tmp_path, llama3_dir, text_f
         ({"allocation": "owl", "scope": "layer"}, "allocation 'owl'"),
     ]:
         bad = {"name": "p", "steps": [{**WANDA["steps"][0], **step}]}
+        with pytest.raises(LeanmlError, match=why):
+            compress(llama3_dir, bad, data=text_file, out=tmp_path / "p", lazy=True)
+    for step, why in [({"unit": "layers"}, "unit 'layers' ranks the whole model"), ({"criterion": "taylor"}, "'taylor'")]:
+        bad = {"name": "p", "steps": [{**FFN_L2["steps"][0], **step}]}
         with pytest.raises(LeanmlError, match=why):
             compress(llama3_dir, bad, data=text_file, out=tmp_path / "p", lazy=True)
     upgrade = {"name": "u", "steps": [{**GPTQ["steps"][0], "upgrade": ["re:.*down_proj"]}]}

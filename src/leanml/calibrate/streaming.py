@@ -42,18 +42,31 @@ def streamable(recipe) -> str | None:
     """Why ``recipe`` cannot run layer by layer (None when it can): one weight-only step, without
     ``upgrade`` (it needs a second pass over the float weights), or one prune step whose masks are
     chosen layer by layer (magnitude, Wanda, SparseGPT; not a global ranking, OWL or gradients)."""
-    from ..prune.config import Prune
+    from ..prune.config import Prune, StructuredPrune
     from ..recipe import load_recipe
 
     steps = list(load_recipe(recipe).steps)
-    if len(steps) != 1 or not isinstance(steps[0], (WeightOnly, Prune, *INT8_STEPS)):
+    if len(steps) != 1 or not isinstance(steps[0], (WeightOnly, Prune, StructuredPrune, *INT8_STEPS)):
         kinds = ", ".join(s.kind for s in steps) or "none"
         return (
             "layer-by-layer compression runs one weight-only step (rtn, gptq, awq), one int8 step (int8-dynamic, "
-            f"int8-static, smoothquant) or one prune step ({', '.join(LAYERWISE_PRUNE)}); this recipe has: {kinds}"
+            f"int8-static, smoothquant), one prune step ({', '.join(LAYERWISE_PRUNE)}) or one prune-structured "
+            f"step (neurons, heads); this recipe has: {kinds}"
         )
     step = steps[0]
     if isinstance(step, INT8_STEPS):
+        return None
+    if isinstance(step, StructuredPrune):
+        if step.unit not in ("neurons", "heads"):
+            return (
+                f"layer-by-layer structured pruning removes neurons or heads; unit {step.unit!r} ranks the whole "
+                "model first: load it whole"
+            )
+        if step.criterion == "taylor":
+            return (
+                "layer-by-layer structured pruning cannot use criterion 'taylor' (gradients of the whole model); "
+                "use l1, l2 or activation"
+            )
         return None
     if isinstance(step, Prune):
         if step.method not in LAYERWISE_PRUNE:
@@ -109,7 +122,7 @@ def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | No
 
 def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, cap: MemoryCap) -> dict:
     from ..calibrate.sequential import find_block_stack
-    from ..prune.config import Prune
+    from ..prune.config import Prune, StructuredPrune
     from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
     from ..quantize.modules import QuantLinear
     from ..targeting import get_module, select_layers
@@ -124,7 +137,12 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
     model = handle.module
     kinds = (torch.nn.Linear, torch.nn.Conv2d) if isinstance(cfg, Int8Static) else LINEAR
     names = select_layers(model, kinds, cfg.targets, cfg.ignore, handle.task)
-    if isinstance(cfg, Prune):
+    if isinstance(cfg, StructuredPrune):
+        from ..prune.structured import check_unit_layout
+
+        if check_unit_layout(handle, cfg) is None:
+            raise LeanmlError(f"model {handle.name!r} has no transformer layout whose {cfg.unit} can be removed; load it whole")
+    elif isinstance(cfg, Prune):
         from ..prune.api import _check_nm_widths
 
         _check_nm_widths(model, names, cfg.m)
@@ -136,7 +154,7 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
     stack_name, blocks = stack
     outside = [n for n in names if not n.startswith(stack_name + ".")]
     method = getattr(cfg, "method", cfg.kind)
-    if outside and method not in ("rtn", "magnitude", "int8-dynamic"):
+    if outside and method not in ("rtn", "magnitude", "int8-dynamic", "prune-structured"):
         raise LeanmlError(
             f"layer {outside[0]!r} is outside the stack of blocks {stack_name!r}; a calibrated method ({method}) "
             "runs layer by layer only on the layers inside it: add it to 'ignore' or load the model whole"
@@ -161,6 +179,8 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
         _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
     elif isinstance(cfg, INT8_STEPS):
         _int8_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
+    elif isinstance(cfg, StructuredPrune):
+        _structured_blocks(handle, cfg, data, weights, stack, finish, status, cap, folder, facts)
     elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
@@ -416,3 +436,121 @@ def _int8_blocks(
     with activations_on_disk(offload):
         run_sequential(model, batches, sorted(mine), process, label=label, before_block=before, after_block=after, status=status)
     materialize(model, "", weights, skip=stack_name)
+
+
+def _structured_blocks(
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, finish, status, cap, folder, facts
+) -> None:
+    """The prune-structured step of :func:`compress_layer_by_layer` (FFN neurons or attention heads): each
+    block's units are scored and removed while the block is in memory, with the scores
+    :mod:`leanml.prune.structured` gives the whole model (l1/l2 of the block's weights; ``activation``
+    from the unpruned model's inputs, so each block advances the calibration inputs before it is cut);
+    the config's widths are set once every block is done; the ``prune.json`` report as in memory."""
+    from ..models.arch import set_widths
+    from ..prune.structured import (
+        _check_blocks,
+        _MeanAbs,
+        _weight_unit_scores,
+        attention_units,
+        ffn_choice,
+        head_choice,
+        heads_report,
+    )
+    from ..prune.surgery import count_params
+    from ..prune.transformer import detect_layout, ffn_slices, head_slices, prune_block_ffn, prune_block_heads
+    from ..prune.units import unit_activation, units_to_remove
+    from ..targeting import get_module
+    from .sequential import run_sequential
+
+    model = handle.module
+    stack_name, blocks = stack
+    layout = detect_layout(model)
+    neurons = cfg.unit == "neurons"
+    _check_blocks(handle, layout, cfg, (lambda b: b.ffn_layers) if neurons else (lambda b: b.attn_layers))
+    if neurons:
+        n_units = layout.intermediate
+        k = units_to_remove(cfg.ratio, n_units, f"the FFN of {layout.blocks[0].name!r}")
+        kv_groups = False
+    else:
+        kv_groups, n_units, k = attention_units(layout, cfg)
+    by_prefix = {b.name: b for b in layout.blocks}
+    before_params = count_params(model)
+    layers: dict = {}
+    kept_counts: list[tuple[int, int]] = []
+
+    def cut(prefix: str, score: torch.Tensor) -> None:
+        b = by_prefix[prefix]
+        if neurons:
+            keep, layers[b.name] = ffn_choice(score, k)
+            if k:
+                prune_block_ffn(model, b, keep)
+            kept_counts.append((len(keep), 0))
+        else:
+            keep_q, keep_kv, layers[b.name] = head_choice(layout, score, k, kv_groups)
+            if k:
+                prune_block_heads(model, layout, b, keep_q, keep_kv)
+            kept_counts.append((len(keep_q), len(keep_kv)))
+
+    if cfg.criterion in ("l1", "l2"):
+        for i in progress(range(len(blocks)), f"prune {cfg.unit} ({cfg.criterion}), layer by layer", status=status):
+            prefix = f"{stack_name}.{i}"
+            materialize(model, prefix, weights)
+            b = by_prefix[prefix]
+            slices = {b.name: ffn_slices(b) if neurons else head_slices(b, kv_groups)}
+            cut(prefix, _weight_unit_scores(handle, cfg.criterion, slices, {b.name: n_units}, None)[b.name])
+            finish(prefix, blocks[i])
+    else:  # activation: mean |x| of what the units feed into (down_proj / o_proj), in the unpruned model
+        batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
+        offload = _offload_place(model, batches, False, cap, folder, facts)
+        readers = [
+            by_prefix[f"{stack_name}.{i}"].ffn_cols if neurons else by_prefix[f"{stack_name}.{i}"].o for i in range(len(blocks))
+        ]
+        held: dict = {}
+
+        def process(ctx) -> None:
+            reader = next(r for r in readers if r.startswith(ctx.prefix + "."))
+            acc = _MeanAbs(-1)
+            hook = get_module(model, reader).register_forward_pre_hook(lambda _m, a: acc.update(a[0]))
+            held.update(acc=acc, hook=hook)
+            if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
+                with torch.no_grad():
+                    for args, kwargs in ctx.calls:
+                        ctx.module(*args, **kwargs)
+
+        def after(_i: int, prefix: str, block: nn.Module) -> None:
+            held.pop("hook").remove()
+            cut(prefix, unit_activation([held.pop("acc").value()], n_units))
+            finish(prefix, block)
+
+        with activations_on_disk(offload):
+            run_sequential(
+                model,
+                batches,
+                readers,
+                process,
+                label=f"prune {cfg.unit} (activation), layer by layer",
+                before_block=before,
+                after_block=after,
+                status=status,
+            )
+    materialize(model, "", weights, skip=stack_name)
+    if k:
+        q, kv = kept_counts[0]
+        set_widths(model, layout.found, **({"ffn": q} if neurons else {"heads": (q, kv)}))
+    details = (
+        {"layers": layers, "intermediate_size": n_units - k}
+        if neurons
+        else heads_report(layout, layers, kept_counts[0][0], kept_counts[0][1], kv_groups, k)
+    )
+    after_params = count_params(model)
+    handle.meta.setdefault("reports", {})["prune.json"] = {
+        "method": "structured",
+        "unit": cfg.unit,
+        "criterion": cfg.criterion,
+        "ratio": cfg.ratio,
+        "params_before": before_params,
+        "params_after": after_params,
+        "params_removed": before_params - after_params,
+        "params_fraction_removed": (before_params - after_params) / max(1, before_params),
+        **details,
+    }
