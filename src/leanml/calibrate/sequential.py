@@ -389,6 +389,105 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Sequence[A
     return calls
 
 
+def copy_block_attributes(stand_in: nn.Module, block: nn.Module) -> None:
+    """Give ``stand_in`` the plain attributes of ``block`` that a model's loop over its blocks may read
+    (``attention_type``, ``layer_idx``, ...)."""
+    for key, value in vars(block).items():
+        if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool, type(None))):
+            setattr(stand_in, key, value)
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` while the stack's inputs are captured: records what the block
+    receives and hands its hidden states on (as a tensor or a 1-tuple); the last one ends the forward."""
+
+    def __init__(self, index: int, block: nn.Module, sink: dict, last: bool) -> None:
+        super().__init__()
+        copy_block_attributes(self, block)
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, *args, **kwargs):
+        self.sink[self.index] = (tuple(args), _clean_kwargs(kwargs))
+        if self.last:
+            raise _Stop
+        hidden = _hidden_of((args, kwargs))
+        return (hidden,) if self.sink["tuple"] else hidden
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same arguments: the same tensor objects, the same other values, recursively."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain comparison
+        return a is b
+
+
+@dataclass
+class StackInputs:
+    """What every block of a stack receives for each window. ``calls`` are block 0's calls (hidden states
+    included; the runner takes them over); :meth:`call` gives block ``i``'s call for window ``k`` with
+    the given hidden states: its own masks and position tables where the family gives blocks different
+    ones (Gemma 2/3's sliding and global layers), else block 0's."""
+
+    calls: list[Call]
+    later: dict[int, list[Call | None]] = field(default_factory=dict)  # block -> per window, None = as block 0
+    rest: list[Call] = field(default_factory=list, repr=False)  # block 0's calls without their hidden states
+
+    def __post_init__(self) -> None:
+        self.rest = [_replace_hidden(c, None) for c in self.calls]  # type: ignore[arg-type]
+
+    def call(self, i: int, k: int, hidden: torch.Tensor) -> Call:
+        own = self.later[i][k] if i in self.later else None
+        return _replace_hidden(own if own is not None else self.rest[k], hidden)
+
+
+def capture_stack_inputs(model: nn.Module, stack_name: str, blocks: nn.ModuleList, windows: Sequence[Any]) -> StackInputs:
+    """The inputs of every block of the stack ``stack_name`` for each window, in one forward per window
+    that does not run the blocks (each is replaced by a recorder for the pass, so blocks may be on
+    ``meta``). Where that forward cannot run with stand-ins, every block gets block 0's arguments."""
+    parent_name, _, child = stack_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if len(blocks) < 2 or getattr(parent, child, None) is not blocks:
+        return StackInputs(capture_block_inputs(model, blocks[0], windows))
+    first: list[Call] = []
+    later: dict[int, list[Call | None]] = {i: [] for i in range(1, len(blocks))}
+    for as_tuple in (False, True):
+        sink: dict = {"tuple": as_tuple}
+        recorders = nn.ModuleList([_Recorder(i, blocks[i], sink, i == len(blocks) - 1) for i in range(len(blocks))])
+        setattr(parent, child, recorders)
+        try:
+            first.clear()
+            for lst in later.values():
+                lst.clear()
+            for w in windows:
+                sink.update({i: None for i in range(len(blocks))})
+                args, kwargs = window_call(model, w)
+                with contextlib.suppress(_Stop):
+                    model(*args, **kwargs)
+                if any(sink[i] is None for i in range(len(blocks))):
+                    raise RuntimeError("a block was not reached")
+                first.append(sink[0])
+                base = _replace_hidden(sink[0], None)  # type: ignore[arg-type]
+                for i in range(1, len(blocks)):
+                    mine = _replace_hidden(sink[i], None)  # type: ignore[arg-type]
+                    later[i].append(None if _same(mine, base) else mine)
+            break
+        except Exception:  # noqa: BLE001 - this forward cannot run with stand-ins: try the other output form
+            first.clear()
+            continue
+        finally:
+            setattr(parent, child, blocks)
+    if not first:
+        return StackInputs(capture_block_inputs(model, blocks[0], windows))
+    return StackInputs(first, {i: v for i, v in later.items() if any(c is not None for c in v)})
+
+
 def _resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
     modules = dict(model.named_modules())
     out: dict[str, nn.Linear] = {}
@@ -449,7 +548,8 @@ def run_sequential(
         remaining = dict(linears)
         if stack is not None:
             stack_name, blocks = stack
-            calls = capture_block_inputs(model, blocks[0], windows)
+            inputs = capture_stack_inputs(model, stack_name, blocks, windows)
+            calls, inputs.calls = inputs.calls, []
             offload = _OFFLOAD.get()
             if offload is not None:
                 calls = DiskCalls(calls, offload)
@@ -486,12 +586,12 @@ def run_sequential(
                     process_block(ctx)
                 else:
                     dense_block = block
-                if i + 1 < len(blocks):
+                if i + 1 < len(blocks):  # the next block's inputs: its own masks/positions, these outputs
                     if dense_calls is not None:
                         for k, (args, kwargs) in enumerate(dense_calls):
-                            dense_calls[k] = _replace_hidden((args, kwargs), _first_tensor(dense_block(*args, **kwargs)))
+                            dense_calls[k] = inputs.call(i + 1, k, _first_tensor(dense_block(*args, **kwargs)))
                     for k, (args, kwargs) in enumerate(calls):
-                        calls[k] = _replace_hidden((args, kwargs), _first_tensor(block(*args, **kwargs)))
+                        calls[k] = inputs.call(i + 1, k, _first_tensor(block(*args, **kwargs)))
                 del dense_block
                 if after_block is not None:
                     after_block(i, prefix, block)
