@@ -317,8 +317,8 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
     calib_data = load_data(calib) if calib is not None else data
     _validate_first(handle, recipe, data, calib_data, profile_kwargs)
     notes = [
-        f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole "
-        "and was not measured"
+        f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole, "
+        "so its speed and memory were not measured"
     ]
     from .search.budget import parse_memory
 
@@ -328,6 +328,17 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
         return CompressResult(handle, recipe, None, None, None, [*notes, "rank of a torchrun job: rank 0 writes the output"])
     check_free_space(Path(out).parent, fp32 // 4, f"the compressed model at {str(out)!r}")
     with FolderOutput(out, "compress", force) as w:
+        before_quality = None
+        if measure and data is not None:  # the original's quality, one block at a time, on the evaluation split
+            from .measure.layerwise import evaluate_layer_by_layer
+
+            before_quality = evaluate_layer_by_layer(open_lazy(folder), data)
+            if before_quality is not None:
+                (w.tmp / "before_quality.json").write_text(json.dumps(before_quality, indent=2) + "\n")
+                notes.append(
+                    f"the original's perplexity, computed layer by layer: {before_quality['value']:.4g} over "
+                    f"{before_quality['n_tokens']} tokens of {data.name!r}"
+                )
         facts = compress_layer_by_layer(handle, recipe, calib_data, w.tmp, cap)
         report = {k: v for k, v in facts.items() if k != "aliases"}
         extra = {name: json.dumps(value, indent=2) for name, value in handle.meta.get("reports", {}).items()}

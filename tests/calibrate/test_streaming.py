@@ -159,6 +159,12 @@ def test_layer_by_layer_measures_the_saved_model(tmp_path, llama3_dir, text_file
     assert result.after.quality["metric"] == "perplexity" and result.after.quality["value"] > 1
     assert any("layer by layer" in n for n in result.notes)
     assert (tmp_path / "o" / "after.json").is_file()
+    # the original's perplexity, one block at a time, is the whole model's on the same windows
+    before = json.loads((tmp_path / "o" / "before_quality.json").read_text())
+    whole = compress(llama3_dir, RTN, data=text_file, out=tmp_path / "w", lazy=False, repeats=1)
+    assert before["n_tokens"] == whole.before.quality["n_tokens"]
+    assert before["value"] == pytest.approx(whole.before.quality["value"], rel=1e-5)
+    assert any("the original's perplexity, computed layer by layer" in n for n in result.notes)
 
 
 def test_the_size_decides_and_refusals_are_one_line(tmp_path, llama3_dir, text_file):

@@ -112,3 +112,17 @@ def _logits(out) -> torch.Tensor:
     from ..models import output_tensor
 
     return output_tensor(out)
+
+
+def evaluate_layer_by_layer(handle: ModelHandle, data, split: str = "eval") -> dict | None:
+    """:func:`~leanml.measure.quality.evaluate` for a lazily opened model: its perplexity on ``split`` of
+    ``data`` one block at a time, on the windows the whole-model evaluation uses; None where the task's
+    metric is not perplexity (an encoder, data without text)."""
+    from .quality import EVAL_WINDOW, _check_perplexity_tokens, metric_for
+
+    if metric_for(handle, data) != "perplexity":
+        return None
+    _check_perplexity_tokens(handle, data, split)
+    windows = data.windows(handle.tokenizer, split, EVAL_WINDOW)
+    result = perplexity_layer_by_layer(handle, windows, label=f"perplexity ({split}), layer by layer")
+    return {**result, "bos": data.bos(handle.tokenizer) is not None, "split": split}
