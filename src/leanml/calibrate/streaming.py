@@ -111,16 +111,23 @@ def _rest_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
     return _dedup_state(model, skip_meta=True)
 
 
-def compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, max_memory: float | None = None) -> dict:
+def compress_layer_by_layer(
+    handle: ModelHandle, recipe, data, folder: Path | None, max_memory: float | None = None, scratch: Path | None = None
+) -> dict:
     """Run ``recipe`` (see :func:`streamable`) on the lazily opened ``handle`` block by block, writing the
     weights into ``folder`` (the artifact's temporary folder; None writes nothing). ``max_memory`` (bytes)
-    caps the peak resident memory, checked after every block (:class:`leanml.memory.MemoryCap`). Returns
-    the run's facts: ``weights`` (the files written), ``aliases``, ``blocks``, ``peak_rss_bytes``."""
+    caps the peak resident memory, checked after every block (:class:`leanml.memory.MemoryCap`).
+    Calibration inputs too large for memory go under ``scratch`` (default: beside ``folder``, else the
+    system's temporary folder). Returns the run's facts: ``weights`` (the files written), ``aliases``,
+    ``blocks``, ``peak_rss_bytes``."""
+    import tempfile
+
+    place = Path(scratch) if scratch is not None else (folder.parent if folder is not None else Path(tempfile.gettempdir()))
     with MemoryCap(max_memory) as cap:
-        return _compress_layer_by_layer(handle, recipe, data, folder, cap)
+        return _compress_layer_by_layer(handle, recipe, data, folder, cap, place)
 
 
-def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, cap: MemoryCap) -> dict:
+def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | None, cap: MemoryCap, scratch: Path) -> dict:
     from ..calibrate.sequential import find_block_stack
     from ..prune.config import Prune, StructuredPrune
     from ..quantize.api import LINEAR, _check_groups, quantize_head, replace_linear, rtn_weight, weight_spec
@@ -137,6 +144,12 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
     model = handle.module
     kinds = (torch.nn.Linear, torch.nn.Conv2d) if isinstance(cfg, Int8Static) else LINEAR
     names = select_layers(model, kinds, cfg.targets, cfg.ignore, handle.task)
+    convs = [n for n in names if isinstance(get_module(model, n), torch.nn.Conv2d)]
+    if convs:
+        raise LeanmlError(
+            f"layer {convs[0]!r} is a Conv2d; layer by layer, {cfg.kind} quantizes linear layers only: add it to "
+            "'ignore' or load the model whole"
+        )
     if isinstance(cfg, StructuredPrune):
         from ..prune.structured import check_unit_layout
 
@@ -176,11 +189,11 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
 
     facts: dict = {}
     if isinstance(cfg, Prune):
-        _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
+        _prune_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, scratch, facts)
     elif isinstance(cfg, INT8_STEPS):
-        _int8_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, folder, facts)
+        _int8_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, scratch, facts)
     elif isinstance(cfg, StructuredPrune):
-        _structured_blocks(handle, cfg, data, weights, stack, finish, status, cap, folder, facts)
+        _structured_blocks(handle, cfg, data, weights, stack, finish, status, cap, scratch, facts)
     elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
         for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
             prefix = f"{stack_name}.{i}"
@@ -198,7 +211,7 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
         from ..quantize.weight_only import quantize_weights
 
         batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
-        offload = _offload_place(model, batches, False, cap, folder, facts)
+        offload = _offload_place(model, batches, False, cap, scratch, facts)
 
         def after(_i: int, prefix: str, block: nn.Module, records: dict) -> None:
             for name, qw in records.items():
@@ -229,11 +242,10 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
 OFFLOAD_FRACTION = 0.25  # cached block inputs above this share of the memory budget go to disk
 
 
-def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, folder: Path | None, facts: dict) -> Path | None:
+def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, scratch: Path, facts: dict) -> Path | None:
     """Where the calibration's cached block inputs go: None (memory) when they take at most
     :data:`OFFLOAD_FRACTION` of the budget (``--max-memory``, else the memory available now), else the
     folder beside the output (a temporary folder of leanml's own, removed when the run ends)."""
-    import tempfile
 
     import psutil
 
@@ -251,9 +263,8 @@ def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, folde
     facts["activations_bytes"] = need
     if need == 0 or need <= OFFLOAD_FRACTION * budget:
         return None
-    place = folder.parent if folder is not None else Path(tempfile.gettempdir())
-    facts["activations_on_disk"] = str(place)
-    return place
+    facts["activations_on_disk"] = str(scratch)
+    return scratch
 
 
 def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack_name: str):
@@ -275,7 +286,7 @@ def _calibration_start(handle: ModelHandle, cfg, data, weights: LazyWeights | GG
 
 
 def _prune_blocks(
-    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, folder, facts
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, scratch, facts
 ) -> None:
     """The prune step of :func:`compress_layer_by_layer`: each block's masks chosen and installed
     (``SparseLinear``) while the block is in memory, as :func:`leanml.prune.api.apply_prune` does for
@@ -317,14 +328,14 @@ def _prune_blocks(
             finish(prefix, block)
 
         dense = cfg.method == "sparsegpt" and cfg.dense_targets
-        with activations_on_disk(_offload_place(model, batches, dense, cap, folder, facts)):
+        with activations_on_disk(_offload_place(model, batches, dense, cap, scratch, facts)):
             prune_sequential(model, sorted(mine), batches, cfg, None, before_block=before, after_block=after, status=status)
         materialize(model, "", weights, skip=stack_name)
     report_counts(handle, dict(sorted(counts.items())), prune_facts(cfg))
 
 
 def _int8_blocks(
-    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, folder, facts
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, scratch, facts
 ) -> None:
     """The int8 step of :func:`compress_layer_by_layer` (int8-dynamic, int8-static, SmoothQuant), block by
     block, giving the layers :mod:`leanml.quantize.api` gives the whole model: its calibration observes
@@ -369,7 +380,7 @@ def _int8_blocks(
     smooth = isinstance(cfg, SmoothQuant)
     static = not smooth or cfg.activations == "static"
     batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
-    offload = _offload_place(model, batches, False, cap, folder, facts)
+    offload = _offload_place(model, batches, False, cap, scratch, facts)
     percentile = getattr(cfg, "percentile", 99.99)
     held: dict = {}  # the block in hand: its names, hooks, observers, input shapes and smoothing
 
@@ -433,19 +444,26 @@ def _int8_blocks(
         finish(prefix, block)
 
     label = f"{cfg.kind}, layer by layer"
-    with activations_on_disk(offload):
-        run_sequential(model, batches, sorted(mine), process, label=label, before_block=before, after_block=after, status=status)
+    try:
+        with activations_on_disk(offload):
+            run_sequential(
+                model, batches, sorted(mine), process, label=label, before_block=before, after_block=after, status=status
+            )
+    finally:  # a run stopped part way leaves no observer on the model
+        for h in held.pop("hooks", []):
+            h.remove()
     materialize(model, "", weights, skip=stack_name)
 
 
 def _structured_blocks(
-    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, finish, status, cap, folder, facts
+    handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, finish, status, cap, scratch, facts
 ) -> None:
     """The prune-structured step of :func:`compress_layer_by_layer` (FFN neurons or attention heads): each
     block's units are scored and removed while the block is in memory, with the scores
     :mod:`leanml.prune.structured` gives the whole model (l1/l2 of the block's weights; ``activation``
     from the unpruned model's inputs, so each block advances the calibration inputs before it is cut);
     the config's widths are set once every block is done; the ``prune.json`` report as in memory."""
+    from ..distributed import all_reduce_sum
     from ..models.arch import set_widths
     from ..prune.structured import (
         _check_blocks,
@@ -501,7 +519,7 @@ def _structured_blocks(
             finish(prefix, blocks[i])
     else:  # activation: mean |x| of what the units feed into (down_proj / o_proj), in the unpruned model
         batches, before = _calibration_start(handle, cfg, data, weights, stack_name)
-        offload = _offload_place(model, batches, False, cap, folder, facts)
+        offload = _offload_place(model, batches, False, cap, scratch, facts)
         readers = [
             by_prefix[f"{stack_name}.{i}"].ffn_cols if neurons else by_prefix[f"{stack_name}.{i}"].o for i in range(len(blocks))
         ]
@@ -519,20 +537,28 @@ def _structured_blocks(
 
         def after(_i: int, prefix: str, block: nn.Module) -> None:
             held.pop("hook").remove()
-            cut(prefix, unit_activation([held.pop("acc").value()], n_units))
+            acc = held.pop("acc")
+            if acc.total is not None:  # under torchrun every rank saw its share of the windows: sum them
+                acc.total = all_reduce_sum(acc.total)
+                acc.rows = int(all_reduce_sum(torch.tensor([acc.rows], dtype=torch.float64)).item())
+            cut(prefix, unit_activation([acc.value()], n_units))
             finish(prefix, block)
 
-        with activations_on_disk(offload):
-            run_sequential(
-                model,
-                batches,
-                readers,
-                process,
-                label=f"prune {cfg.unit} (activation), layer by layer",
-                before_block=before,
-                after_block=after,
-                status=status,
-            )
+        try:
+            with activations_on_disk(offload):
+                run_sequential(
+                    model,
+                    batches,
+                    readers,
+                    process,
+                    label=f"prune {cfg.unit} (activation), layer by layer",
+                    before_block=before,
+                    after_block=after,
+                    status=status,
+                )
+        finally:  # a run stopped part way leaves no hook on the model
+            if "hook" in held:
+                held.pop("hook").remove()
     materialize(model, "", weights, skip=stack_name)
     if k:
         q, kv = kept_counts[0]

@@ -42,11 +42,11 @@ class _Relay(nn.Module):
 
 @torch.no_grad()
 def perplexity_layer_by_layer(
-    handle: ModelHandle, windows: list[torch.Tensor], label: str = "perplexity, layer by layer"
+    handle: ModelHandle, windows: list[torch.Tensor], label: str = "perplexity, layer by layer", check=None
 ) -> dict:
     """:func:`~leanml.measure.quality.perplexity` of the lazily opened causal LM ``handle`` over
     ``windows`` (1-D token id tensors), one block in memory at a time; adds ``peak_status`` (the memory
-    after the last block)."""
+    after the last block). ``check(where)`` runs after every block (a :class:`leanml.memory.MemoryCap`'s)."""
     from ..quantize.api import _output_heads
 
     weights = handle.meta.get(LAZY_KEY)
@@ -68,7 +68,14 @@ def perplexity_layer_by_layer(
         inputs = capture_stack_inputs(model, stack_name, blocks, list(windows))
         calls, inputs.calls = inputs.calls, []
         shared: dict = {"tuple": False, "final": None}
-        for i in progress(range(len(blocks)), label, status=memory_status):
+        done = [0]
+
+        def status() -> str:
+            if check is not None:
+                check(f"block {done[0]} of {len(blocks)} of the perplexity pass")
+            return memory_status()
+
+        for i in progress(range(len(blocks)), label, status=status):
             prefix = f"{stack_name}.{i}"
             materialize(model, prefix, weights)
             for k, call in enumerate(calls):
@@ -76,6 +83,8 @@ def perplexity_layer_by_layer(
                 shared["tuple"] = isinstance(out, (tuple, list))
                 calls[k] = inputs.call(i + 1, k, _first_tensor(out)) if i + 1 < len(blocks) else ((_first_tensor(out),), {})
             release(blocks[i])
+            done[0] += 1
+            status()
         materialize(model, "", weights, skip=stack_name)
         finals = [_hidden_of(c) for c in calls]
         del calls
@@ -114,7 +123,7 @@ def _logits(out) -> torch.Tensor:
     return output_tensor(out)
 
 
-def evaluate_layer_by_layer(handle: ModelHandle, data, split: str = "eval") -> dict | None:
+def evaluate_layer_by_layer(handle: ModelHandle, data, split: str = "eval", check=None) -> dict | None:
     """:func:`~leanml.measure.quality.evaluate` for a lazily opened model: its perplexity on ``split`` of
     ``data`` one block at a time, on the windows the whole-model evaluation uses; None where the task's
     metric is not perplexity (an encoder, data without text)."""
@@ -124,5 +133,5 @@ def evaluate_layer_by_layer(handle: ModelHandle, data, split: str = "eval") -> d
         return None
     _check_perplexity_tokens(handle, data, split)
     windows = data.windows(handle.tokenizer, split, EVAL_WINDOW)
-    result = perplexity_layer_by_layer(handle, windows, label=f"perplexity ({split}), layer by layer")
+    result = perplexity_layer_by_layer(handle, windows, label=f"perplexity ({split}), layer by layer", check=check)
     return {**result, "bos": data.bos(handle.tokenizer) is not None, "split": split}
