@@ -241,8 +241,9 @@ JOB = textwrap.dedent("""
 
 
 @pytest.mark.process
-def test_two_process_calibration_gives_the_single_process_weights(tmp_path, processes, llama3_dir, text_file):
-    recipe = {"name": "g", "steps": [{**GPTQ["steps"][0], "calib_windows": 6}]}  # 3 windows per rank
+@pytest.mark.parametrize("step", [GPTQ["steps"][0], FFN_ACT["steps"][0]], ids=["gptq", "ffn-neurons-activation"])
+def test_two_process_calibration_gives_the_single_process_weights(tmp_path, processes, llama3_dir, text_file, step):
+    recipe = {"name": "g", "steps": [{**step, "calib_windows": 6}]}  # 3 windows per rank
     script = tmp_path / "job.py"
     script.write_text(JOB.format(root=str(ROOT), recipe=json.dumps(recipe)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LEANML_QUIET": "1"}
