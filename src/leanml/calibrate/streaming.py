@@ -473,6 +473,7 @@ def _structured_blocks(
         ffn_choice,
         head_choice,
         heads_report,
+        structured_report,
     )
     from ..prune.surgery import count_params
     from ..prune.transformer import detect_layout, ffn_slices, head_slices, prune_block_ffn, prune_block_heads
@@ -568,15 +569,4 @@ def _structured_blocks(
         if neurons
         else heads_report(layout, layers, kept_counts[0][0], kept_counts[0][1], kv_groups, k)
     )
-    after_params = count_params(model)
-    handle.meta.setdefault("reports", {})["prune.json"] = {
-        "method": "structured",
-        "unit": cfg.unit,
-        "criterion": cfg.criterion,
-        "ratio": cfg.ratio,
-        "params_before": before_params,
-        "params_after": after_params,
-        "params_removed": before_params - after_params,
-        "params_fraction_removed": (before_params - after_params) / max(1, before_params),
-        **details,
-    }
+    handle.meta.setdefault("reports", {})["prune.json"] = structured_report(cfg, before_params, count_params(model), details)

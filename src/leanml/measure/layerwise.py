@@ -13,10 +13,7 @@ embeddings, the head and the windows' hidden states.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..calibrate.sequential import _first_tensor, _hidden_of, capture_stack_inputs, copy_block_attributes, find_block_stack
@@ -24,6 +21,7 @@ from ..errors import LeanmlError
 from ..models.handle import ModelHandle
 from ..models.lazy import LAZY_KEY, materialize, release
 from ..progress import memory_status, progress
+from .quality import perplexity_result, window_nll
 
 
 class _Relay(nn.Module):
@@ -97,24 +95,14 @@ def perplexity_layer_by_layer(
             for window, final in zip(windows, finals, strict=True):
                 shared["final"] = final
                 out = handle.call({"input_ids": window[None]})
-                logits = _logits(out)[0].float()
-                nlls.append(float(F.cross_entropy(logits[:-1], window[1:], reduction="sum")))
-                counts.append(len(window) - 1)
+                nll, n = window_nll(_logits(out)[0].float(), window)
+                nlls.append(nll)
+                counts.append(n)
         finally:
             setattr(parent, child, blocks)
     finally:
         model.train(was_training)
-    total, count = sum(nlls), sum(counts)
-    return {
-        "metric": "perplexity",
-        "value": math.exp(total / count),
-        "higher_is_better": False,
-        "n_items": len(windows),
-        "n_tokens": count,
-        "mean_nll": total / count,
-        "method": "layer by layer",
-        "peak_status": memory_status(),
-    }
+    return {**perplexity_result(nlls, counts), "method": "layer by layer", "peak_status": memory_status()}
 
 
 def _logits(out) -> torch.Tensor:

@@ -79,8 +79,15 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         details = prune_attention_heads(handle, layout, cfg, data)
     else:
         details = prune_layers(handle, layout, cfg, data)
-    after = count_params(model)
-    handle.meta.setdefault("reports", {})["prune.json"] = {
+    handle.meta.setdefault("reports", {})["prune.json"] = structured_report(cfg, before, count_params(model), details)
+    _mark(handle, cfg)
+    return handle
+
+
+def structured_report(cfg: StructuredPrune, before: int, after: int, details: dict) -> dict:
+    """The ``prune.json`` report of a structured removal: what was asked, the parameters before and
+    after, and the unit's details (``layers`` and widths)."""
+    return {
         "method": "structured",
         "unit": cfg.unit,
         "criterion": cfg.criterion,
@@ -91,8 +98,6 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         "params_fraction_removed": (before - after) / max(1, before),
         **details,
     }
-    _mark(handle, cfg)
-    return handle
 
 
 # ----------------------------------------------------------------------------------------------------
