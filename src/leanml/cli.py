@@ -219,7 +219,7 @@ def compress(
             if a.quality and a.quality.get("metric"):
                 console.print(f", {a.quality['metric']} {a.quality['value']:.4f}", end="")
             console.print(f", {a.throughput_per_s:.1f} {a.item}s/s")
-        what = "not measured (--no-measure)" if not measure else "the original was not measured"
+        what = "not measured (--no-measure)" if not measure else "the original's speed was not measured (it was never in memory)"
         console.print(f"wrote {out} (weights, leanml.json, recipe.yaml); {what}")
         return
     table = Table(title=f"{b.model}: recipe {result.recipe.name}")

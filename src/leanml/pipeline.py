@@ -317,14 +317,14 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
     calib_data = load_data(calib) if calib is not None else data
     _validate_first(handle, recipe, data, calib_data, profile_kwargs)
     notes = [
-        f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole "
-        "and was not measured"
+        f"compressed layer by layer: the model takes {fp32 / 1e9:.1f} GB in fp32; the original was not loaded whole, "
+        "so its speed and memory were not measured"
     ]
     from .search.budget import parse_memory
 
     cap = parse_memory(max_memory)
-    if world()[0] != 0:
-        compress_layer_by_layer(handle, recipe, calib_data, None, cap)
+    if world()[0] != 0:  # calibration inputs too large for memory go beside the output on every rank
+        compress_layer_by_layer(handle, recipe, calib_data, None, cap, scratch=Path(out).expanduser().resolve().parent)
         return CompressResult(handle, recipe, None, None, None, [*notes, "rank of a torchrun job: rank 0 writes the output"])
     check_free_space(Path(out).parent, fp32 // 4, f"the compressed model at {str(out)!r}")
     with FolderOutput(out, "compress", force) as w:
@@ -337,6 +337,20 @@ def _compress_layer_by_layer(plan, recipe, data, calib, out, force, measure, pro
             f"{facts['blocks']} blocks, one at a time, in {len(facts['weights'])} weight files; peak resident memory "
             f"{facts['peak_rss_bytes'] / 2**30:.2f} GiB"
         )
+        if measure and data is not None:  # the original's quality, one block at a time (torchrun ranks are done)
+            from .measure.layerwise import evaluate_layer_by_layer
+            from .memory import MemoryCap
+            from .models.lazy import release
+
+            release(handle.module)  # its blocks are gone already; the embeddings and head are read again
+            with MemoryCap(cap) as quality_cap:
+                before_quality = evaluate_layer_by_layer(open_lazy(folder), data, check=quality_cap.check)
+            if before_quality is not None:
+                (w.tmp / "before_quality.json").write_text(json.dumps(before_quality, indent=2) + "\n")
+                notes.append(
+                    f"the original's perplexity, computed layer by layer: {before_quality['value']:.4g} over "
+                    f"{before_quality['n_tokens']} tokens of {data.name!r}"
+                )
         after = None
         if measure:
             saved = load_artifact(w.tmp)

@@ -268,3 +268,51 @@ def test_activations_on_disk_give_the_same_statistics(tmp_path, dense: bool) -> 
     for n in ref:
         assert torch.equal(got[n], ref[n]), n
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "qwen3"])
+def test_every_block_is_calibrated_on_the_inputs_of_a_real_forward(family):
+    """Gemma 2/3 give sliding and global layers different masks and rotary tables: each block gets what
+    the model's own forward gives it (reference: pre-hooks on every block in a plain forward)."""
+    import transformers as tf
+
+    from leanml.calibrate.sequential import find_block_stack, run_sequential
+    from tests.families import config_for
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config_for(family)).eval()
+    _, blocks = find_block_stack(model)
+    windows = [torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    seen: dict[int, list] = {i: [] for i in range(len(blocks))}
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, a, kw, i=i: seen[i].append((a, kw)), with_kwargs=True)
+        for i, b in enumerate(blocks)
+    ]
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    got: dict[int, list] = {}
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    run_sequential(model, windows, targets, lambda ctx: got.__setitem__(ctx.index, list(ctx.calls)))
+    assert sorted(got) == list(range(len(blocks)))
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, (tuple, list)):
+            return [t for v in x for t in tensors(v)]
+        return []
+
+    for i in range(len(blocks)):
+        for k in range(len(windows)):
+            (ra, rkw), (ga, gkw) = seen[i][k], got[i][k]
+            ref_hidden = ra[0] if ra else rkw["hidden_states"]
+            hidden = ga[0] if ga else gkw["hidden_states"]
+            torch.testing.assert_close(hidden, ref_hidden, rtol=1e-6, atol=1e-6)
+            for key in ("position_embeddings", "attention_mask"):
+                if key in rkw:
+                    ref_t, got_t = tensors(rkw[key]), tensors(gkw.get(key))
+                    assert len(ref_t) == len(got_t), (i, key)
+                    assert all(torch.equal(a, b) for a, b in zip(ref_t, got_t, strict=True)), (i, key)

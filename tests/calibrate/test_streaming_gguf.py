@@ -7,6 +7,7 @@ layer by layer (the same tensors, exactly)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,35 @@ def test_gguf_size_decides_and_refusals(tmp_path, tokenizer, monkeypatch):  # no
         layer_by_layer_plan(bad, RTN, lazy=True)
     with pytest.raises(LeanmlError, match="is not one"):
         open_lazy(path, task="sentence-embedding")
+
+
+def _mapped_rss_kb(path) -> int | None:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps), None off Linux."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_reading_a_gguf_tensor_by_tensor_keeps_no_file_pages_resident(tmp_path, tokenizer):  # noqa: F811
+    """The reader maps the whole file; each read unmaps what it touched, so a file larger than memory
+    does not pile up in the process's resident memory (--max-memory would count it)."""
+    from leanml.export.gguf import gguf_plan
+
+    path = _gguf(tmp_path, tokenizer, "llama", {"bits": 8, "group_size": 32})
+    plan = gguf_plan(path)
+    if _mapped_rss_kb(path.resolve()) is None:
+        pytest.skip("no /proc/self/smaps")
+    for slot in plan.slots:
+        assert plan.values(slot).numel() > 0
+    assert _mapped_rss_kb(path.resolve()) == 0
+    plan.by_name[plan.slots[0].name].data.sum()  # touching the map again makes pages resident: the probe sees them
+    assert _mapped_rss_kb(path.resolve()) > 0

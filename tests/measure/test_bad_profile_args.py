@@ -397,3 +397,15 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys, mlp, extra, message):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("leanml: error: ") and err.count("\n") == 1
     assert message in err and "Traceback" not in err
+
+
+def test_a_model_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    tiny_llama_module().save_pretrained(tmp_path / "m")
+    Mem = collections.namedtuple("Mem", "available total")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem(1000, 2000))
+    with pytest.raises(LeanmlError, match="takes 0.0 GB in fp32, more than the 0.0 GB of memory available.*--lazy"):
+        profile(str(tmp_path / "m"))

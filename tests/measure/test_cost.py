@@ -125,3 +125,18 @@ def test_a_quantized_tied_head_counts_once(tiny_llama):
     q = quantize(copy.deepcopy(tiny_llama), cfg)
     assert type(q.module.lm_head).__name__ == "QuantLinear"
     assert count_params(q.module) == before
+
+
+def test_memory_bandwidth_counts_the_bytes_read_once_per_pass(monkeypatch):
+    """Read bandwidth = buffer bytes / best pass time (a fake clock: each pass takes 1 ms, the best 0.5
+    ms), and the pass reads the buffer: a sum over all of it."""
+    import leanml.measure.system as system
+
+    ticks = iter([0.0, 0.001, 1.0, 1.0005, 2.0, 2.001])
+    monkeypatch.setattr(system.time, "perf_counter", lambda: next(ticks))
+    sums = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sums.append(self.numel()) or real_sum(self, *a, **k))
+    gbs = system.memory_bandwidth_gbs(megabytes=4, repeats=3)
+    assert gbs == pytest.approx(4 * 1024 * 1024 / 0.0005 / 1e9)
+    assert sums == [1024 * 1024] * 4  # one warm pass, three timed, each over the whole buffer

@@ -134,6 +134,37 @@ def test_smoothquant_folds_into_rms_norms_without_changing_float_outputs(tiny_ll
     assert sqnr_db(ref, output_tensor(tiny_llama.call(ids))) > 25  # observed ≈ 35 dB
 
 
+def test_static_smoothquant_ranges_are_those_of_the_smoothed_inputs(tiny_llama, tiny_text):
+    """Each static range is the min/max of what its int8 layer quantizes: the original model's input
+    to that layer divided by s (s kept as an input scale on o_proj/down_proj, folded into the norm
+    elsewhere), recomputed here on an untouched copy with hooks."""
+    from leanml.calibrate.batches import calibration_batches, run_batches
+    from leanml.quantize.api import make_observer
+
+    original = copy.deepcopy(tiny_llama)
+    batches = calibration_batches(tiny_llama, tiny_text, 2)
+    quantize(tiny_llama, SmoothQuant(alpha=0.5, calib_windows=2, activations="static"), tiny_text)
+    model, ref = tiny_llama.module, original.module
+    checked_self = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Int8ActLinear):
+            continue
+        block = name.rsplit(".", 2)[0]
+        if layer.smooth_inv is not None:
+            inv, checked_self = layer.smooth_inv, checked_self + 1
+        else:
+            norm = "input_layernorm" if ".self_attn." in name else "post_attention_layernorm"
+            inv = model.get_submodule(f"{block}.{norm}").weight / ref.get_submodule(f"{block}.{norm}").weight
+        observer = make_observer("minmax")
+        hook = ref.get_submodule(name).register_forward_pre_hook(lambda _m, a, o=observer, i=inv: o.observe(a[0] * i))
+        run_batches(original, batches)
+        hook.remove()
+        expected = observer.qparams(8, False)
+        assert float(layer.act_scale) == pytest.approx(float(expected.scale), rel=1e-5), name
+        assert float(layer.act_zero_point) == float(expected.zero_point), name
+    assert checked_self == 4  # o_proj and down_proj of both blocks
+
+
 def test_compress_writes_everything_and_reloads_exactly(tmp_path, cnn_and_data):
     net, data = cnn_and_data
     out = tmp_path / "out"

@@ -174,9 +174,25 @@ class DiskCalls:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(dir=folder, prefix=f".leanml-{tag}-"))
         self._rest: list[Call] = []
-        for call in calls:
-            self._rest.append(_replace_hidden(call, None))  # type: ignore[arg-type]
-            self[len(self._rest) - 1] = call
+        try:
+            for call in calls:
+                self.append(call)
+        except BaseException:
+            self.close()
+            raise
+
+    def append(self, call: Call) -> None:
+        self._rest.append(_replace_hidden(call, None))  # type: ignore[arg-type]
+        self[len(self._rest) - 1] = call
+
+    def clear(self) -> None:
+        for k in range(len(self._rest)):
+            self._path(k).unlink(missing_ok=True)
+        self._rest.clear()
+
+    def rest(self) -> list[Call]:
+        """Every window's call without its hidden states (nothing read from disk)."""
+        return list(self._rest)
 
     def _path(self, k: int) -> Path:
         return self.folder / f"{k:06d}.pt"
@@ -194,8 +210,16 @@ class DiskCalls:
     def __setitem__(self, k: int, call: Call) -> None:
         hidden = _hidden_of(call).detach().contiguous()
         tmp = self._path(k).with_suffix(".tmp")
-        torch.save(hidden, tmp)
-        tmp.replace(self._path(k))
+        try:
+            torch.save(hidden, tmp)
+            tmp.replace(self._path(k))
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LeanmlError(
+                f"cannot write the calibration inputs to '{self.folder}' ({first}); free disk space there or use fewer "
+                "calibration windows"
+            ) from None
         self._rest[k] = _replace_hidden(call, None)  # type: ignore[arg-type]
 
     def __iter__(self):
@@ -367,9 +391,10 @@ def _probe_stages(module: nn.Module, call: Call, linears: dict[str, nn.Linear]) 
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Sequence[Any]) -> list[Call]:
-    """The ``(args, kwargs)`` the first block receives for each window (the forward stops there)."""
-    calls: list[Call] = []
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Sequence[Any], store=None) -> list[Call]:
+    """The ``(args, kwargs)`` the first block receives for each window (the forward stops there),
+    appended to ``store`` (a list, or :class:`DiskCalls` to keep them on disk as they come) and returned."""
+    calls = store if store is not None else []
 
     def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append((tuple(args), _clean_kwargs(kwargs)))
@@ -387,6 +412,147 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Sequence[A
     finally:
         handle.remove()
     return calls
+
+
+def copy_block_attributes(stand_in: nn.Module, block: nn.Module) -> None:
+    """Give ``stand_in`` the plain attributes of ``block`` that a model's loop over its blocks may read
+    (``attention_type``, ``layer_idx``, ...)."""
+    for key, value in vars(block).items():
+        if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool, type(None))):
+            setattr(stand_in, key, value)
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` while the stack's inputs are captured: records what the block
+    receives and hands its hidden states on (as a tensor or a 1-tuple); the last one ends the forward."""
+
+    def __init__(self, index: int, block: nn.Module, sink: dict, last: bool) -> None:
+        super().__init__()
+        copy_block_attributes(self, block)
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, *args, **kwargs):
+        self.sink[self.index] = (tuple(args), _clean_kwargs(kwargs))
+        if self.last:
+            raise _Stop
+        hidden = _hidden_of((args, kwargs))
+        return (hidden,) if self.sink["tuple"] else hidden
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same arguments: equal tensors (the same object, or equal values), equal other values, recursively."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if a is b:
+            return True
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and a.device.type != "meta"
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain comparison
+        return a is b
+
+
+@dataclass
+class StackInputs:
+    """What every block of a stack receives for each window. ``calls`` are block 0's calls (hidden states
+    included; the runner takes them over); :meth:`call` gives block ``i``'s call for window ``k`` with
+    the given hidden states: its own masks and position tables where the family gives blocks different
+    ones (Gemma 2/3's sliding and global layers), else block 0's."""
+
+    calls: list[Call]
+    later: dict[int, list[Call | None]] = field(default_factory=dict)  # block -> per window, None = as block 0
+    rest: list[Call] = field(default_factory=list, repr=False)  # block 0's calls without their hidden states
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calls, DiskCalls):
+            self.rest = self.calls.rest()
+        else:
+            self.rest = [_replace_hidden(c, None) for c in self.calls]  # type: ignore[arg-type]
+
+    def call(self, i: int, k: int, hidden: torch.Tensor) -> Call:
+        own = self.later[i][k] if i in self.later else None
+        return _replace_hidden(own if own is not None else self.rest[k], hidden)
+
+
+_LAYER_KINDS = ("attention_type", "layer_type", "is_sliding", "sliding_window", "use_sliding_window")
+
+
+def _kinds_differ(blocks: nn.ModuleList) -> str | None:
+    """An attribute naming the kind of layer (sliding or global attention, ...) that differs between blocks."""
+    for key in _LAYER_KINDS:
+        values = {repr(getattr(b, key, None)) for b in blocks}
+        values |= {repr(getattr(getattr(b, "self_attn", None), key, None)) for b in blocks}
+        if len(values) > 1:
+            return key
+    return None
+
+
+def capture_stack_inputs(
+    model: nn.Module, stack_name: str, blocks: nn.ModuleList, windows: Sequence[Any], store=None
+) -> StackInputs:
+    """The inputs of every block of the stack ``stack_name`` for each window, in one forward per window
+    that does not run the blocks (each is replaced by a recorder for the pass, so blocks may be on
+    ``meta``). Block 0's calls go to ``store`` as they come (a list by default; :class:`DiskCalls` keeps
+    them on disk). Where that forward cannot run with stand-ins, every block gets block 0's arguments,
+    unless the blocks are of different kinds (sliding and global attention): then a one-line error."""
+    parent_name, _, child = stack_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    first = store if store is not None else []
+    if len(blocks) < 2 or getattr(parent, child, None) is not blocks:
+        return StackInputs(capture_block_inputs(model, blocks[0], windows, first))
+    later: dict[int, list[Call | None]] = {i: [] for i in range(1, len(blocks))}
+    failure: Exception | None = None
+    for as_tuple in (False, True):
+        sink: dict = {"tuple": as_tuple}
+        recorders = nn.ModuleList([_Recorder(i, blocks[i], sink, i == len(blocks) - 1) for i in range(len(blocks))])
+        first.clear()
+        for lst in later.values():
+            lst.clear()
+        setattr(parent, child, recorders)
+        try:
+            for w in windows:
+                sink.update({i: None for i in range(len(blocks))})
+                args, kwargs = window_call(model, w)
+                with contextlib.suppress(_Stop):
+                    model(*args, **kwargs)
+                missing = [i for i in range(len(blocks)) if sink[i] is None]
+                if missing:
+                    raise RuntimeError(f"the forward did not reach block {missing[0]}")
+                first.append(sink[0])
+                base = _replace_hidden(sink[0], None)  # type: ignore[arg-type]
+                for i in range(1, len(blocks)):
+                    mine = _replace_hidden(sink[i], None)  # type: ignore[arg-type]
+                    later[i].append(None if _same(mine, base) else mine)
+            failure = None
+            break
+        except (MemoryError, LeanmlError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this forward cannot run with stand-ins: try the other output form
+            failure = exc
+        finally:
+            setattr(parent, child, blocks)
+    if failure is not None:
+        first.clear()
+        key = _kinds_differ(blocks)
+        if key is not None:
+            why = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+            raise LeanmlError(
+                f"the blocks of {stack_name!r} differ in {key!r} and need their own inputs, but the model's forward "
+                f"cannot run with stand-ins for them ({why}); load a supported family"
+            ) from None
+        return StackInputs(capture_block_inputs(model, blocks[0], windows, first))
+    return StackInputs(first, {i: v for i, v in later.items() if any(c is not None for c in v)})
 
 
 def _resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
@@ -449,11 +615,12 @@ def run_sequential(
         remaining = dict(linears)
         if stack is not None:
             stack_name, blocks = stack
-            calls = capture_block_inputs(model, blocks[0], windows)
             offload = _OFFLOAD.get()
-            if offload is not None:
-                calls = DiskCalls(calls, offload)
-                disk.append(calls)
+            store: list | DiskCalls = [] if offload is None else DiskCalls([], offload)
+            if isinstance(store, DiskCalls):
+                disk.append(store)
+            inputs = capture_stack_inputs(model, stack_name, blocks, windows, store)  # on disk as they come
+            calls, inputs.calls = inputs.calls, []
             dense_calls = None
             if dense_inputs:
                 dense_calls = calls.copy("dense") if isinstance(calls, DiskCalls) else list(calls)
@@ -486,12 +653,12 @@ def run_sequential(
                     process_block(ctx)
                 else:
                     dense_block = block
-                if i + 1 < len(blocks):
+                if i + 1 < len(blocks):  # the next block's inputs: its own masks/positions, these outputs
                     if dense_calls is not None:
                         for k, (args, kwargs) in enumerate(dense_calls):
-                            dense_calls[k] = _replace_hidden((args, kwargs), _first_tensor(dense_block(*args, **kwargs)))
+                            dense_calls[k] = inputs.call(i + 1, k, _first_tensor(dense_block(*args, **kwargs)))
                     for k, (args, kwargs) in enumerate(calls):
-                        calls[k] = _replace_hidden((args, kwargs), _first_tensor(block(*args, **kwargs)))
+                        calls[k] = inputs.call(i + 1, k, _first_tensor(block(*args, **kwargs)))
                 del dense_block
                 if after_block is not None:
                     after_block(i, prefix, block)

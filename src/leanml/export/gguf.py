@@ -1079,7 +1079,20 @@ class GGUFPlan:
         gguf = _import_gguf()
         t = self.by_name[slot.name]
         data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        self.drop_pages()
         return data - slot.offset if slot.offset else data
+
+    def drop_pages(self) -> None:
+        """Unmap the file pages read so far (the reader maps the whole file): they would otherwise count
+        as this process's resident memory until the end, and a file larger than ``--max-memory`` would
+        stop a run that holds one block. The pages stay in the system's file cache."""
+        import contextlib
+        import mmap
+
+        mapped = getattr(getattr(self.reader, "data", None), "_mmap", None)
+        if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):  # a platform without it: the pages stay mapped
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def fp32_bytes(self) -> int:
         """What the file's tensors take in memory as fp32."""

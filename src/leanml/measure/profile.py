@@ -160,6 +160,8 @@ def profile(
         check_runtime(runtime)
     profile_hw = get_profile(hardware, price_per_hour)
     # everything the user can get wrong is refused here, before a runtime is prepared or anything is timed
+    if not isinstance(model, ModelHandle):
+        check_fits_whole(model)
     handle = model if isinstance(model, ModelHandle) else load_model(model)
     notes: list[str] = check_device(handle, runtime or handle.runtime, device)
     data = load_data(data) if data is not None else None
@@ -288,3 +290,27 @@ def host_info() -> dict:
         "leanml": __version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def check_fits_whole(model) -> None:
+    """A one-line error when ``model`` (a Hugging Face folder or a GGUF file) takes more memory in fp32
+    than is available: measuring runs it whole, and the system would kill the process part way."""
+    from pathlib import Path
+
+    import psutil
+
+    from ..models.lazy import fp32_bytes_of_folder, fp32_bytes_of_gguf
+
+    path = Path(str(model)).expanduser()
+    fp32 = None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        fp32 = fp32_bytes_of_gguf(path)
+    elif path.is_dir() and (path / "config.json").is_file() and not (path / "leanml.json").exists():
+        fp32 = fp32_bytes_of_folder(path)
+    available = psutil.virtual_memory().available
+    if fp32 is not None and fp32 > available:
+        raise LeanmlError(
+            f"model '{path}' takes {fp32 / 1e9:.1f} GB in fp32, more than the {available / 1e9:.1f} GB of memory "
+            f"available, and profile runs a model whole; compress it layer by layer first (leanml compress '{path}' "
+            "--lazy ..., which also measures the original's perplexity one block at a time) and profile the artifact"
+        )

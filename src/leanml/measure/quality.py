@@ -311,21 +311,31 @@ def perplexity(handle: ModelHandle, windows: list[torch.Tensor], label: str = "p
     """
     nlls, counts = [], []
     for window in progress(windows, label):
-        logits = lm_logits(handle, window)
-        nlls.append(float(F.cross_entropy(logits[:-1], window[1:], reduction="sum")))
-        counts.append(len(window) - 1)
-    total, count = sum(nlls), sum(counts)
-    out = {
-        "metric": "perplexity",
-        "value": math.exp(total / count),
-        "higher_is_better": False,
-        "n_items": len(windows),
-        "n_tokens": count,
-        "mean_nll": total / count,
-    }
+        nll, n = window_nll(lm_logits(handle, window), window)
+        nlls.append(nll)
+        counts.append(n)
+    out = perplexity_result(nlls, counts)
     if samples:  # per window, for bootstrap intervals (leanml.search.noise)
         out["samples"] = {"kind": "perplexity", "nll": nlls, "tokens": counts}
     return out
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token negative log-likelihood of one window (logits ``(T, V)``) and its T-1 predictions."""
+    return float(F.cross_entropy(logits[:-1].float(), window[1:], reduction="sum")), len(window) - 1
+
+
+def perplexity_result(nlls: list[float], counts: list[int]) -> dict:
+    """The perplexity record of per-window summed NLLs and prediction counts."""
+    total, count = sum(nlls), sum(counts)
+    return {
+        "metric": "perplexity",
+        "value": math.exp(total / count),
+        "higher_is_better": False,
+        "n_items": len(nlls),
+        "n_tokens": count,
+        "mean_nll": total / count,
+    }
 
 
 def cosine_spearman(embeddings: torch.Tensor, pairs: list[tuple[int, int]], scores: list[float]) -> float:

@@ -147,9 +147,11 @@ def fp32_bytes_of_gguf(path: str | Path) -> int | None:
     """The fp32 size of a GGUF file's tensors, from its header (None when it is unreadable)."""
     try:
         import gguf
-
+    except ImportError:
+        raise LeanmlError("reading a .gguf file needs the package gguf: pip install gguf") from None
+    try:
         return sum(int(t.n_elements) * 4 for t in gguf.GGUFReader(str(path)).tensors)
-    except Exception:  # noqa: BLE001 - no gguf package, a truncated or foreign file: the whole load says why
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: the whole load says why
         return None
 
 
@@ -166,7 +168,9 @@ def open_lazy_gguf(path: str | Path, name: str | None = None) -> ModelHandle:
     except ImportError:
         raise LeanmlError("loading a .gguf file needs the package gguf: pip install gguf") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise LeanmlError(f"GGUF file '{path}' could not be read as a causal LM: {exc}") from None
+        from .loaders import _first_line
+
+        raise LeanmlError(f"GGUF file '{path}' could not be read as a causal LM: {_first_line(exc)}") from None
     if plan is None:
         raise LeanmlError(
             f"GGUF file '{path}' is not of an architecture leanml reads tensor by tensor (those its GGUF export "
@@ -175,7 +179,9 @@ def open_lazy_gguf(path: str | Path, name: str | None = None) -> ModelHandle:
     try:
         tokenizer = plan.tokenizer()
     except (OSError, ValueError, KeyError) as exc:
-        raise LeanmlError(f"the tokenizer of GGUF file '{path}' cannot be read: {exc}") from None
+        from .loaders import _first_line
+
+        raise LeanmlError(f"the tokenizer of GGUF file '{path}' cannot be read: {_first_line(exc)}") from None
     handle = ModelHandle(
         module=plan.model,
         task="causal-lm",
@@ -291,7 +297,8 @@ def materialize(
             if key not in weights:
                 tied = _tied_source(model, module, pname)
                 if tied is None:
-                    raise LeanmlError(f"'{weights.folder}' holds no tensor {key!r} (the weight files do not match config.json)")
+                    what = "its metadata" if str(weights.folder).lower().endswith(".gguf") else "config.json"
+                    raise LeanmlError(f"'{weights.folder}' holds no tensor {key!r} (the weights do not match {what})")
                 module._parameters[pname] = tied
                 continue
             t = weights.get(key)

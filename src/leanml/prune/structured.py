@@ -79,8 +79,15 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         details = prune_attention_heads(handle, layout, cfg, data)
     else:
         details = prune_layers(handle, layout, cfg, data)
-    after = count_params(model)
-    handle.meta.setdefault("reports", {})["prune.json"] = {
+    handle.meta.setdefault("reports", {})["prune.json"] = structured_report(cfg, before, count_params(model), details)
+    _mark(handle, cfg)
+    return handle
+
+
+def structured_report(cfg: StructuredPrune, before: int, after: int, details: dict) -> dict:
+    """The ``prune.json`` report of a structured removal: what was asked, the parameters before and
+    after, and the unit's details (``layers`` and widths)."""
+    return {
         "method": "structured",
         "unit": cfg.unit,
         "criterion": cfg.criterion,
@@ -91,8 +98,6 @@ def apply_structured_prune(handle: ModelHandle, cfg: StructuredPrune, data=None)
         "params_fraction_removed": (before - after) / max(1, before),
         **details,
     }
-    _mark(handle, cfg)
-    return handle
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,9 +454,7 @@ def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
         )
     keep, layers = {}, {}
     for b in layout.blocks:
-        removed, kept = lowest_units(scores[b.name], k)
-        keep[b.index] = kept
-        layers[b.name] = {"removed": len(removed), "kept": len(kept), "removed_indices": removed}
+        keep[b.index], layers[b.name] = ffn_choice(scores[b.name], k)
     if k:
         prune_ffn(model, layout, keep)
     return {"layers": layers, "intermediate_size": n - k}
@@ -462,16 +465,8 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
     heads; plain heads without grouped-query attention) or, with ``gqa: queries``, the same number of
     query heads from every group. ``data`` as for :func:`prune_ffn_neurons`."""
     model = handle.module
-    kv_groups = cfg.gqa == "kv-groups" or layout.rep == 1
     _check_blocks(handle, layout, cfg, lambda b: b.attn_layers)
-    name0 = layout.blocks[0].name
-    if kv_groups:
-        n_units = layout.n_kv
-        what = "key/value heads" if layout.rep > 1 else "attention heads"
-        k = units_to_remove(cfg.ratio, n_units, f"the {what} of {name0!r}")
-    else:
-        n_units = layout.n_heads
-        k = units_to_remove(cfg.ratio, layout.rep, f"the {layout.rep} query heads of each key/value group of {name0!r}")
+    kv_groups, n_units, k = attention_units(layout, cfg)
     batches = _calibration(handle, cfg, data)
     if cfg.criterion == "activation":
         means = _input_means(handle, batches, {b.o: -1 for b in layout.blocks})
@@ -485,29 +480,57 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
             batches,
         )
     keep_q, keep_kv, layers = {}, {}, {}
-    rep = layout.rep
     for b in layout.blocks:
-        if kv_groups:
-            removed, kept = lowest_units(scores[b.name], k)
-            keep_kv[b.index] = kept
-            keep_q[b.index] = [g * rep + r for g in kept for r in range(rep)]
-            removed_q = [g * rep + r for g in removed for r in range(rep)]
-        else:
-            keep_kv[b.index] = list(range(layout.n_kv))
-            keep_q[b.index], removed_q = [], []
-            for g in range(layout.n_kv):
-                rm, kp = lowest_units(scores[b.name][g * rep : (g + 1) * rep], k)
-                keep_q[b.index] += [g * rep + j for j in kp]
-                removed_q += [g * rep + j for j in rm]
-        layers[b.name] = {
-            "removed": len(removed_q),
-            "kept": len(keep_q[b.index]),
-            "removed_heads": removed_q,
-            "removed_kv_heads": sorted(set(range(layout.n_kv)) - set(keep_kv[b.index])),
-        }
+        keep_q[b.index], keep_kv[b.index], layers[b.name] = head_choice(layout, scores[b.name], k, kv_groups)
     if k:
         prune_heads(model, layout, keep_q, keep_kv)
-    n_q, n_kv = len(keep_q[layout.blocks[0].index]), len(keep_kv[layout.blocks[0].index])
+    first = layout.blocks[0].index
+    return heads_report(layout, layers, len(keep_q[first]), len(keep_kv[first]), kv_groups, k)
+
+
+def attention_units(layout: Layout, cfg: StructuredPrune) -> tuple[bool, int, int]:
+    """``(kv_groups, n_units, k)`` of head pruning: whether a unit is a key/value group, the units a
+    block scores, and how many it removes (of each group, with ``gqa: queries``)."""
+    kv_groups = cfg.gqa == "kv-groups" or layout.rep == 1
+    name0 = layout.blocks[0].name
+    if kv_groups:
+        what = "key/value heads" if layout.rep > 1 else "attention heads"
+        return True, layout.n_kv, units_to_remove(cfg.ratio, layout.n_kv, f"the {what} of {name0!r}")
+    k = units_to_remove(cfg.ratio, layout.rep, f"the {layout.rep} query heads of each key/value group of {name0!r}")
+    return False, layout.n_heads, k
+
+
+def ffn_choice(score: torch.Tensor, k: int) -> tuple[list[int], dict]:
+    """The FFN neurons one block keeps (its ``k`` lowest-scored removed) and its report entry."""
+    removed, kept = lowest_units(score, k)
+    return kept, {"removed": len(removed), "kept": len(kept), "removed_indices": removed}
+
+
+def head_choice(layout: Layout, score: torch.Tensor, k: int, kv_groups: bool) -> tuple[list[int], list[int], dict]:
+    """The query and key/value heads one block keeps, from its unit scores, and its report entry."""
+    rep = layout.rep
+    if kv_groups:
+        removed, kept = lowest_units(score, k)
+        keep_kv = kept
+        keep_q = [g * rep + r for g in kept for r in range(rep)]
+        removed_q = [g * rep + r for g in removed for r in range(rep)]
+    else:
+        keep_kv = list(range(layout.n_kv))
+        keep_q, removed_q = [], []
+        for g in range(layout.n_kv):
+            rm, kp = lowest_units(score[g * rep : (g + 1) * rep], k)
+            keep_q += [g * rep + j for j in kp]
+            removed_q += [g * rep + j for j in rm]
+    entry = {
+        "removed": len(removed_q),
+        "kept": len(keep_q),
+        "removed_heads": removed_q,
+        "removed_kv_heads": sorted(set(range(layout.n_kv)) - set(keep_kv)),
+    }
+    return keep_q, keep_kv, entry
+
+
+def heads_report(layout: Layout, layers: dict, n_q: int, n_kv: int, kv_groups: bool, k: int) -> dict:
     out = {
         "layers": layers,
         "heads": n_q,

@@ -169,9 +169,15 @@ def prune_ffn(model: nn.Module, layout: Layout, keep: dict[int, list[int]]) -> N
         raise LeanmlError("FFN pruning of a Hugging Face model must cover every layer (the config has one width)")
     width = _check_uniform(keep, "FFN neurons")
     for b in layout.blocks:
-        _keep_parts(model, [(p, keep[b.index], 1) for p in b.ffn_rows])
-        keep_columns(model.get_submodule(b.ffn_cols), keep[b.index], 1, b.ffn_cols)
+        prune_block_ffn(model, b, keep[b.index])
     set_widths(model, layout.found, ffn=width)
+
+
+@torch.no_grad()
+def prune_block_ffn(model: nn.Module, b: Block, keep: list[int]) -> None:
+    """Keep FFN neurons ``keep`` (ascending) of block ``b`` alone; the config's width is the caller's."""
+    _keep_parts(model, [(p, keep, 1) for p in b.ffn_rows])
+    keep_columns(model.get_submodule(b.ffn_cols), keep, 1, b.ffn_cols)
 
 
 def _keep_parts(model: nn.Module, parts: list[tuple[Part, list[int], int]]) -> None:
@@ -197,24 +203,33 @@ def prune_heads(model: nn.Module, layout: Layout, keep_q: dict[int, list[int]], 
             f"attention heads of {layout.family} models cannot be removed (its attention splits the fused "
             "projection by the hidden size); use unit 'neurons' or 'layers'"
         )
-    hd = layout.head_dim
     n_q = _check_uniform(keep_q, "query heads")
     n_kv = _check_uniform(keep_kv, "key/value heads")
     if n_q % n_kv:
         raise LeanmlError(f"{n_q} query heads do not split evenly over {n_kv} key/value heads")
     for b in layout.blocks:
-        q_heads, kv_heads = keep_q[b.index], keep_kv[b.index]
-        for h in q_heads:  # each kept query head must read one of the kept kv heads, in group order
-            if h // layout.rep not in kv_heads:
-                raise LeanmlError(f"query head {h} of {b.name!r} would lose its key/value head {h // layout.rep}")
-        if [kv_heads.index(h // layout.rep) for h in q_heads] != [j // (n_q // n_kv) for j in range(n_q)]:
-            raise LeanmlError(f"the kept query heads of {b.name!r} do not form equal groups over the kept kv heads")
-        parts = [(b.q, q_heads, hd)]
-        if len(kv_heads) != layout.n_kv or b.k.layer == b.q.layer:
-            parts += [(b.k, kv_heads, hd), (b.v, kv_heads, hd)]
-        _keep_parts(model, parts)
-        keep_columns(model.get_submodule(b.o), q_heads, hd, b.o)
+        prune_block_heads(model, layout, b, keep_q[b.index], keep_kv[b.index])
     set_widths(model, layout.found, heads=(n_q, n_kv))
+
+
+@torch.no_grad()
+def prune_block_heads(model: nn.Module, layout: Layout, b: Block, q_heads: list[int], kv_heads: list[int]) -> None:
+    """Keep query heads ``q_heads`` and key/value heads ``kv_heads`` (ascending) of block ``b`` alone
+    (see :func:`prune_heads`); the config's head counts are the caller's."""
+    n_q, n_kv = len(q_heads), len(kv_heads)
+    if not n_kv or n_q % n_kv:
+        raise LeanmlError(f"{n_q} query heads do not split evenly over {n_kv} key/value heads")
+    for h in q_heads:  # each kept query head must read one of the kept kv heads, in group order
+        if h // layout.rep not in kv_heads:
+            raise LeanmlError(f"query head {h} of {b.name!r} would lose its key/value head {h // layout.rep}")
+    if [kv_heads.index(h // layout.rep) for h in q_heads] != [j // (n_q // n_kv) for j in range(n_q)]:
+        raise LeanmlError(f"the kept query heads of {b.name!r} do not form equal groups over the kept kv heads")
+    hd = layout.head_dim
+    parts = [(b.q, q_heads, hd)]
+    if len(kv_heads) != layout.n_kv or b.k.layer == b.q.layer:
+        parts += [(b.k, kv_heads, hd), (b.v, kv_heads, hd)]
+    _keep_parts(model, parts)
+    keep_columns(model.get_submodule(b.o), q_heads, hd, b.o)
 
 
 @torch.no_grad()

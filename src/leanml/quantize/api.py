@@ -344,22 +344,27 @@ def apply_int8_static(handle: ModelHandle, cfg: Int8Static, data=None) -> ModelH
             h.remove()
     pad_same = {n: _static_padding(get_module(model, n), n, shapes.get(n)) for n in custom}  # all checks first
     for name in names:
-        layer = get_module(model, name)
-        if isinstance(layer, torch.nn.Conv2d):
-            new = Int8ActConv2d(layer, "static", cfg.symmetric_activations, pad_same=pad_same.get(name, False))
-        else:
-            new = Int8ActLinear(layer, "static", symmetric_act=cfg.symmetric_activations)
-        _set_static_range(new, observers[name], cfg.symmetric_activations)
-        set_module(model, name, new)
+        set_module(model, name, int8_static_layer(get_module(model, name), observers[name], cfg, pad_same.get(name, False)))
     _mark(handle, cfg)
     return handle
 
 
+def int8_static_layer(layer: torch.nn.Module, observer, cfg: Int8Static, pad_same: bool = False) -> torch.nn.Module:
+    """The int8-static replacement of ``layer`` (Linear or Conv2d) with the range ``observer`` found."""
+    if isinstance(layer, torch.nn.Conv2d):
+        new = Int8ActConv2d(layer, "static", cfg.symmetric_activations, pad_same=pad_same)
+    else:
+        new = Int8ActLinear(layer, "static", symmetric_act=cfg.symmetric_activations)
+    _set_static_range(new, observer, cfg.symmetric_activations)
+    return new
+
+
 @torch.no_grad()
-def norm_producers(handle: ModelHandle, names: list[str]) -> dict[str, tuple[str, float]]:
+def norm_producers(handle: ModelHandle, names: list[str], block: str | None = None) -> dict[str, tuple[str, float]]:
     """For each named linear layer, the pre-norm whose output is exactly its input and feeds only named
     layers, as ``(norm name, offset)`` (``offset`` 1 for Gemma's ``(1 + w)`` norms): a per-channel scale
-    folds into that norm's weight. From the family adapter; models without one get no folding."""
+    folds into that norm's weight. From the family adapter; models without one get no folding. ``block``
+    (a block's full name) looks in that block only (a model read layer by layer holds no other)."""
     from ..models.arch import producers, resolve
     from .weight_only import _norm_scales_exactly
 
@@ -369,6 +374,8 @@ def norm_producers(handle: ModelHandle, names: list[str]) -> dict[str, tuple[str
         return {}
     chosen, out = set(names), {}
     for b in found.blocks:
+        if block is not None and b.name != block:
+            continue
         for spec in producers(found, b):
             if spec.kind != "norm" or not set(spec.consumers) <= chosen:
                 continue
@@ -381,45 +388,86 @@ def apply_smoothquant(handle: ModelHandle, cfg: SmoothQuant, data=None) -> Model
     """SmoothQuant W8A8: per-channel scales s = max|X|^α / max|W|^(1-α) divide the activations and
     multiply the weights (folded into the preceding pre-norm where the family adapter allows, else kept
     as an exact per-channel input scale), then int8 weights × int8 activations."""
-    from .weight_only import _fold_norm
-
     model = handle.module
     names = select_layers(model, LINEAR, cfg.targets, cfg.ignore, handle.task)
     batches = calibration_batches(handle, data, cfg.calib_windows)
-    observers = observe_inputs(handle, names, batches, lambda: _ChannelAbsMax(cfg.outlier_factor))
-    producers = norm_producers(handle, names)
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(producers[n][0] if n in producers else f"self:{n}", []).append(n)
-    for key, members in groups.items():
-        act = torch.stack([observers[n].absmax for n in members]).amax(0)
-        w_max = torch.stack([get_module(model, n).weight.detach().abs().amax(0) for n in members]).amax(0)
-        s = smoothquant_scales(act, w_max, cfg.alpha)
-        if key.startswith("self:"):
-            layer = get_module(model, members[0])
-            layer.weight.data.mul_(s)
-            layer.smooth_inv = (1.0 / s).to(torch.float32)  # kept as an exact input scale
-        else:
-            with torch.no_grad():
-                _fold_norm(get_module(model, key), s, producers[members[0]][1])
-            for n in members:
-                get_module(model, n).weight.data.mul_(s)
+    observers = observe_inputs(handle, names, batches, lambda: ChannelAbsMax(cfg.outlier_factor))
+    smooth_layers(model, names, observers, norm_producers(handle, names), cfg.alpha)
     static = cfg.activations == "static"
-    if static:
-        observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
+    if static:  # ranges of what the int8 layers will quantize: x / s where s stayed an input scale
+        hooks = [
+            divide_input(get_module(model, n)) for n in names if getattr(get_module(model, n), "smooth_inv", None) is not None
+        ]
+        try:
+            observers = observe_inputs(handle, names, batches, lambda: make_observer(cfg.observer))
+        finally:
+            for h in hooks:
+                h.remove()
     for n in names:
-        layer = get_module(model, n)
-        new = Int8ActLinear(
-            layer, "static" if static else "dynamic", per_token=True, smooth_inv=getattr(layer, "smooth_inv", None)
-        )
-        if static:
-            _set_static_range(new, observers[n], False)
-        set_module(model, n, new)
+        set_module(model, n, smoothquant_layer(get_module(model, n), observers[n] if static else None))
     _mark(handle, cfg)
     return handle
 
 
-class _ChannelAbsMax:
+def smooth_layers(model: torch.nn.Module, names: list[str], absmax: dict, producers: dict, alpha: float) -> None:
+    """SmoothQuant's migration on ``names`` (:func:`smoothing_groups`, then :func:`apply_smoothing`)."""
+    apply_smoothing(model, smoothing_groups(model, names, absmax, producers, alpha))
+
+
+@torch.no_grad()
+def smoothing_groups(model: torch.nn.Module, names: list[str], absmax: dict, producers: dict, alpha: float) -> list:
+    """SmoothQuant's scales for ``names`` as ``(norm, offset, members, s)``: the layers fed by one norm
+    (``producers``, from :func:`norm_producers`) share s = max|X|^α / max|W|^(1-α), to be folded into
+    that norm; any other layer is a group of its own with norm None (s stays an input scale).
+    ``absmax`` maps each name to its :class:`ChannelAbsMax` of the float inputs."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(producers[n][0] if n in producers else f"self:{n}", []).append(n)
+    out = []
+    for key, members in groups.items():
+        act = torch.stack([absmax[n].absmax for n in members]).amax(0)
+        w_max = torch.stack([get_module(model, n).weight.detach().abs().amax(0) for n in members]).amax(0)
+        s = smoothquant_scales(act, w_max, alpha)
+        own = key.startswith("self:")
+        out.append((None if own else key, 0.0 if own else producers[members[0]][1], members, s))
+    return out
+
+
+@torch.no_grad()
+def apply_smoothing(model: torch.nn.Module, groups: list) -> None:
+    """Multiply each group's weights by its s and fold 1/s into its norm, or keep it as the layer's exact
+    input scale (``smooth_inv``, applied by its int8 replacement) where there is no norm."""
+    from .weight_only import _fold_norm
+
+    for norm, offset, members, s in groups:
+        if norm is None:
+            layer = get_module(model, members[0])
+            layer.weight.data.mul_(s)
+            layer.smooth_inv = (1.0 / s).to(torch.float32)
+        else:
+            _fold_norm(get_module(model, norm), s, offset)
+            for n in members:
+                get_module(model, n).weight.data.mul_(s)
+
+
+def smoothquant_layer(layer: torch.nn.Linear, observer=None) -> Int8ActLinear:
+    """The W8A8 replacement of a smoothed ``layer``: static with ``observer``'s range, else dynamic per token."""
+    mode = "dynamic" if observer is None else "static"
+    new = Int8ActLinear(layer, mode, per_token=True, smooth_inv=getattr(layer, "smooth_inv", None))
+    if observer is not None:
+        _set_static_range(new, observer, False)
+    return new
+
+
+def divide_input(layer: torch.nn.Module):
+    """A pre-hook making the float ``layer`` (weights already multiplied by s) take ``x / s``, as its int8
+    replacement will, so it computes the original product; registered before the observer's hook, which
+    then sees the scaled input."""
+    inv = layer.smooth_inv
+    return layer.register_forward_pre_hook(lambda _mod, args: (args[0] * inv.to(args[0].dtype), *args[1:]))
+
+
+class ChannelAbsMax:
     """Running max |x| per input channel (last axis), over tokens whose norm is at most
     ``outlier_factor`` × the median token norm (attention-sink tokens are left to per-token scales)."""
 
