@@ -264,6 +264,12 @@ class BlockContext:
         raise LeanmlError(f"{name!r} is not a target linear of block {self.prefix!r}")
 
     @torch.no_grad()
+    def run(self) -> None:
+        """Run the block on every cached input, for hooks to observe (the outputs are dropped)."""
+        for args, kwargs in self.calls:
+            self.module(*args, **kwargs)
+
+    @torch.no_grad()
     def collect(self, names: Sequence[str], early_stop: bool = True) -> dict[str, HessianAccumulator]:
         """Run the block on every cached input and return a HessianAccumulator per name (shared by the
         names that read the same input). With ``early_stop`` the forward ends as soon as every named

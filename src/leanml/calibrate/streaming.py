@@ -395,18 +395,13 @@ def _int8_blocks(
         hooks = [get_module(model, n).register_forward_pre_hook(lambda _m, a, n=n: see(n, a)) for n in names]
         return observers, hooks
 
-    def forward(ctx) -> None:
-        with torch.no_grad():
-            for args, kwargs in ctx.calls:
-                ctx.module(*args, **kwargs)
-
     def process(ctx) -> None:
         names = sorted(ctx.linears)
         groups, inv = [], None
         if smooth:  # s from the block's float inputs; folded once the block is done
             absmax, first = watch(names, lambda: ChannelAbsMax(cfg.outlier_factor))
             try:
-                forward(ctx)
+                ctx.run()
             finally:
                 for h in first:
                     h.remove()
@@ -424,7 +419,7 @@ def _int8_blocks(
             observers, hooks = watch(names, lambda: make_observer(cfg.observer, percentile), inv)
             hooks += [get_module(model, n).register_forward_pre_hook(lambda _m, a, n=n: record(n, a)) for n in custom]
             if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
-                forward(ctx)
+                ctx.run()
         held.update(names=names, hooks=hooks, observers=observers, shapes=shapes, custom=custom, groups=groups)
 
     def after(_i: int, prefix: str, block: nn.Module) -> None:
@@ -532,9 +527,7 @@ def _structured_blocks(
             hook = get_module(model, reader).register_forward_pre_hook(lambda _m, a: acc.update(a[0]))
             held.update(acc=acc, hook=hook)
             if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
-                with torch.no_grad():
-                    for args, kwargs in ctx.calls:
-                        ctx.module(*args, **kwargs)
+                ctx.run()
 
         def after(_i: int, prefix: str, block: nn.Module) -> None:
             held.pop("hook").remove()
