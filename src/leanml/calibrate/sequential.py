@@ -592,6 +592,7 @@ def run_sequential(
     before_block: Callable[[int, str, nn.Module], None] | None = None,
     after_block: Callable[[int, str, nn.Module], None] | None = None,
     status: Callable[[], str] | None = None,
+    run_last: bool = False,
 ) -> None:
     """Calibrate ``model`` block by block: ``process_block(ctx)`` is called once per block holding
     targets (in forward order), then once for the targets outside the stack, if any (see the module
@@ -603,7 +604,9 @@ def run_sequential(
     ``before_block(i, prefix, block)`` runs before anything touches block ``i`` of the stack and
     ``after_block(i, prefix, block)`` once it is done (processed and run for the next block's inputs):
     a model loaded layer by layer reads a block's weights in the first and writes and drops them in the
-    second. In a ``torchrun`` job each rank calibrates on its share of the windows and
+    second. Each block but the last is run on its cached inputs after ``process_block`` (its outputs
+    feed the next); ``run_last`` runs the last one too, for hooks that observe that forward. In a
+    ``torchrun`` job each rank calibrates on its share of the windows and
     :meth:`BlockContext.collect` sums the statistics over ranks, so every rank sees the statistics of
     all the windows (see :mod:`leanml.distributed`)."""
     if len(windows) == 0:
@@ -665,6 +668,9 @@ def run_sequential(
                             dense_calls[k] = inputs.call(i + 1, k, _first_tensor(dense_block(*args, **kwargs)))
                     for k, (args, kwargs) in enumerate(calls):
                         calls[k] = inputs.call(i + 1, k, _first_tensor(block(*args, **kwargs)))
+                elif run_last:  # nothing reads its outputs; the hooks watching its forward do
+                    for args, kwargs in calls:
+                        block(*args, **kwargs)
                 del dense_block
                 if after_block is not None:
                     after_block(i, prefix, block)

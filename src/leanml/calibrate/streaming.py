@@ -418,8 +418,6 @@ def _int8_blocks(
         if static:  # ranges of what each int8 layer quantizes: its input, divided by s under SmoothQuant
             observers, hooks = watch(names, lambda: make_observer(cfg.observer, percentile), inv)
             hooks += [get_module(model, n).register_forward_pre_hook(lambda _m, a, n=n: record(n, a)) for n in custom]
-            if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
-                ctx.run()
         held.update(names=names, hooks=hooks, observers=observers, shapes=shapes, custom=custom, groups=groups)
 
     def after(_i: int, prefix: str, block: nn.Module) -> None:
@@ -442,7 +440,15 @@ def _int8_blocks(
     try:
         with activations_on_disk(offload):
             run_sequential(
-                model, batches, sorted(mine), process, label=label, before_block=before, after_block=after, status=status
+                model,
+                batches,
+                sorted(mine),
+                process,
+                label=label,
+                before_block=before,
+                after_block=after,
+                status=status,
+                run_last=static,  # the observers watch the forward that advances the inputs, the last block's too
             )
     finally:  # a run stopped part way leaves no observer on the model
         for h in held.pop("hooks", []):
@@ -526,8 +532,6 @@ def _structured_blocks(
             acc = _MeanAbs(-1)
             hook = get_module(model, reader).register_forward_pre_hook(lambda _m, a: acc.update(a[0]))
             held.update(acc=acc, hook=hook)
-            if ctx.index == len(blocks) - 1:  # the runner does not run the last block: nothing reads its output
-                ctx.run()
 
         def after(_i: int, prefix: str, block: nn.Module) -> None:
             held.pop("hook").remove()
@@ -549,6 +553,7 @@ def _structured_blocks(
                     before_block=before,
                     after_block=after,
                     status=status,
+                    run_last=True,  # the hook watches the forward that advances the inputs, the last block's too
                 )
         finally:  # a run stopped part way leaves no hook on the model
             if "hook" in held:
