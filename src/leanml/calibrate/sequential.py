@@ -504,6 +504,42 @@ def _kinds_differ(blocks: nn.ModuleList) -> str | None:
     return None
 
 
+def _stack_parent(model: nn.Module, stack_name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = stack_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+@contextlib.contextmanager
+def stack_replaced(model: nn.Module, stack_name: str, stand_ins: nn.ModuleList):
+    """Inside this context the model's stack ``stack_name`` is ``stand_ins`` (its own forward then runs
+    them); the real stack is put back however the context ends."""
+    parent, child = _stack_parent(model, stack_name)
+    real = getattr(parent, child)
+    setattr(parent, child, stand_ins)
+    try:
+        yield
+    finally:
+        setattr(parent, child, real)
+
+
+def _record_windows(model: nn.Module, windows: Sequence[Any], sink: dict, n_blocks: int, first, later: dict) -> None:
+    """One forward per window with recorders in place of the blocks: block 0's call into ``first``, each
+    later block's into ``later[i]`` (None where it equals block 0's but for the hidden states)."""
+    for w in windows:
+        sink.update(dict.fromkeys(range(n_blocks)))
+        args, kwargs = window_call(model, w)
+        with contextlib.suppress(_Stop):
+            model(*args, **kwargs)
+        missing = [i for i in range(n_blocks) if sink[i] is None]
+        if missing:
+            raise RuntimeError(f"the forward did not reach block {missing[0]}")
+        first.append(sink[0])
+        base = _replace_hidden(sink[0], None)  # type: ignore[arg-type]
+        for i in range(1, n_blocks):
+            mine = _replace_hidden(sink[i], None)  # type: ignore[arg-type]
+            later[i].append(None if _same(mine, base) else mine)
+
+
 def capture_stack_inputs(
     model: nn.Module, stack_name: str, blocks: nn.ModuleList, windows: Sequence[Any], store=None
 ) -> StackInputs:
@@ -512,8 +548,7 @@ def capture_stack_inputs(
     ``meta``). Block 0's calls go to ``store`` as they come (a list by default; :class:`DiskCalls` keeps
     them on disk). Where that forward cannot run with stand-ins, every block gets block 0's arguments,
     unless the blocks are of different kinds (sliding and global attention): then a one-line error."""
-    parent_name, _, child = stack_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = _stack_parent(model, stack_name)
     first = store if store is not None else []
     if len(blocks) < 2 or getattr(parent, child, None) is not blocks:
         return StackInputs(capture_block_inputs(model, blocks[0], windows, first))
@@ -525,29 +560,15 @@ def capture_stack_inputs(
         first.clear()
         for lst in later.values():
             lst.clear()
-        setattr(parent, child, recorders)
         try:
-            for w in windows:
-                sink.update({i: None for i in range(len(blocks))})
-                args, kwargs = window_call(model, w)
-                with contextlib.suppress(_Stop):
-                    model(*args, **kwargs)
-                missing = [i for i in range(len(blocks)) if sink[i] is None]
-                if missing:
-                    raise RuntimeError(f"the forward did not reach block {missing[0]}")
-                first.append(sink[0])
-                base = _replace_hidden(sink[0], None)  # type: ignore[arg-type]
-                for i in range(1, len(blocks)):
-                    mine = _replace_hidden(sink[i], None)  # type: ignore[arg-type]
-                    later[i].append(None if _same(mine, base) else mine)
+            with stack_replaced(model, stack_name, recorders):
+                _record_windows(model, windows, sink, len(blocks), first, later)
             failure = None
             break
         except (MemoryError, LeanmlError):
             raise
         except Exception as exc:  # noqa: BLE001 - this forward cannot run with stand-ins: try the other output form
             failure = exc
-        finally:
-            setattr(parent, child, blocks)
     if failure is not None:
         first.clear()
         key = _kinds_differ(blocks)

@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibrate.sequential import _first_tensor, _hidden_of, capture_stack_inputs, copy_block_attributes, find_block_stack
+from ..calibrate.sequential import (
+    _first_tensor,
+    _hidden_of,
+    capture_stack_inputs,
+    copy_block_attributes,
+    find_block_stack,
+    stack_replaced,
+)
 from ..errors import LeanmlError
 from ..models.handle import ModelHandle
 from ..models.lazy import LAZY_KEY, materialize, release
@@ -87,19 +94,14 @@ def perplexity_layer_by_layer(
         finals = [_hidden_of(c) for c in calls]
         del calls
         relays = nn.ModuleList([_Relay(shared, j == len(blocks) - 1, blocks[j]) for j in range(len(blocks))])
-        parent_name, _, child = stack_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, relays)
         nlls, counts = [], []
-        try:
+        with stack_replaced(model, stack_name, relays):
             for window, final in zip(windows, finals, strict=True):
                 shared["final"] = final
                 out = handle.call({"input_ids": window[None]})
                 nll, n = window_nll(_logits(out)[0].float(), window)
                 nlls.append(nll)
                 counts.append(n)
-        finally:
-            setattr(parent, child, blocks)
     finally:
         model.train(was_training)
     return {**perplexity_result(nlls, counts), "method": "layer by layer", "peak_status": memory_status()}
