@@ -194,19 +194,18 @@ def _compress_layer_by_layer(handle: ModelHandle, recipe, data, folder: Path | N
         _int8_blocks(handle, cfg, data, weights, stack, mine, outside, finish, status, cap, scratch, facts)
     elif isinstance(cfg, StructuredPrune):
         _structured_blocks(handle, cfg, data, weights, stack, finish, status, cap, scratch, facts)
-    elif cfg.method == "rtn":  # nothing outside the stack is needed until the blocks are done
-        for i in progress(range(len(blocks)), f"RTN w{cfg.bits}, layer by layer", status=status):
-            prefix = f"{stack_name}.{i}"
-            materialize(model, prefix, weights)
-            for name in sorted(n for n in mine if n.startswith(prefix + ".")):
-                layer = get_module(model, name)
-                replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
-                layer.to("meta")
-            finish(prefix, blocks[i])
-        materialize(model, "", weights, skip=stack_name)
-        for name in outside:
-            layer = get_module(model, name)
-            replace_linear(model, name, QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)))
+    elif cfg.method == "rtn":
+        _data_free_blocks(
+            handle,
+            weights,
+            stack,
+            mine,
+            outside,
+            finish,
+            status,
+            f"RTN w{cfg.bits}, layer by layer",
+            lambda layer: QuantLinear.from_quantized(layer, rtn_weight(layer.weight.detach(), cfg)),
+        )
     else:
         from ..quantize.weight_only import quantize_weights
 
@@ -244,8 +243,8 @@ OFFLOAD_FRACTION = 0.25  # cached block inputs above this share of the memory bu
 
 def _offload_place(model: nn.Module, batches, dense: bool, cap: MemoryCap, scratch: Path, facts: dict) -> Path | None:
     """Where the calibration's cached block inputs go: None (memory) when they take at most
-    :data:`OFFLOAD_FRACTION` of the budget (``--max-memory``, else the memory available now), else the
-    folder beside the output (a temporary folder of leanml's own, removed when the run ends)."""
+    :data:`OFFLOAD_FRACTION` of the budget (``--max-memory``, else the memory available now), else
+    ``scratch`` (the runner makes a temporary folder of its own there, removed when the run ends)."""
 
     import psutil
 
@@ -334,6 +333,28 @@ def _prune_blocks(
     report_counts(handle, dict(sorted(counts.items())), prune_facts(cfg))
 
 
+def _data_free_blocks(handle: ModelHandle, weights, stack, mine, outside, finish, status, label: str, make) -> None:
+    """A step that needs no data (RTN, int8-dynamic): each block read, its target linears replaced by
+    ``make(layer)`` and written; nothing outside the stack is read until the blocks are done, then the
+    targets outside it (an output head) are replaced the same way."""
+    from ..quantize.api import replace_linear
+    from ..targeting import get_module
+
+    model = handle.module
+    stack_name, blocks = stack
+    for i in progress(range(len(blocks)), label, status=status):
+        prefix = f"{stack_name}.{i}"
+        materialize(model, prefix, weights)
+        for name in sorted(n for n in mine if n.startswith(prefix + ".")):
+            layer = get_module(model, name)
+            replace_linear(model, name, make(layer))
+            layer.to("meta")
+        finish(prefix, blocks[i])
+    materialize(model, "", weights, skip=stack_name)
+    for name in outside:
+        replace_linear(model, name, make(get_module(model, name)))
+
+
 def _int8_blocks(
     handle: ModelHandle, cfg, data, weights: LazyWeights | GGUFWeights, stack, mine, outside, finish, status, cap, scratch, facts
 ) -> None:
@@ -363,17 +384,17 @@ def _int8_blocks(
     model = handle.module
     stack_name, blocks = stack
     if isinstance(cfg, Int8Dynamic):
-        for i in progress(range(len(blocks)), "int8 dynamic, layer by layer", status=status):
-            prefix = f"{stack_name}.{i}"
-            materialize(model, prefix, weights)
-            for name in sorted(n for n in mine if n.startswith(prefix + ".")):
-                layer = get_module(model, name)
-                replace_linear(model, name, Int8ActLinear(layer, "dynamic", cfg.per_token))
-                layer.to("meta")
-            finish(prefix, blocks[i])
-        materialize(model, "", weights, skip=stack_name)
-        for name in outside:
-            replace_linear(model, name, Int8ActLinear(get_module(model, name), "dynamic", cfg.per_token))
+        _data_free_blocks(
+            handle,
+            weights,
+            stack,
+            mine,
+            outside,
+            finish,
+            status,
+            "int8 dynamic, layer by layer",
+            lambda layer: Int8ActLinear(layer, "dynamic", cfg.per_token),
+        )
         return
     if world()[1] > 1:
         raise LeanmlError(f"{cfg.kind} calibrates activation ranges in one process; run it without torchrun")
@@ -472,13 +493,14 @@ def _structured_blocks(
         _weight_unit_scores,
         attention_units,
         ffn_choice,
+        ffn_units,
         head_choice,
         heads_report,
         structured_report,
     )
     from ..prune.surgery import count_params
     from ..prune.transformer import detect_layout, ffn_slices, head_slices, prune_block_ffn, prune_block_heads
-    from ..prune.units import unit_activation, units_to_remove
+    from ..prune.units import unit_activation
     from ..targeting import get_module
     from .sequential import run_sequential
 
@@ -488,9 +510,7 @@ def _structured_blocks(
     neurons = cfg.unit == "neurons"
     _check_blocks(handle, layout, cfg, (lambda b: b.ffn_layers) if neurons else (lambda b: b.attn_layers))
     if neurons:
-        n_units = layout.intermediate
-        k = units_to_remove(cfg.ratio, n_units, f"the FFN of {layout.blocks[0].name!r}")
-        kv_groups = False
+        (n_units, k), kv_groups = ffn_units(layout, cfg), False
     else:
         kv_groups, n_units, k = attention_units(layout, cfg)
     by_prefix = {b.name: b for b in layout.blocks}

@@ -441,8 +441,7 @@ def prune_ffn_neurons(handle: ModelHandle, layout: Layout, cfg: StructuredPrune,
     a list of forward-call inputs (taylor/activation only)."""
     model = handle.module
     _check_blocks(handle, layout, cfg, lambda b: b.ffn_layers)
-    n = layout.intermediate
-    k = units_to_remove(cfg.ratio, n, f"the FFN of {layout.blocks[0].name!r}")
+    n, k = ffn_units(layout, cfg)
     batches = _calibration(handle, cfg, data)
     keys = [b.name for b in layout.blocks]
     if cfg.criterion == "activation":
@@ -486,6 +485,12 @@ def prune_attention_heads(handle: ModelHandle, layout: Layout, cfg: StructuredPr
         prune_heads(model, layout, keep_q, keep_kv)
     first = layout.blocks[0].index
     return heads_report(layout, layers, len(keep_q[first]), len(keep_kv[first]), kv_groups, k)
+
+
+def ffn_units(layout: Layout, cfg: StructuredPrune) -> tuple[int, int]:
+    """``(n_units, k)`` of FFN pruning: the neurons of each block and how many it removes."""
+    n = layout.intermediate
+    return n, units_to_remove(cfg.ratio, n, f"the FFN of {layout.blocks[0].name!r}")
 
 
 def attention_units(layout: Layout, cfg: StructuredPrune) -> tuple[bool, int, int]:
